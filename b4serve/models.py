@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ARCHS", "arch_spec", "create_model"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "arch_spec",
+    "classifier_of",
+    "create_model",
+    "pooled_features",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

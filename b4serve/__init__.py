@@ -1,0 +1,1 @@
+"""Serve EfficientNet-B4 with TorchServe: decode, validate, preprocess, TTA, client."""

@@ -1,0 +1,27 @@
+"""Load the exported TorchScript model once per worker, ready for fast inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_torchscript", "select_device"]
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """The GPU TorchServe assigned to this worker when there is one, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device("cuda", gpu_id)
+    return torch.device("cpu")
+
+
+def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
+    """Load ``path`` on ``device`` in eval mode, ``channels_last``, frozen.
+
+    Freezing inlines the weights as constants so the JIT can fold batch norms into convolutions;
+    ``channels_last`` lets oneDNN convolutions on the CPU skip layout conversions.
+    """
+    model = torch.jit.load(str(path), map_location=device).eval()
+    model = model.to(memory_format=torch.channels_last)
+    return torch.jit.freeze(model)

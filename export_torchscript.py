@@ -1,0 +1,121 @@
+"""Export a checkpoint to TorchScript plus the metadata the handler reads.
+
+    python export_torchscript.py --checkpoint ckpt.pth --output build/b4.pt
+
+writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The scripted
+model is checked against the eager one before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from b4serve.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from b4serve.config import DEFAULT_MAX_PIXELS, ModelConfig
+from b4serve.models import ARCHS
+
+PARITY_TOLERANCE = 1e-5
+
+
+def script_with_parity_check(
+    model: nn.Module, input_size: int, *, tolerance: float = PARITY_TOLERANCE, batch: int = 2
+) -> tuple[torch.jit.ScriptModule, float]:
+    """Script ``model`` and return it with the max abs difference to eager on a random batch."""
+    scripted = torch.jit.script(model.eval())
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, input_size, input_size, generator=generator)
+    with torch.inference_mode():
+        difference = (scripted(images) - model(images)).abs().max().item()
+    if not difference <= tolerance:  # also catches NaN
+        raise CheckpointError(
+            f"scripted output differs from eager by {difference:.3g} (tolerance {tolerance:g})"
+        )
+    return scripted, difference
+
+
+def read_class_names(value: str | None) -> list[str] | None:
+    """Class names from a comma-separated list, a JSON file (list or index map) or a text file."""
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        return [name.strip() for name in value.split(",")]
+    text = path.read_text()
+    if path.suffix == ".json":
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            return [str(parsed[str(i)]) for i in range(len(parsed))]
+        return [str(name) for name in parsed]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def export(args: argparse.Namespace) -> ModelConfig:
+    """Load, script, check and write the model and its metadata; return the config written."""
+    loaded = load_checkpoint(
+        args.checkpoint, args.arch, args.num_classes, trust=args.trust_checkpoint
+    )
+    names = read_class_names(args.class_names) or loaded.class_names
+    if names is not None and len(names) != args.num_classes:
+        raise CheckpointError(f"{len(names)} class names given for {args.num_classes} classes")
+    config = ModelConfig.for_arch(
+        args.arch,
+        args.num_classes,
+        names,
+        input_size=args.input_size,
+        max_pixels=args.max_pixels,
+        demo=loaded.demo,
+        extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
+    )
+    scripted, difference = script_with_parity_check(loaded.model, config.input_size)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(output))
+    config.save(args.meta_dir or output.parent)
+    print(
+        f"exported {'DEMO ' if config.demo else ''}{config.arch} ({config.num_classes} classes, "
+        f"{config.input_size}px) to {output}; scripted vs eager max abs diff {difference:.2e}"
+    )
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pth/.pt)")
+    parser.add_argument("--arch", default="efficientnet_b4", choices=sorted(ARCHS))
+    parser.add_argument("--num-classes", type=int, default=6)
+    parser.add_argument("--output", required=True, help="TorchScript file to write")
+    parser.add_argument("--meta-dir", help="where to write the metadata (default: beside --output)")
+    parser.add_argument(
+        "--class-names", help="comma-separated names, or a .json/.txt file (default: checkpoint's)"
+    )
+    parser.add_argument("--input-size", type=int, help="square input size (default: the arch's)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow unpickling whole modules (runs code from the file)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        export(args)
+    except (CheckpointError, ValueError) as exc:
+        print(f"export_torchscript: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"export took {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

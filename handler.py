@@ -1,0 +1,71 @@
+"""TorchServe adapter: context and request list in, one response per request out.
+
+All logic lives in ``b4serve`` (shipped in the archive with ``--extra-files``); this file only
+maps TorchServe's contract (initialize, preprocess, inference, postprocess) onto it and gives each
+failed request its own HTTP status with ``context.set_response_status``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from b4serve.config import ModelConfig
+from b4serve.pipeline import Classifier, Outcome, request_body
+from b4serve.runtime import load_torchscript, select_device
+
+log = logging.getLogger(__name__)
+
+
+class B4Handler:
+    """Batch-aware handler: a malformed request fails alone, the rest of its batch is served."""
+
+    def __init__(self) -> None:
+        self.classifier: Classifier | None = None
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        """Load config and TorchScript model from the unpacked archive, then warm up."""
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        config = ModelConfig.load(model_dir)
+        device = select_device(properties.get("gpu_id"))
+        serialized = model_dir / context.manifest["model"]["serializedFile"]
+        self.classifier = Classifier(load_torchscript(serialized, device), config, device)
+        self.classifier.warm_up()
+        label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
+        log.info("b4 %s ready: %s, %d classes, %s", label, config.arch, config.num_classes, device)
+        self.initialized = True
+
+    def preprocess(self, requests: list[dict[str, Any]]) -> list[object]:
+        """The raw body of each request."""
+        return [request_body(request) for request in requests]
+
+    def inference(self, bodies: list[object]) -> list[Outcome]:
+        """Decode, validate and classify every body; bad ones come back as errors."""
+        assert self.classifier is not None, "initialize() was not called"
+        return self.classifier.classify(bodies)
+
+    def postprocess(self, outcomes: list[Outcome], context: Any) -> list[bytes]:
+        """JSON body per request; failed requests get their own status code."""
+        for index, outcome in enumerate(outcomes):
+            context.set_response_content_type(index, "application/json")
+            if outcome.error is not None:
+                context.set_response_status(outcome.status, outcome.error.message, index)
+        return [outcome.body() for outcome in outcomes]
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """TorchServe's entry point for one server batch."""
+        outcomes = self.inference(self.preprocess(data))
+        timing = self.classifier.last if self.classifier else None
+        if timing is not None:
+            log.info(
+                "batch of %d: %d failed %s, decode %.1f ms, model %.1f ms",
+                len(data),
+                timing.failed,
+                timing.errors,
+                timing.decode * 1e3,
+                timing.model * 1e3,
+            )
+        return self.postprocess(outcomes, context)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Export a checkpoint to TorchScript and package it as a model archive in the model store.
+#
+# Usage: scripts/build_mar.sh --checkpoint PATH [--version V] [--trust-checkpoint] [--force]
+#   --checkpoint PATH    checkpoint to export (env B4_CHECKPOINT)
+#   --version V          archive version (env B4_VERSION); default: the checkpoint's content hash
+#   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
+#   --force              rebuild even if the model store already holds this version
+# Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
+#   file; default: the checkpoint's), B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
+# Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+checkpoint="${B4_CHECKPOINT:-}"
+version="${B4_VERSION:-}"
+trust="${B4_TRUST_CHECKPOINT:-0}"
+force=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --checkpoint) checkpoint="${2:?--checkpoint needs a path}"; shift 2 ;;
+    --version) version="${2:?--version needs a value}"; shift 2 ;;
+    --trust-checkpoint) trust=1; shift ;;
+    --force) force=1; shift ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+[ -n "$checkpoint" ] || die "--checkpoint is required (see --help)"
+[ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
+[ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
+[[ "$version" =~ ^[A-Za-z0-9._-]+$ ]] || die "version may hold letters, digits, '.', '_', '-': $version"
+
+mar="$B4_MODEL_NAME-$version.mar"
+if [ -f "$B4_MODEL_STORE/$mar" ] && [ "$force" = 0 ]; then
+  log "model store already holds $mar"
+  echo "$mar"
+  exit 0
+fi
+
+build="$B4_CACHE_DIR/build/$version"
+rm -rf "$build"
+mkdir -p "$build/extra/b4serve" "$build/tmp" "$B4_MODEL_STORE"
+export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
+  --num-classes "${B4_NUM_CLASSES:-6}" --output "$build/model.pt" --meta-dir "$build/extra")
+[ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
+[ "$trust" = 1 ] && export_args+=(--trust-checkpoint)
+log "exporting $checkpoint to TorchScript"
+"$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
+
+# The handler imports b4serve from the unpacked archive; only the sources travel.
+cp "$B4_ROOT"/b4serve/*.py "$build/extra/b4serve/"
+# The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.
+TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAME" \
+  --version "$version" --serialized-file "$build/model.pt" --handler "$B4_ROOT/handler.py" \
+  --extra-files "$build/extra" --export-path "$build" --force
+# Appear in the store whole or not at all.
+cp "$build/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"
+mv "$B4_MODEL_STORE/.$mar.partial" "$B4_MODEL_STORE/$mar"
+rm -rf "$build/tmp"
+log "built $B4_MODEL_STORE/$mar"
+echo "$mar"

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# (Re)deploy model b4 on a local TorchServe: set up, export, archive, start, register, verify.
+#
+# Usage: scripts/deploy.sh [--checkpoint PATH] [--version V] [--trust-checkpoint]
+#   --checkpoint PATH    your checkpoint (env B4_CHECKPOINT); default: the DEMO checkpoint,
+#                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
+#   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
+#   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
+# Registration (env): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (1000 ms), B4_INITIAL_WORKERS (1),
+#   B4_RESPONSE_TIMEOUT (120 s); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
+# Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
+#   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
+#   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
+#   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, VENV.
+# Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
+# registered beside the old version, made the default once it answers, then the old one retired.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+checkpoint="${B4_CHECKPOINT:-}"
+version="${B4_VERSION:-}"
+trust="${B4_TRUST_CHECKPOINT:-0}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --checkpoint) checkpoint="${2:?--checkpoint needs a path}"; shift 2 ;;
+    --version) version="${2:?--version needs a value}"; shift 2 ;;
+    --trust-checkpoint) trust=1; shift ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+timeout="${B4_DEPLOY_TIMEOUT:-600}"
+
+"$B4_ROOT/scripts/bootstrap.sh"
+manage() { "$PY" -m b4serve.manage --log-dir "$B4_LOG_DIR" --timeout "$timeout" "$@"; }
+
+if [ -z "$checkpoint" ]; then
+  log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
+  checkpoint=$("$PY" -m b4serve.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
+  trust=1  # built on this machine by b4serve.demo, in the seed's whole-module format
+fi
+[ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
+[ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
+
+start_server() {
+  mkdir -p "$B4_RUN_DIR" "$B4_LOG_DIR" "$B4_MODEL_STORE"
+  local tmp_env=()
+  # TMPDIR holds the pid file, TEMP becomes the JVM's tmpdir (worker sockets, unpacked archives).
+  [ -n "$B4_TMPDIR" ] && mkdir -p "$B4_TMPDIR" && tmp_env=(TMPDIR="$B4_TMPDIR" TEMP="$B4_TMPDIR")
+  local expiry_env=()
+  [ -n "$B4_TOKEN_EXPIRATION_MIN" ] && expiry_env=(TS_TOKEN_EXPIRATION_TIME_MIN="$B4_TOKEN_EXPIRATION_MIN")
+  log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
+  # The server writes key_file.json into its working directory: the run dir. setsid detaches
+  # it, so Ctrl-C on this script does not stop the server.
+  (cd "$B4_RUN_DIR" && env "${tmp_env[@]}" "${expiry_env[@]}" \
+    LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
+    TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
+    TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \
+    TS_METRICS_ADDRESS="http://$B4_HOST:$B4_METRICS_PORT" \
+    TS_GRPC_INFERENCE_PORT="$B4_GRPC_INFERENCE_PORT" \
+    TS_GRPC_MANAGEMENT_PORT="$B4_GRPC_MANAGEMENT_PORT" \
+    setsid "$VENV/bin/torchserve" --start --ncs --ts-config "$B4_TS_CONFIG" \
+      --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" \
+      >>"$B4_LOG_DIR/console.log" 2>&1 </dev/null)
+  manage --timeout 120 wait-ping
+}
+
+if manage ping 2>/dev/null; then
+  log "TorchServe is running on $B4_HOST:$B4_INFERENCE_PORT"
+else
+  start_server
+fi
+
+if manage status --deployed "$version" >/dev/null 2>&1; then
+  log "$B4_MODEL_NAME $version is already deployed: nothing to build"
+  manage rollout --mar "$B4_MODEL_NAME-$version.mar" --version "$version"  # proves it answers
+else
+  build_args=(--checkpoint "$checkpoint" --version "$version")
+  [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
+  mar=$("$B4_ROOT/scripts/build_mar.sh" "${build_args[@]}")
+  manage rollout --mar "$mar" --version "$version" \
+    --batch-size "${B4_BATCH_SIZE:-4}" --max-batch-delay "${B4_MAX_BATCH_DELAY:-1000}" \
+    --initial-workers "${B4_INITIAL_WORKERS:-1}" --response-timeout "${B4_RESPONSE_TIMEOUT:-120}"
+fi
+
+cat <<DONE
+$B4_MODEL_NAME $version is serving at http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME
+Try it (the key is re-read each time: keys expire and get renewed):
+  curl -s http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME \\
+    -H "Authorization: Bearer \$($PY -m b4serve.keys inference --key-file $B4_KEY_FILE \\
+      --management-url http://$B4_HOST:$B4_MANAGEMENT_PORT)" \\
+    -H "Content-Type: application/octet-stream" --data-binary @image.npy
+Logs: $B4_LOG_DIR (ts_log.log, model_log.log, access_log.log)
+Stop: torchserve --stop$( [ -n "$B4_TMPDIR" ] && echo " (with TMPDIR=$B4_TMPDIR)")
+DONE

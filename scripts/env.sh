@@ -1,0 +1,32 @@
+# Shared defaults for every script; each one can be overridden from the environment.
+# Sourced, not run. The Python side (b4serve/endpoints.py) reads the same B4_* names.
+B4_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export B4_ROOT
+: "${VENV:=$B4_ROOT/.venv}"
+: "${B4_HOST:=127.0.0.1}"
+: "${B4_INFERENCE_PORT:=8080}"
+: "${B4_MANAGEMENT_PORT:=8081}"
+: "${B4_METRICS_PORT:=8082}"
+: "${B4_GRPC_INFERENCE_PORT:=7070}"          # TorchServe always starts its gRPC servers too
+: "${B4_GRPC_MANAGEMENT_PORT:=7071}"
+: "${B4_MODEL_NAME:=b4}"
+: "${B4_RUN_DIR:=$B4_ROOT/.run}"            # TorchServe's working dir: key file, logs
+: "${B4_KEY_FILE:=$B4_RUN_DIR/key_file.json}"
+: "${B4_LOG_DIR:=$B4_RUN_DIR/logs}"
+: "${B4_TMPDIR:=}"    # pid file, worker sockets; empty: system temp, so `torchserve --stop` works
+: "${B4_MODEL_STORE:=$B4_ROOT/model-store}"
+: "${B4_CACHE_DIR:=$B4_ROOT/.cache}"         # demo checkpoint, exported models
+: "${B4_TS_CONFIG:=$B4_ROOT/config.properties}"
+: "${B4_LOG_CONFIG:=$B4_ROOT/log4j.properties}"
+: "${B4_TOKEN_EXPIRATION_MIN:=}"            # empty: config.properties' value
+export VENV B4_HOST B4_INFERENCE_PORT B4_MANAGEMENT_PORT B4_METRICS_PORT B4_MODEL_NAME \
+  B4_GRPC_INFERENCE_PORT B4_GRPC_MANAGEMENT_PORT \
+  B4_RUN_DIR B4_KEY_FILE B4_LOG_DIR B4_TMPDIR B4_MODEL_STORE B4_CACHE_DIR B4_TS_CONFIG \
+  B4_LOG_CONFIG B4_TOKEN_EXPIRATION_MIN
+PY="$VENV/bin/python"
+
+die() { echo "error: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+# Print a script's leading comment block (after the shebang) as its --help.
+usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }

@@ -1,0 +1,541 @@
+"""The client against a loopback stand-in for TorchServe: order, retries, key renewal, CLI.
+
+``FakeTorchServe`` (also used by ``test_keys.py``) mimics what the client relies on: token auth
+with a ``key_file.json`` rewritten in place, ``/token``, and ``/predictions/b4`` answering a
+JSON list computed from the posted array, so that each answer can be traced to its input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+
+from b4serve import client
+from b4serve.client import PredictionError, RetryPolicy, predict_batch, predict_many
+from b4serve.endpoints import REPO_ROOT, Endpoints
+from b4serve.keys import KeyFileMissingError
+
+FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
+INVALID_KEY = {
+    "code": 400,
+    "type": "InvalidKeyException",
+    "message": "Token Authorization failed. Token either incorrect, expired, or not provided "
+    "correctly",
+}
+
+
+def image(ident: int) -> np.ndarray:
+    """A small array whose mean is ``ident``: the fake server answers from the mean."""
+    return np.full((4, 4, 3), ident, dtype=np.float32)
+
+
+def expected_probabilities(ident: int) -> list[float]:
+    """What the fake server answers for ``image(ident)``: six values summing to 1."""
+    weights = [ident + k + 1.0 for k in range(6)]
+    return [w / sum(weights) for w in weights]
+
+
+def java_instant(moment: datetime) -> str:
+    """``Instant.toString()`` as TorchServe writes it."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class FakeTorchServe:
+    """Token auth, ``/token`` and ``/predictions/b4`` as TorchServe 0.12 does them, on loopback.
+
+    Failure plans are keyed by image id (the posted array's mean): ``fail_503[i] = n`` answers
+    503 to the first n requests for image i, ``drop`` closes the connection without answering,
+    ``stall`` answers after ``stall_s``, ``reject[i] = (status, body)`` always fails image i.
+    """
+
+    def __init__(self, workdir: Path, *, auth: bool = True) -> None:
+        self.key_file = workdir / "key_file.json"
+        self.auth = auth
+        self.api_key = "api-key-0"
+        self.keys: dict[str, tuple[str, datetime]] = {}
+        self.revoked: set[str] = set()
+        self.token_calls: Counter[str] = Counter()
+        self.token_delay_s = 0.05  # a slow /token widens the window in which a storm would show
+        self.rejected_keys: list[str | None] = []
+        self.answered: list[int] = []
+        self.content_types: set[str | None] = set()
+        self.auth_headers: set[str | None] = set()
+        self.fail_503: dict[int, int] = {}
+        self.drop: dict[int, int] = {}
+        self.stall: dict[int, int] = {}
+        self.stall_s = 0.6
+        self.reject: dict[int, tuple[int, bytes]] = {}
+        self.delay_s: dict[int, float] = {}
+        self.rotate_before_prediction: int | None = None
+        self.predictions = 0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self._serial = 0
+        if auth:
+            for kind in ("inference", "management"):
+                self.keys[kind] = self._new_key(kind)
+            self.write_key_file()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.fake = self  # type: ignore[attr-defined]
+        self.httpd.handle_error = lambda request, address: None  # type: ignore[method-assign]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.url, self.url, self.url, self.key_file, "b4")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def _new_key(self, kind: str, expires_in_s: float = 3600) -> tuple[str, datetime]:
+        self._serial += 1
+        return f"{kind[:3]}-{self._serial}", datetime.now(timezone.utc) + timedelta(
+            seconds=expires_in_s
+        )
+
+    def write_key_file(self) -> None:
+        """Rewrite the file in place in two halves, as non-atomically as TorchServe does."""
+        document = {
+            kind: {"key": k, "expiration time": java_instant(t)}
+            for kind, (k, t) in self.keys.items()
+        }
+        document["API"] = {"key": self.api_key}
+        text = json.dumps(document, indent=2)
+        with open(self.key_file, "w", encoding="utf-8") as f:
+            f.write(text[: len(text) // 2])
+            f.flush()
+            time.sleep(0.005)
+            f.write(text[len(text) // 2 :])
+        os.chmod(self.key_file, 0o600)
+
+    def key(self, kind: str) -> str:
+        return self.keys[kind][0]
+
+    def rotate(self, kind: str) -> str:
+        """A new key of ``kind``, as ``/token`` makes (called with the lock held)."""
+        self.keys[kind] = self._new_key(kind)
+        self.write_key_file()
+        return self.keys[kind][0]
+
+    def expire(self, kind: str) -> None:
+        """Make the current key of ``kind`` expired, in the file and on the server."""
+        key, _ = self.keys[kind]
+        self.keys[kind] = key, datetime.now(timezone.utc) - timedelta(minutes=1)
+        self.write_key_file()
+
+    def revoke(self, kind: str) -> None:
+        """The server stops accepting the current key while the file still shows it as valid."""
+        self.revoked.add(self.keys[kind][0])
+
+    def accepts(self, kind: str, authorization: str | None) -> bool:
+        if not self.auth:
+            return True
+        key, expires = self.keys[kind]
+        given = (authorization or "").removeprefix("Bearer ")
+        valid = given == key and datetime.now(timezone.utc) < expires
+        return valid and given not in self.revoked
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def handle_token(self, request: _Handler) -> None:
+        kind = parse_qs(urlsplit(request.path).query).get("type", [""])[0]
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            request.send_json(400, INVALID_KEY)
+            return
+        if kind not in ("inference", "management"):
+            request.send_json(400, {"code": 400, "type": "BadRequest", "message": kind})
+            return
+        time.sleep(self.token_delay_s)
+        with self.lock:
+            self.token_calls[kind] += 1
+            self.rotate(kind)
+        request.send_body(200, b"", "text/plain")
+
+    def handle_prediction(self, request: _Handler) -> None:
+        body = request.rfile.read(int(request.headers.get("Content-Length", 0)))
+        authorization = request.headers.get("Authorization")
+        with self.lock:
+            self.predictions += 1
+            self.content_types.add(request.headers.get("Content-Type"))
+            self.auth_headers.add(authorization)
+            if self.predictions == self.rotate_before_prediction:
+                self.rotate("inference")  # another client renewed the key just now
+            if not self.accepts("inference", authorization):  # checked before the body, as TS does
+                self.rejected_keys.append(authorization)
+                request.send_json(400, INVALID_KEY)
+                return
+            ident = round(float(np.load(io.BytesIO(body), allow_pickle=False).mean()))
+            plan = self._take_failure(ident)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._answer(request, ident, plan)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _take_failure(self, ident: int) -> str | None:
+        for name in ("fail_503", "drop", "stall"):
+            plan: dict[int, int] = getattr(self, name)
+            if plan.get(ident, 0) > 0:
+                plan[ident] -= 1
+                return name
+        return "reject" if ident in self.reject else None
+
+    def _answer(self, request: _Handler, ident: int, plan: str | None) -> None:
+        time.sleep(self.delay_s.get(ident, 0.0))
+        if plan == "fail_503":
+            request.send_json(
+                503,
+                {
+                    "code": 503,
+                    "type": "ServiceUnavailableException",
+                    "message": 'Model "b4" has no worker to serve inference request.',
+                },
+            )
+        elif plan == "drop":
+            request.close_connection = True  # no answer at all: the client sees a reset
+        elif plan == "reject":
+            status, body = self.reject[ident]
+            request.send_body(status, body, "application/json")
+        else:
+            if plan == "stall":
+                time.sleep(self.stall_s)
+            with self.lock:
+                self.answered.append(ident)
+            request.send_json(200, expected_probabilities(ident))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like TorchServe: pooled connections get reused
+
+    @property
+    def fake(self) -> FakeTorchServe:
+        return self.server.fake  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/token":
+            self.fake.handle_token(self)
+        else:
+            self.send_json(404, {"code": 404, "type": "NotFound", "message": self.path})
+
+    def do_POST(self) -> None:
+        if self.path == "/predictions/b4":
+            self.fake.handle_prediction(self)
+        else:
+            self.send_json(404, {"code": 404, "type": "ModelNotFoundException", "message": "?"})
+
+    def send_json(self, status: int, body: object) -> None:
+        self.send_body(status, json.dumps(body).encode(), "application/json")
+
+    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[FakeTorchServe]:
+    fake = FakeTorchServe(tmp_path)
+    yield fake
+    fake.close()
+
+
+def run(fake: FakeTorchServe, inputs: list, **kwargs: object) -> list[client.Result]:
+    kwargs = {"endpoints": fake.endpoints, "retry": FAST_RETRY, "progress": False, **kwargs}
+    return predict_many(inputs, **kwargs)  # type: ignore[arg-type]
+
+
+# --- endpoints --------------------------------------------------------------------------------
+
+
+def test_endpoints_defaults_are_the_shell_scripts_defaults() -> None:
+    endpoints = Endpoints.from_env({})
+    assert endpoints.inference_url == "http://127.0.0.1:8080"
+    assert endpoints.management_url == "http://127.0.0.1:8081"
+    assert endpoints.metrics_url == "http://127.0.0.1:8082"
+    assert endpoints.key_file == REPO_ROOT / ".run" / "key_file.json"
+    assert endpoints.predictions_url == "http://127.0.0.1:8080/predictions/b4"
+    assert (REPO_ROOT / "b4serve" / "endpoints.py").is_file()
+
+
+def test_endpoints_env_overrides_and_empty_values_mean_default(tmp_path: Path) -> None:
+    env = {
+        "B4_HOST": "10.1.2.3",
+        "B4_INFERENCE_PORT": "9080",
+        "B4_RUN_DIR": str(tmp_path),
+        "B4_MODEL_NAME": "",
+        "B4_METRICS_PORT": "",
+    }
+    endpoints = Endpoints.from_env(env)
+    assert endpoints.predictions_url == "http://10.1.2.3:9080/predictions/b4"
+    assert endpoints.management_url == "http://10.1.2.3:8081"
+    assert endpoints.metrics_url == "http://10.1.2.3:8082"
+    assert endpoints.key_file == tmp_path / "key_file.json"
+    explicit = Endpoints.from_env({**env, "B4_KEY_FILE": "/srv/ts/key_file.json"})
+    assert explicit.key_file == Path("/srv/ts/key_file.json")
+
+
+def test_endpoints_bad_port_error_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="B4_MANAGEMENT_PORT"):
+        Endpoints.from_env({"B4_MANAGEMENT_PORT": "80a"})
+
+
+# --- order and retries ------------------------------------------------------------------------
+
+
+def test_results_keep_input_order_when_later_inputs_finish_first(server: FakeTorchServe) -> None:
+    count = 24
+    server.delay_s = {i: 0.003 * (count - i) for i in range(count)}
+    probabilities = predict_batch(
+        [image(i) for i in range(count)], endpoints=server.endpoints, concurrency=6, progress=False
+    )
+    assert probabilities == [expected_probabilities(i) for i in range(count)]
+    assert server.max_in_flight > 1
+    assert server.answered != sorted(server.answered)  # completion order did differ
+    assert server.content_types == {"application/octet-stream"}
+
+
+def test_npy_file_inputs_are_named_by_path(server: FakeTorchServe, tmp_path: Path) -> None:
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.npy")
+        np.save(paths[-1], image(i + 10))
+    results = run(server, [*paths, image(7)])
+    assert [r.input for r in results] == [*map(str, paths), "array[3]"]
+    assert [r.probabilities for r in results] == [
+        expected_probabilities(i) for i in (10, 11, 12, 7)
+    ]
+
+
+def test_503_is_retried_until_the_worker_answers(server: FakeTorchServe) -> None:
+    server.fail_503 = {2: 2}
+    results = run(server, [image(i) for i in range(4)])
+    assert [r.probabilities for r in results] == [expected_probabilities(i) for i in range(4)]
+    assert [r.attempts for r in results] == [1, 1, 3, 1]
+
+
+def test_503_gives_up_after_the_retry_budget(server: FakeTorchServe) -> None:
+    server.fail_503 = {1: 100}
+    results = run(server, [image(i) for i in range(3)], retry=RetryPolicy(retries=2, backoff_s=0))
+    assert results[1].error is not None
+    assert results[1].error["status"] == 503
+    assert results[1].error["type"] == "ServiceUnavailableException"
+    assert results[1].attempts == 3
+    assert [r.ok for r in results] == [True, False, True]
+
+
+def test_dropped_connection_is_retried(server: FakeTorchServe) -> None:
+    server.drop = {0: 1, 2: 2}
+    results = run(server, [image(i) for i in range(3)], concurrency=2)
+    assert [r.probabilities for r in results] == [expected_probabilities(i) for i in range(3)]
+    assert [r.attempts for r in results] == [2, 1, 3]
+
+
+def test_read_timeout_is_retried(server: FakeTorchServe) -> None:
+    server.stall = {1: 1}
+    server.stall_s = 0.5
+    results = run(server, [image(0), image(1)], timeout_s=0.2)
+    assert results[1].probabilities == expected_probabilities(1)
+    assert results[1].attempts == 2
+
+
+def test_client_error_fails_alone_and_predict_batch_names_its_index(
+    server: FakeTorchServe,
+) -> None:
+    body = {"code": 400, "type": "InvalidInput", "message": "expected HxWx3, got shape (4, 4, 3)"}
+    server.reject = {3: (400, json.dumps(body).encode())}
+    images = [image(i) for i in range(6)]
+    results = run(server, images)
+    assert results[3].error == {"status": 400, "type": "InvalidInput", "message": body["message"]}
+    assert results[3].attempts == 1  # a 4xx is not retried
+    assert [r.probabilities for i, r in enumerate(results) if i != 3] == [
+        expected_probabilities(i) for i in (0, 1, 2, 4, 5)
+    ]
+    with pytest.raises(PredictionError, match=r"1 of 6 inputs failed \(indices 3\)") as raised:
+        predict_batch(images, endpoints=server.endpoints, progress=False)
+    assert [r.index for r in raised.value.failures] == [3]
+    assert "InvalidInput" in str(raised.value)
+
+
+def test_error_body_that_is_not_json_is_kept_as_text(server: FakeTorchServe) -> None:
+    server.reject = {0: (500, b"Internal Server Error: worker crashed")}
+    [result] = run(server, [image(0)])
+    assert result.error == {
+        "status": 500,
+        "type": "HTTPError",
+        "message": "Internal Server Error: worker crashed",
+    }
+
+
+def test_unreadable_input_fails_alone(server: FakeTorchServe, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.npy"
+    results = run(server, [image(0), missing, image(2)])
+    assert results[1].error is not None
+    assert results[1].error["type"] == "FileNotFoundError"
+    assert results[1].input == str(missing)
+    assert [results[0].ok, results[2].ok] == [True, True]
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def test_expired_key_is_renewed_before_the_request(server: FakeTorchServe) -> None:
+    server.expire("inference")
+    probabilities = predict_batch(
+        [image(i) for i in range(8)], endpoints=server.endpoints, concurrency=4, progress=False
+    )
+    assert probabilities == [expected_probabilities(i) for i in range(8)]
+    assert server.token_calls == {"inference": 1}
+    assert server.rejected_keys == []  # renewed first, never sent the expired key
+
+
+def test_key_rotated_by_another_client_mid_job_is_picked_up(server: FakeTorchServe) -> None:
+    old_key = server.key("inference")
+    server.rotate_before_prediction = 6
+    results = run(server, [image(i) for i in range(16)], concurrency=4)
+    assert [r.probabilities for r in results] == [expected_probabilities(i) for i in range(16)]
+    assert f"Bearer {old_key}" in server.rejected_keys
+    assert server.token_calls == {}  # the file already held the new key: nothing to renew
+    assert sorted(server.answered) == list(range(16))  # each input answered exactly once
+
+
+def test_key_rejected_for_many_requests_at_once_is_renewed_once(server: FakeTorchServe) -> None:
+    server.revoke("inference")
+    server.delay_s = dict.fromkeys(range(16), 0.01)
+    results = run(server, [image(i) for i in range(16)], concurrency=8)
+    assert all(r.ok for r in results)
+    assert len(server.rejected_keys) >= 1
+    assert server.token_calls == {"inference": 1}
+
+
+def test_missing_key_file_is_a_clear_error_before_any_request(server: FakeTorchServe) -> None:
+    server.key_file.unlink()
+    with pytest.raises(KeyFileMissingError) as raised:
+        run(server, [image(0)])
+    assert str(server.key_file) in str(raised.value)
+    assert "directory it was started from" in str(raised.value)
+    assert server.predictions == 0
+
+
+def test_without_token_auth_no_key_is_needed_or_sent(tmp_path: Path) -> None:
+    fake = FakeTorchServe(tmp_path, auth=False)
+    try:
+        results = run(fake, [image(1), image(2)], token_auth=False)
+    finally:
+        fake.close()
+    assert [r.probabilities for r in results] == [
+        expected_probabilities(1),
+        expected_probabilities(2),
+    ]
+    assert fake.auth_headers == {None}
+
+
+# --- progress and CLI -------------------------------------------------------------------------
+
+
+def test_progress_line_counts_inputs_on_stderr(
+    server: FakeTorchServe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(server, [image(i) for i in range(5)], progress=True)
+    err = capsys.readouterr().err
+    assert "\r5/5 " in err
+    assert "img/s" in err
+    assert err.endswith("\n")
+
+
+def write_inputs(directory: Path, idents: list[int]) -> list[str]:
+    paths = []
+    for ident in idents:
+        path = directory / f"in{ident}.npy"
+        np.save(path, image(ident))
+        paths.append(str(path))
+    return paths
+
+
+def test_cli_writes_json_lines_in_input_order_and_exits_1_on_failure(
+    server: FakeTorchServe, tmp_path: Path
+) -> None:
+    server.reject = {
+        4: (400, json.dumps({"code": 400, "type": "InvalidInput", "message": "no"}).encode())
+    }
+    server.delay_s = {i: 0.002 * (8 - i) for i in range(8)}
+    paths = write_inputs(tmp_path, list(range(8)))
+    output = tmp_path / "results.jsonl"
+    argv = [
+        *paths,
+        "--output",
+        str(output),
+        "--url",
+        server.url,
+        "--management-url",
+        server.url,
+        "--key-file",
+        str(server.key_file),
+        "--concurrency",
+        "4",
+        "--retries",
+        "1",
+    ]
+    assert client.main(argv) == 1
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(8))
+    assert [r["input"] for r in records] == paths
+    assert records[4]["error"] == {"status": 400, "type": "InvalidInput", "message": "no"}
+    assert "probabilities" not in records[4]
+    for i in (0, 1, 2, 3, 5, 6, 7):
+        assert records[i]["probabilities"] == expected_probabilities(i)
+
+
+def test_cli_reads_endpoints_from_env_and_exits_0_on_success(
+    server: FakeTorchServe,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    for name, value in {
+        "B4_HOST": "127.0.0.1",
+        "B4_INFERENCE_PORT": port,
+        "B4_MANAGEMENT_PORT": port,
+        "B4_KEY_FILE": str(server.key_file),
+    }.items():
+        monkeypatch.setenv(name, value)
+    paths = write_inputs(tmp_path, [3, 1, 2])
+    assert client.main([*paths, "--no-progress"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["probabilities"] for r in records] == [expected_probabilities(i) for i in (3, 1, 2)]
+
+
+def test_cli_missing_key_file_is_one_line_on_stderr_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_inputs(tmp_path, [0])
+    key_file = tmp_path / "nowhere" / "key_file.json"
+    argv = [*paths, "--url", "http://127.0.0.1:9", "--key-file", str(key_file)]
+    assert client.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert str(key_file) in err

@@ -1,0 +1,142 @@
+"""handler.py driven by TorchServe's own Python service (loader, Service, response encoder).
+
+No server and no sockets: the worker-side code path a real request takes, in-process, with a
+tiny TorchScript model so it runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from b4serve.codec import encode_npy
+from b4serve.config import ModelConfig
+from b4serve.pipeline import Classifier
+from b4serve.runtime import load_torchscript
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, config: ModelConfig, toy_model) -> Path:
+    """An unpacked archive as TorchServe lays it out: handler, metadata, TorchScript, manifest."""
+    torch.jit.script(toy_model).save(str(tmp_path / "model.pt"))
+    config.save(tmp_path)
+    shutil.copy(ROOT / "handler.py", tmp_path / "handler.py")
+    manifest = {
+        "runtime": "python",
+        "model": {"modelName": "b4", "serializedFile": "model.pt", "handler": "handler.py",
+                  "modelVersion": "1"},
+    }  # fmt: skip
+    (tmp_path / "MAR-INF").mkdir()
+    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+@pytest.fixture
+def service(model_dir: Path):
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.model_loader import ModelLoaderFactory
+
+    metrics = MetricsCacheYamlImpl(
+        config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    )
+    metrics.initialize_cache()
+    loader = ModelLoaderFactory.get_model_loader()
+    service = loader.load("b4", str(model_dir), "handler.py", None, 4, metrics_cache=metrics)
+    service.cl_socket = None  # the worker sets its frontend socket here; only streaming uses it
+    return service
+
+
+def _request(index: int, body: object, content_type: str = "application/octet-stream") -> dict:
+    return {
+        "requestId": f"req-{index}".encode(),
+        "parameters": [{"name": "body", "contentType": content_type, "value": body}],
+        "headers": [],
+    }
+
+
+def _decode_response(message: bytes) -> list[dict]:
+    """Parse TorchServe's worker->frontend prediction message into per-request dicts."""
+    offset = 0
+
+    def integer() -> int:
+        nonlocal offset
+        (value,) = struct.unpack_from("!i", message, offset)
+        offset += 4
+        return value
+
+    def blob() -> bytes:
+        nonlocal offset
+        size = integer()
+        offset += size
+        return message[offset - size : offset]
+
+    integer(), blob()  # batch status code and message
+    responses = []
+    while (size := integer()) != -1:  # -1 ends the list
+        offset += size
+        request_id = message[offset - size : offset].decode()
+        content_type, status, phrase = blob().decode(), integer(), blob().decode()
+        headers = {blob().decode(): blob().decode() for _ in range(integer())}
+        responses.append(
+            {"id": request_id, "content_type": content_type, "status": status,
+             "phrase": phrase, "headers": headers, "body": blob()}
+        )  # fmt: skip
+    return responses
+
+
+def test_batch_with_a_bad_request_fails_only_that_request(service, model_dir, config, rng) -> None:
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    batch = [
+        _request(0, encode_npy(images[0])),
+        _request(1, b"definitely not npy"),
+        _request(2, bytearray(encode_npy(images[1]))),
+        _request(3, encode_npy(np.zeros((4, 4, 3), dtype=np.int64))),
+    ]
+    responses = _decode_response(service.predict(batch))
+    assert [r["id"] for r in responses] == ["req-0", "req-1", "req-2", "req-3"]
+    assert [r["status"] for r in responses] == [200, 415, 200, 400]
+    assert all(r["content_type"] == "application/json" for r in responses)
+
+    reference = Classifier(load_torchscript(model_dir / "model.pt", torch.device("cpu")), config,
+                           torch.device("cpu"))  # fmt: skip
+    expected = [o.probabilities for o in reference.classify([encode_npy(images[0]),
+                                                               encode_npy(images[1])])]  # fmt: skip
+    np.testing.assert_allclose(json.loads(responses[0]["body"]), expected[0], atol=1e-6)
+    np.testing.assert_allclose(json.loads(responses[2]["body"]), expected[1], atol=1e-6)
+
+    bad = json.loads(responses[1]["body"])
+    assert bad["code"] == 415 and bad["type"] == "UnsupportedMediaType"
+    assert "numpy.save" in bad["message"] and responses[1]["phrase"] == bad["message"]
+    wrong_dtype = json.loads(responses[3]["body"])
+    assert wrong_dtype["type"] == "InvalidInput" and "int64" in wrong_dtype["message"]
+
+
+def test_all_bad_batch_never_calls_the_model_and_answers_each(service) -> None:
+    responses = _decode_response(service.predict([_request(0, b""), _request(1, b"\x93NUMPY")]))
+    assert [r["status"] for r in responses] == [400, 400]
+    assert [json.loads(r["body"])["type"] for r in responses] == ["InvalidInput"] * 2
+
+
+def test_json_content_decoded_by_torchserve_is_refused_with_415(service) -> None:
+    responses = _decode_response(
+        service.predict([_request(0, {"instances": [1]}, "application/json")])
+    )
+    assert responses[0]["status"] == 415
+
+
+def test_probabilities_are_a_distribution_in_class_order(service, rng, config) -> None:
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)  # resized by the handler
+    (response,) = _decode_response(service.predict([_request(0, encode_npy(image))]))
+    probabilities = json.loads(response["body"])
+    assert response["status"] == 200
+    assert len(probabilities) == config.num_classes
+    assert abs(sum(probabilities) - 1) < 1e-5 and min(probabilities) > 0
