@@ -50,6 +50,11 @@ def test_decoded_array_is_a_view_of_the_body_not_a_copy() -> None:
     assert decoded[-1, -1, -1] == 9
 
 
+def _declared(shape: str, descr: str = "<u1") -> bytes:
+    """A v1.0 header declaring ``shape`` with no data after it."""
+    return _header_v1(f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+
+
 def _header_v1(header: str) -> bytes:
     encoded = header.encode("latin1")
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(encoded)) + encoded
@@ -64,21 +69,38 @@ def _header_v1(header: str) -> bytes:
         (b'{"instances": [1, 2]}', UnsupportedMediaType, "not an .npy"),
         (b"\x93NUMPY\x01", InvalidInput, "truncated"),
         (b"\x93NUMPY\x03\x00" + b"\x00" * 20, InvalidInput, "version 3.0"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (2, 2, 3), }"), InvalidInput, "truncated array data"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (2, 2, 3)"), InvalidInput, "malformed"),
+        (_declared("(2, 2, 3)"), InvalidInput, "truncated array data"),
+        (
+            _header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (2, 2, 3)"),
+            InvalidInput,
+            "malformed",
+        ),
         (_header_v1("__import__('os').system('true')"), InvalidInput, "malformed"),
-        (_header_v1("{'descr': '|O', 'fortran_order': False, 'shape': (2, 2), }"), InvalidInput, "object arrays"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (100000, 100000, 3), }"), PayloadTooLarge, "limit"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (0, 5, 3), }"), InvalidInput, "empty image"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (10,), }"), InvalidInput, "1-d"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (2, 2, 2, 3), }"), InvalidInput, "4-d"),
-        (_header_v1("{'descr': '<u1', 'fortran_order': False, 'shape': (2, 2, 2), }"), InvalidInput, "channels"),
+        (_declared("(2, 2)", "|O"), InvalidInput, "object arrays"),
+        (_declared("(100000, 100000, 3)"), PayloadTooLarge, "limit"),
+        (_declared("(0, 5, 3)"), InvalidInput, "empty image"),
+        (_declared("(10,)"), InvalidInput, "1-d"),
+        (_declared("(2, 2, 2, 3)"), InvalidInput, "4-d"),
+        (_declared("(2, 2, 2)"), InvalidInput, "channels"),
     ],
     ids=[
-        "empty", "short-magic", "png", "json", "no-version", "v3", "truncated-data",
-        "bad-header", "code-in-header", "object", "huge-shape", "zero-size", "1d", "4d", "2ch",
+        "empty",
+        "short-magic",
+        "png",
+        "json",
+        "no-version",
+        "v3",
+        "truncated-data",
+        "bad-header",
+        "code-in-header",
+        "object",
+        "huge-shape",
+        "zero-size",
+        "1d",
+        "4d",
+        "2ch",
     ],
-)  # fmt: skip
+)
 def test_rejected_bodies_name_the_problem(body: bytes, error: type, words: str) -> None:
     with pytest.raises(error) as caught:
         decode_npy(body, LIMIT)
