@@ -1,0 +1,102 @@
+"""A real TorchServe (Java frontend + Python workers) deployed by scripts/deploy.sh on loopback.
+
+Each server gets free ports, its own run dir, model store, log dir and TMPDIR, and a 1-minute
+token expiry so that key renewal happens while tests run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from b4serve.endpoints import Endpoints
+from b4serve.keys import KeyFile
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@dataclass
+class Server:
+    """Where a test server lives and how to talk to it."""
+
+    env: dict[str, str]
+    root: Path
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints.from_env(self.env)
+
+    @property
+    def keys(self) -> KeyFile:
+        return KeyFile.from_endpoints(self.endpoints)
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.env["B4_LOG_DIR"])
+
+    def deploy(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """Run scripts/deploy.sh against this server; raise with its output if it fails."""
+        result = subprocess.run(
+            [str(ROOT / "scripts" / "deploy.sh"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"deploy.sh {args} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        subprocess.run(
+            [str(Path(self.env["VENV"]) / "bin" / "torchserve"), "--stop", "--foreground"],
+            env={**self.env, "TMPDIR": self.env["B4_TMPDIR"]},
+            cwd=self.env["B4_RUN_DIR"],
+            capture_output=True,
+            timeout=120,
+        )
+        pid_file = Path(self.env["B4_TMPDIR"]) / ".model_server.pid"
+        if pid_file.is_file():  # --stop failed: do not leave a server behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+def server_env(root: Path) -> dict[str, str]:
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    cache = root / "cache"
+    cache.mkdir(parents=True)
+    DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+    (cache / "demo").symlink_to(DEMO_CACHE)
+    return {
+        **os.environ,
+        "VENV": os.environ.get("VENV", str(ROOT / ".venv")),
+        "B4_HOST": "127.0.0.1",
+        "B4_INFERENCE_PORT": str(inference),
+        "B4_MANAGEMENT_PORT": str(management),
+        "B4_METRICS_PORT": str(metrics),
+        "B4_GRPC_INFERENCE_PORT": str(grpc_inference),
+        "B4_GRPC_MANAGEMENT_PORT": str(grpc_management),
+        "B4_RUN_DIR": str(root / "run"),
+        "B4_KEY_FILE": str(root / "run" / "key_file.json"),
+        "B4_LOG_DIR": str(root / "run" / "logs"),
+        "B4_TMPDIR": str(root / "tmp"),
+        "B4_MODEL_STORE": str(root / "model-store"),
+        "B4_CACHE_DIR": str(cache),
+        "B4_TOKEN_EXPIRATION_MIN": "1",
+    }

@@ -1,0 +1,197 @@
+"""End to end against real TorchServe: answers, per-request errors, auth, logging, redeploys, keys.
+
+Tests run in file order against one session server; each says which state it leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from served import Server
+
+from b4serve.client import RetryPolicy, predict_many
+from b4serve.codec import encode_npy
+from b4serve.config import ModelConfig
+from b4serve.demo import generate_images
+from b4serve.manage import ManagementAPI
+from b4serve.pipeline import Classifier
+from b4serve.runtime import load_torchscript
+
+pytestmark = pytest.mark.integration
+
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+def serving_version(server: Server) -> str:
+    version = ManagementAPI(server.endpoints, server.keys).default_version("b4")
+    assert version is not None
+    return version
+
+
+def reference(server: Server) -> Classifier:
+    """The served version's exported model and config, run in-process the way the handler does."""
+    build = Path(server.env["B4_CACHE_DIR"]) / "build" / serving_version(server)
+    device = torch.device("cpu")
+    config = ModelConfig.load(build / "extra")
+    return Classifier(load_torchscript(build / "model.pt", device), config, device)
+
+
+def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+    auth = server.keys.auth_headers("inference") if headers is None else headers
+    return requests.post(
+        server.endpoints.predictions_url, data=body, headers={**OCTET, **auth}, timeout=120
+    )
+
+
+def demo_images(count_per_class: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    images, labels = generate_images(count_per_class, seed)
+    return list(images), [int(label) for label in labels]
+
+
+def test_served_probabilities_equal_in_process_reference(server: Server) -> None:
+    images, labels = demo_images(1, seed=777)
+    images.append(np.full((120, 90), 200, dtype=np.uint8))  # grey, resized by the handler
+    local = reference(server)
+    bodies = [encode_npy(image) for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda body: post(server, body), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    served = np.array([r.json() for r in responses])
+    expected = np.array([o.probabilities for o in local.classify(bodies)])
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+    assert list(served[:6].argmax(axis=1)) == labels  # the demo model knows its colours
+
+
+def test_batch_with_one_malformed_request_fails_alone(server: Server) -> None:
+    images, _ = demo_images(1, seed=778)
+    bodies = [encode_npy(images[0]), encode_npy(images[1])[:-10], encode_npy(images[2]),
+              encode_npy(images[3])]  # fmt: skip
+    log = server.log_dir / "model_log.log"
+    log_offset = log.stat().st_size
+    # batch_size=4 and max_batch_delay=1000 ms: four concurrent requests form one server batch
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda body: post(server, body), bodies))
+    assert [r.status_code for r in responses] == [200, 400, 200, 200]
+    error = responses[1].json()
+    assert error["code"] == 400 and error["type"] == "InvalidInput"
+    assert "truncated array data" in error["message"]
+    expected = reference(server).classify([bodies[0], bodies[2], bodies[3]])
+    served = [responses[0].json(), responses[2].json(), responses[3].json()]
+    np.testing.assert_allclose(served, [o.probabilities for o in expected], atol=1e-5, rtol=0)
+    new_lines = log.read_text(errors="replace")[log_offset:]
+    assert "batch of 4: 1 failed ['InvalidInput']" in new_lines  # they really shared a batch
+    assert post(server, bodies[0]).status_code == 200  # and the worker is still serving
+
+
+def test_requests_without_a_valid_token_are_refused(server: Server) -> None:
+    body = encode_npy(np.zeros((8, 8, 3), np.uint8))
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+        refused = post(server, body, headers=headers)
+        assert refused.status_code == 400
+        assert refused.json()["type"] == "InvalidKeyException"
+    ping = requests.get(f"{server.endpoints.inference_url}/ping", timeout=10)
+    assert ping.status_code == 400 and ping.json()["type"] == "InvalidKeyException"
+    management = requests.get(f"{server.endpoints.management_url}/models", timeout=10)
+    assert management.status_code == 400
+    authorised = requests.get(
+        f"{server.endpoints.inference_url}/ping",
+        headers=server.keys.auth_headers("inference"),
+        timeout=10,
+    )
+    assert authorised.status_code == 200 and authorised.json()["status"] == "Healthy"
+
+
+def test_our_log4j_file_is_the_one_in_force(server: Server) -> None:
+    # log4j.properties stamps lines with their UTC offset; TorchServe's built-in config does not
+    first = (server.log_dir / "ts_log.log").read_text().splitlines()[0]
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} \[", first), first
+    assert (server.log_dir / "access_log.log").is_file()
+    assert "ACCESS_LOG" not in (server.log_dir / "ts_log.log").read_text()
+
+
+def test_remote_archive_urls_are_refused(server: Server) -> None:
+    api = ManagementAPI(server.endpoints, server.keys)
+    for url in ("https://example.com/evil.mar", "file:///etc/passwd.mar"):
+        response = api.call("POST", "/models", params={"url": url, "model_name": "evil"})
+        assert response.status_code == 404, response.text
+        assert "does not match any allowed URL" in response.json()["message"]
+
+
+def test_deploy_twice_is_idempotent(server: Server) -> None:
+    version = serving_version(server)
+    archive = Path(server.env["B4_MODEL_STORE"]) / f"b4-{version}.mar"
+    built_at = archive.stat().st_mtime_ns
+    result = server.deploy()
+    assert "already deployed" in result.stderr
+    assert serving_version(server) == version
+    assert archive.stat().st_mtime_ns == built_at
+    versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
+    assert [v["modelVersion"] for v in versions] == [version]
+
+
+def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) -> None:
+    old_version = serving_version(server)
+    # A new version from a plain state dict (the trusted demo module, head scaled): other answers
+    demo = torch.load(Path(server.env["B4_CACHE_DIR"]) / "demo" / "demo_checkpoint.pt",
+                      weights_only=False)  # fmt: skip
+    state = {k: v.clone() for k, v in demo["model"].state_dict().items()}
+    state["classifier.weight"] *= 0.5
+    checkpoint = tmp_path / "sharper.pth"
+    torch.save({"state_dict": state, "class_names": demo["class_names"]}, checkpoint)
+
+    images, _ = demo_images(2, seed=779)
+    results: list = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            results.extend(predict_many(images, endpoints=server.endpoints, concurrency=4))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        deploy = server.deploy("--checkpoint", str(checkpoint))
+        time.sleep(2)  # keep the load on across the old version's retirement
+    finally:
+        stop.set()
+        worker.join(timeout=300)
+    assert "unregistered b4 " + old_version in deploy.stderr
+    new_version = serving_version(server)
+    assert new_version != old_version
+    assert len(results) >= 2 * len(images)
+    failed = [r for r in results if not r.ok]
+    assert failed == [], failed[:3]
+    versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
+    assert [v["modelVersion"] for v in versions] == [new_version]
+    after = predict_many(images[:2], endpoints=server.endpoints)
+    expected = reference(server).classify([encode_npy(image) for image in images[:2]])
+    np.testing.assert_allclose([r.probabilities for r in after],
+                               [o.probabilities for o in expected], atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_client_job_spanning_token_expiry_loses_nothing(server: Server) -> None:
+    entry = server.keys.read()["inference"]
+    key_before = entry.key
+    now = datetime.now(timezone.utc)
+    if entry.expires is not None and entry.expires > now:
+        # start the job shortly before the 1-minute key expires, so the expiry falls inside it
+        time.sleep(max(0.0, (entry.expires - now).total_seconds() - 5))
+    images, labels = demo_images(4, seed=780)
+    started = time.monotonic()
+    results = predict_many(images, endpoints=server.endpoints, concurrency=4,
+                           retry=RetryPolicy(retries=4, backoff_s=0.2))  # fmt: skip
+    took = time.monotonic() - started
+    assert [r.ok for r in results] == [True] * len(images)
+    assert [int(np.argmax(r.probabilities)) for r in results] == labels
+    assert server.keys.read()["inference"].key != key_before, f"no renewal in {took:.0f} s"
+    json.dumps([r.to_json() for r in results])  # records are JSON-serialisable for the CLI
