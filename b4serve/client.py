@@ -291,9 +291,14 @@ class _Predictor:
         error = _response_error(response)
         if key and is_invalid_key_response(response):
             return _Attempt(None, error, "renew")
-        if response.status_code in self.retry.retry_statuses:
+        if response.status_code in self.retry.retry_statuses or _worker_died(error):
             return _Attempt(None, error, "retry")
         return _Attempt(None, error, "done")
+
+
+def _worker_died(error: dict[str, object]) -> bool:
+    """TorchServe's 500 for a batch whose worker crashed or was stopped: safe to send again."""
+    return error.get("status") == 500 and "Worker died" in str(error.get("message", ""))
 
 
 def iter_results(

@@ -205,6 +205,33 @@ def wait_ready(
         time.sleep(1.0)
 
 
+def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_s: float) -> None:
+    """Wait until ``version`` has no queued requests, then ``grace_s`` for its batch in flight.
+
+    TorchServe fails the batch a worker holds when its version is unregistered ("Worker died"),
+    and says nothing of that batch in describe-model: the queue is all we can watch.
+    """
+    description = api.describe(model, version) or {}
+    deadline = time.monotonic() + timeout_s
+    while description.get("jobQueueStatus", {}).get("pendingRequests", 0) > 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+        description = api.describe(model, version) or {}
+    # a batch can still be forming (max batch delay) and then running
+    time.sleep(description.get("maxBatchDelay", 0) / 1000 + grace_s)
+
+
+def retire(
+    api: ManagementAPI, model: str, versions: set[str], grace_s: float, timeout_s: float, say: Any
+) -> None:
+    """Drain and unregister ``versions`` (no longer the default)."""
+    for old in sorted(versions):
+        drain(api, model, old, grace_s, timeout_s)
+        api.unregister(model, old)
+        say(f"unregistered {model} {old}")
+
+
 def rollout(
     api: ManagementAPI,
     *,
@@ -213,18 +240,21 @@ def rollout(
     version: str,
     settings: Registration,
     timeout_s: float = 600.0,
+    drain_s: float = 5.0,
     log_dir: Path | None = None,
     say: Any = print,
 ) -> str:
     """Make ``version`` (archive ``mar`` in the model store) the one serving ``model``.
 
-    Returns ``"unchanged"`` when it already was, ``"deployed"`` otherwise.
+    Returns ``"unchanged"`` when it already was, ``"deployed"`` otherwise. ``drain_s`` is the
+    time allowed, after an old version's queue empties, for its last batch to finish.
     """
     registered = {v["modelVersion"] for v in api.versions(model)}
     default = api.default_version(model) if registered else None
     if version == default and ready_workers(api.describe(model, version)) > 0:
         check_prediction(api.predict(model, None, smoke_body()), f"{model} {version}")
         say(f"{model} {version} is already deployed and answering: nothing to do")
+        retire(api, model, registered - {version}, drain_s, timeout_s, say)  # an earlier cut-off
         return "unchanged"
     watch = LogWatch(log_dir)
     if version not in registered:
@@ -243,9 +273,7 @@ def rollout(
     check_prediction(api.predict(model, version, smoke_body()), f"{model} {version}")
     api.set_default(model, version)
     say(f"{model} {version} is the default version")
-    for old in sorted(registered - {version}):
-        api.unregister(model, old)
-        say(f"unregistered {model} {old}")
+    retire(api, model, registered - {version}, drain_s, timeout_s, say)
     check_prediction(api.predict(model, None, smoke_body()), f"/predictions/{model}")
     return "deployed"
 
@@ -283,6 +311,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     deploy.add_argument("--max-batch-delay", type=int, default=Registration.max_batch_delay_ms)
     deploy.add_argument("--initial-workers", type=int, default=Registration.initial_workers)
     deploy.add_argument("--response-timeout", type=int, default=Registration.response_timeout_s)
+    deploy.add_argument(
+        "--drain", type=float, default=5.0, help="seconds for an old version's last batch"
+    )
     return parser.parse_args(argv)
 
 
@@ -314,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 version=args.version,
                 settings=settings,
                 timeout_s=args.timeout,
+                drain_s=args.drain,
                 log_dir=args.log_dir,
                 say=lambda message: print(f"[deploy] {message}", file=sys.stderr),
             )

@@ -7,7 +7,8 @@
 #   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
 # Registration (env): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (1000 ms), B4_INITIAL_WORKERS (1),
-#   B4_RESPONSE_TIMEOUT (120 s); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
+#   B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (5 s: how long an old version's last batch
+#   may take once its queue is empty); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
@@ -73,14 +74,16 @@ fi
 
 if manage status --deployed "$version" >/dev/null 2>&1; then
   log "$B4_MODEL_NAME $version is already deployed: nothing to build"
-  manage rollout --mar "$B4_MODEL_NAME-$version.mar" --version "$version"  # proves it answers
+  manage rollout --mar "$B4_MODEL_NAME-$version.mar" --version "$version" \
+    --drain "${B4_DRAIN_SECONDS:-5}"  # proves it answers, retires leftovers
 else
   build_args=(--checkpoint "$checkpoint" --version "$version")
   [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
   mar=$("$B4_ROOT/scripts/build_mar.sh" "${build_args[@]}")
   manage rollout --mar "$mar" --version "$version" \
     --batch-size "${B4_BATCH_SIZE:-4}" --max-batch-delay "${B4_MAX_BATCH_DELAY:-1000}" \
-    --initial-workers "${B4_INITIAL_WORKERS:-1}" --response-timeout "${B4_RESPONSE_TIMEOUT:-120}"
+    --initial-workers "${B4_INITIAL_WORKERS:-1}" --response-timeout "${B4_RESPONSE_TIMEOUT:-120}" \
+    --drain "${B4_DRAIN_SECONDS:-5}"
 fi
 
 cat <<DONE

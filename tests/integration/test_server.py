@@ -141,11 +141,12 @@ def test_deploy_twice_is_idempotent(server: Server) -> None:
 
 def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) -> None:
     old_version = serving_version(server)
-    # A new version from a plain state dict (the trusted demo module, head scaled): other answers
+    # A new version from a plain state dict: the demo with halved logits (same top-1, softer)
     demo = torch.load(Path(server.env["B4_CACHE_DIR"]) / "demo" / "demo_checkpoint.pt",
                       weights_only=False)  # fmt: skip
     state = {k: v.clone() for k, v in demo["model"].state_dict().items()}
     state["classifier.weight"] *= 0.5
+    state["classifier.bias"] *= 0.5
     checkpoint = tmp_path / "sharper.pth"
     torch.save({"state_dict": state, "class_names": demo["class_names"]}, checkpoint)
 
@@ -157,6 +158,8 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
         while not stop.is_set():
             results.extend(predict_many(images, endpoints=server.endpoints, concurrency=4))
 
+    access_log = server.log_dir / "access_log.log"
+    log_offset = access_log.stat().st_size
     worker = threading.Thread(target=load)
     worker.start()
     try:
@@ -171,6 +174,12 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
     assert len(results) >= 2 * len(images)
     failed = [r for r in results if not r.ok]
     assert failed == [], failed[:3]
+    # not even a retried failure: the old version was drained before it was unregistered
+    answers = re.findall(
+        r'"POST /predictions/b4 HTTP/1.1" (\d{3})', access_log.read_text()[log_offset:]
+    )
+    assert len(answers) >= len(results)
+    assert set(answers) == {"200"}, sorted(set(answers))
     versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
     assert [v["modelVersion"] for v in versions] == [new_version]
     after = predict_many(images[:2], endpoints=server.endpoints)
