@@ -94,5 +94,5 @@ Try it (the key is re-read each time: keys expire and get renewed):
       --management-url http://$B4_HOST:$B4_MANAGEMENT_PORT)" \\
     -H "Content-Type: application/octet-stream" --data-binary @image.npy
 Logs: $B4_LOG_DIR (ts_log.log, model_log.log, access_log.log)
-Stop: torchserve --stop$( [ -n "$B4_TMPDIR" ] && echo " (with TMPDIR=$B4_TMPDIR)")
+Stop: $( [ -n "$B4_TMPDIR" ] && echo "TMPDIR=$B4_TMPDIR ")$VENV/bin/torchserve --stop
 DONE
