@@ -12,18 +12,12 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-checkpoint="${B4_CHECKPOINT:-}"
-version="${B4_VERSION:-}"
-trust="${B4_TRUST_CHECKPOINT:-0}"
+parse_model_args "$@"
 force=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --checkpoint) checkpoint="${2:?--checkpoint needs a path}"; shift 2 ;;
-    --version) version="${2:?--version needs a value}"; shift 2 ;;
-    --trust-checkpoint) trust=1; shift ;;
-    --force) force=1; shift ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+for other in "${others[@]}"; do
+  case "$other" in
+    --force) force=1 ;;
+    *) die "unknown argument: $other (see --help)" ;;
   esac
 done
 [ -n "$checkpoint" ] || die "--checkpoint is required (see --help)"

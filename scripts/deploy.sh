@@ -18,18 +18,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-checkpoint="${B4_CHECKPOINT:-}"
-version="${B4_VERSION:-}"
-trust="${B4_TRUST_CHECKPOINT:-0}"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --checkpoint) checkpoint="${2:?--checkpoint needs a path}"; shift 2 ;;
-    --version) version="${2:?--version needs a value}"; shift 2 ;;
-    --trust-checkpoint) trust=1; shift ;;
-    *) die "unknown argument: $1 (see --help)" ;;
-  esac
-done
+parse_model_args "$@"
+[ ${#others[@]} -eq 0 ] || die "unknown argument: ${others[0]} (see --help)"
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 
 "$B4_ROOT/scripts/bootstrap.sh"

@@ -30,3 +30,21 @@ log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 # Print a script's leading comment block (after the shebang) as its --help.
 usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }
+
+# Flags shared by deploy.sh and build_mar.sh: sets checkpoint, version, trust (env defaults
+# B4_CHECKPOINT, B4_VERSION, B4_TRUST_CHECKPOINT) and leaves any other argument in `others`.
+parse_model_args() {
+  checkpoint="${B4_CHECKPOINT:-}"
+  version="${B4_VERSION:-}"
+  trust="${B4_TRUST_CHECKPOINT:-0}"
+  others=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      -h|--help) usage; exit 0 ;;
+      --checkpoint) checkpoint="${2:?--checkpoint needs a path}"; shift 2 ;;
+      --version) version="${2:?--version needs a value}"; shift 2 ;;
+      --trust-checkpoint) trust=1; shift ;;
+      *) others+=("$1"); shift ;;
+    esac
+  done
+}
