@@ -257,6 +257,30 @@ def rollout(
         retire(api, model, registered - {version}, drain_s, timeout_s, say)  # an earlier cut-off
         return "unchanged"
     watch = LogWatch(log_dir)
+    try:
+        _register_and_switch(api, mar, model, version, settings, registered, watch, timeout_s, say)
+    except DeployError:
+        if version not in registered:  # ours, never served: do not leave it crash-looping
+            api.unregister(model, version)
+            say(f"unregistered {model} {version}, which failed; serving: {default or 'none'}")
+        raise
+    retire(api, model, registered - {version}, drain_s, timeout_s, say)
+    check_prediction(api.predict(model, None, smoke_body()), f"/predictions/{model}")
+    return "deployed"
+
+
+def _register_and_switch(
+    api: ManagementAPI,
+    mar: str,
+    model: str,
+    version: str,
+    settings: Registration,
+    registered: set[str],
+    watch: LogWatch,
+    timeout_s: float,
+    say: Any,
+) -> None:
+    """Register ``version`` unless it is, wait until it answers, then make it the default."""
     if version not in registered:
         say(f"registering {mar} as {model} {version} ({settings})")
         response = api.register(mar, model, settings)
@@ -273,9 +297,6 @@ def rollout(
     check_prediction(api.predict(model, version, smoke_body()), f"{model} {version}")
     api.set_default(model, version)
     say(f"{model} {version} is the default version")
-    retire(api, model, registered - {version}, drain_s, timeout_s, say)
-    check_prediction(api.predict(model, None, smoke_body()), f"/predictions/{model}")
-    return "deployed"
 
 
 def wait_for_ping(api: ManagementAPI, timeout_s: float, log_dir: Path | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,28 @@ def test_remote_archive_urls_are_refused(server: Server) -> None:
         assert "does not match any allowed URL" in response.json()["message"]
 
 
+def test_client_job_spanning_token_expiry_loses_nothing(server: Server) -> None:
+    entry = server.keys.read()["inference"]
+    key_before = entry.key
+    now = datetime.now(timezone.utc)
+    if entry.expires is not None and entry.expires > now:
+        # start the job shortly before the 1-minute key expires, so the expiry falls inside it
+        time.sleep(max(0.0, (entry.expires - now).total_seconds() - 5))
+    images, labels = demo_images(4, seed=780)
+    started = time.monotonic()
+    results = predict_many(images, endpoints=server.endpoints, concurrency=4,
+                           retry=RetryPolicy(retries=4, backoff_s=0.2))  # fmt: skip
+    took = time.monotonic() - started
+    assert [r.ok for r in results] == [True] * len(images)
+    assert [int(np.argmax(r.probabilities)) for r in results] == labels
+    assert server.keys.read()["inference"].key != key_before, f"no renewal in {took:.0f} s"
+    json.dumps([r.to_json() for r in results])  # records are JSON-serialisable for the CLI
+
+
 def test_deploy_twice_is_idempotent(server: Server) -> None:
+    # runs after the 1-minute management key has expired: deploy must renew it to get this far
+    management = server.keys.read()["management"]
+    assert management.expires is not None and management.expires < datetime.now(timezone.utc)
     version = serving_version(server)
     archive = Path(server.env["B4_MODEL_STORE"]) / f"b4-{version}.mar"
     built_at = archive.stat().st_mtime_ns
@@ -188,19 +210,36 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
                                [o.probabilities for o in expected], atol=1e-5, rtol=0)  # fmt: skip
 
 
-def test_client_job_spanning_token_expiry_loses_nothing(server: Server) -> None:
-    entry = server.keys.read()["inference"]
-    key_before = entry.key
-    now = datetime.now(timezone.utc)
-    if entry.expires is not None and entry.expires > now:
-        # start the job shortly before the 1-minute key expires, so the expiry falls inside it
-        time.sleep(max(0.0, (entry.expires - now).total_seconds() - 5))
-    images, labels = demo_images(4, seed=780)
+def test_worker_dying_while_loading_fails_the_rollout_with_its_log(
+    server: Server, tmp_path: Path
+) -> None:
+    serving = serving_version(server)
+    handler = tmp_path / "broken_handler.py"
+    handler.write_text(
+        "def handle(data, context):\n"
+        "    raise RuntimeError('cannot load: weights for another model')\n"
+    )
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    store = Path(server.env["B4_MODEL_STORE"])
+    subprocess.run(
+        [str(Path(server.env["VENV"]) / "bin" / "torch-model-archiver"), "--model-name", "b4",
+         "--version", "broken", "--serialized-file", str(tmp_path / "weights.bin"),
+         "--handler", str(handler), "--export-path", str(tmp_path), "--force"],
+        check=True, env={**server.env, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    (tmp_path / "b4.mar").rename(store / "b4-broken.mar")
     started = time.monotonic()
-    results = predict_many(images, endpoints=server.endpoints, concurrency=4,
-                           retry=RetryPolicy(retries=4, backoff_s=0.2))  # fmt: skip
-    took = time.monotonic() - started
-    assert [r.ok for r in results] == [True] * len(images)
-    assert [int(np.argmax(r.probabilities)) for r in results] == labels
-    assert server.keys.read()["inference"].key != key_before, f"no renewal in {took:.0f} s"
-    json.dumps([r.to_json() for r in results])  # records are JSON-serialisable for the CLI
+    result = subprocess.run(
+        [str(Path(server.env["VENV"]) / "bin" / "python"), "-m", "b4serve.manage", "--log-dir",
+         str(server.log_dir), "--timeout", "120", "rollout", "--mar", "b4-broken.mar",
+         "--version", "broken"],
+        env=server.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 120  # failed fast, did not wait out the timeout
+    assert "cannot load: weights for another model" in result.stderr
+    assert serving_version(server) == serving  # the good version never stopped serving
+    versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
+    assert [v["modelVersion"] for v in versions] == [serving]  # the broken one was removed
+    body = encode_npy(np.zeros((16, 16, 3), np.uint8))
+    assert post(server, body).status_code == 200
