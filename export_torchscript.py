@@ -71,6 +71,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
         input_size=args.input_size,
         max_pixels=args.max_pixels,
         demo=loaded.demo,
+        micro_batch=args.micro_batch,
+        optimize=not args.no_optimize,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
     scripted, difference = script_with_parity_check(loaded.model, config.input_size)
@@ -97,6 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--input-size", type=int, help="square input size (default: the arch's)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="images per forward pass in the handler (default 0: 1 on CPU, all on GPU)",
+    )
+    parser.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="serve the plain scripted model, without freeze/channels_last (the seed's baseline)",
+    )
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",

@@ -32,7 +32,8 @@ class B4Handler:
         config = ModelConfig.load(model_dir)
         device = select_device(properties.get("gpu_id"))
         serialized = model_dir / context.manifest["model"]["serializedFile"]
-        self.classifier = Classifier(load_torchscript(serialized, device), config, device)
+        model = load_torchscript(serialized, device, optimize=config.optimize)
+        self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info("b4 %s ready: %s, %d classes, %s", label, config.arch, config.num_classes, device)

@@ -46,6 +46,11 @@ class ModelConfig:
     class_names: tuple[str, ...]
     max_pixels: int = DEFAULT_MAX_PIXELS
     demo: bool = False
+    # Images per forward pass (TTA doubles it). 0: 1 on the CPU, where single images run fastest
+    # per image, and the whole server batch on a GPU.
+    micro_batch: int = 0
+    # Freeze and use channels_last. False reproduces the seed's plain TorchScript (a baseline).
+    optimize: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"mean and std need 3 values each, std > 0: {self.mean} {self.std}")
         if self.input_size < 1 or self.max_pixels < self.input_size**2:
             raise ValueError(f"bad input_size {self.input_size} or max_pixels {self.max_pixels}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
 
     @classmethod
     def for_arch(
@@ -68,6 +75,8 @@ class ModelConfig:
         input_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         demo: bool = False,
+        micro_batch: int = 0,
+        optimize: bool = True,
         extra: dict[str, str] | None = None,
     ) -> ModelConfig:
         """Config for ``arch`` with its native input size and normalisation."""
@@ -82,6 +91,8 @@ class ModelConfig:
             class_names=names,
             max_pixels=max_pixels,
             demo=demo,
+            micro_batch=micro_batch,
+            optimize=optimize,
             extra=dict(extra or {}),
         )
 
@@ -113,5 +124,7 @@ class ModelConfig:
             class_names=names,
             max_pixels=int(meta["max_pixels"]),
             demo=bool(meta.get("demo", False)),
+            micro_batch=int(meta.get("micro_batch", 0)),
+            optimize=bool(meta.get("optimize", True)),
             extra=dict(meta.get("extra", {})),
         )

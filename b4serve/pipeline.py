@@ -18,6 +18,7 @@ from b4serve.codec import decode_npy
 from b4serve.config import ModelConfig
 from b4serve.errors import InferenceError, error_body
 from b4serve.preprocess import Preprocessor, stack_channels_last
+from b4serve.runtime import micro_batch_size
 from b4serve.tta import tta_probabilities
 
 __all__ = ["Classifier", "Outcome", "request_body"]
@@ -74,6 +75,7 @@ class Classifier:
         self.config = config
         self.device = device
         self.preprocess = Preprocessor(config)
+        self.micro_batch = micro_batch_size(config.micro_batch, device)
         self.last = StageTimes()
 
     def decode(self, body: object) -> torch.Tensor:
@@ -82,8 +84,14 @@ class Classifier:
 
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """TTA probabilities (N x classes) for decoded images, in one forward pass."""
+        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch."""
+        step = self.micro_batch or len(images)
+        return torch.cat([self._forward(images[i : i + step]) for i in range(0, len(images), step)])
+
+    def _forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         batch = stack_channels_last(images).to(self.device, non_blocking=True)
+        if not self.config.optimize:  # the seed's baseline fed plain NCHW tensors
+            batch = batch.contiguous()
         return tta_probabilities(self.model, batch).cpu()
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:

@@ -7,7 +7,9 @@
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
 #   --force              rebuild even if the model store already holds this version
 # Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
-#   file; default: the checkpoint's), B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
+#   file; default: the checkpoint's), B4_MICRO_BATCH (images per forward; default 1 on CPU,
+#   the whole batch on GPU), B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline),
+#   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -38,6 +40,8 @@ mkdir -p "$build/extra/b4serve" "$build/tmp" "$B4_MODEL_STORE"
 export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
   --num-classes "${B4_NUM_CLASSES:-6}" --output "$build/model.pt" --meta-dir "$build/extra")
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
+[ -n "${B4_MICRO_BATCH:-}" ] && export_args+=(--micro-batch "$B4_MICRO_BATCH")
+[ "${B4_OPTIMIZE:-1}" = 0 ] && export_args+=(--no-optimize)
 [ "$trust" = 1 ] && export_args+=(--trust-checkpoint)
 log "exporting $checkpoint to TorchScript"
 "$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
