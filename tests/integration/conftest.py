@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from served import Server, server_env
+
+from b4serve.sandbox import Server, server_env
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +18,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.fail("Java is required for the integration tests (TorchServe's frontend)")
     root = tmp_path_factory.mktemp("torchserve")
-    running = Server(env=server_env(root), root=root)
+    # 1-minute keys: renewal happens while the tests run
+    running = Server(env=server_env(root, token_expiration_min=1), root=root)
     started = time.monotonic()
     try:
         running.deploy()

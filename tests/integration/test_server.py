@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-from served import Server
 
 from b4serve.client import RetryPolicy, predict_many
 from b4serve.codec import encode_npy
@@ -27,6 +26,7 @@ from b4serve.demo import generate_images
 from b4serve.manage import ManagementAPI
 from b4serve.pipeline import Classifier
 from b4serve.runtime import load_torchscript
+from b4serve.sandbox import Server
 
 pytestmark = pytest.mark.integration
 

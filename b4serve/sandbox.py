@@ -1,7 +1,7 @@
-"""A real TorchServe (Java frontend + Python workers) deployed by scripts/deploy.sh on loopback.
+"""A throwaway TorchServe (Java frontend + Python workers) deployed by scripts/deploy.sh.
 
-Each server gets free ports, its own run dir, model store, log dir and TMPDIR, and a 1-minute
-token expiry so that key renewal happens while tests run.
+Each one gets free loopback ports, its own run dir, model store, log dir and TMPDIR, so it never
+touches a server the user runs. The integration tests and the benchmark use it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from pathlib import Path
 from b4serve.endpoints import Endpoints
 from b4serve.keys import KeyFile
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
 
 
+__all__ = ["Server", "free_ports", "server_env"]
+
+
 def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
     sockets = [socket.socket() for _ in range(count)]
     for sock in sockets:
         sock.bind(("127.0.0.1", 0))
@@ -33,7 +37,7 @@ def free_ports(count: int) -> list[int]:
 
 @dataclass
 class Server:
-    """Where a test server lives and how to talk to it."""
+    """Where a sandboxed server lives and how to talk to it."""
 
     env: dict[str, str]
     root: Path
@@ -50,20 +54,23 @@ class Server:
     def log_dir(self) -> Path:
         return Path(self.env["B4_LOG_DIR"])
 
-    def deploy(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        """Run scripts/deploy.sh against this server; raise with its output if it fails."""
+    def deploy(
+        self, *args: str, timeout: float = 900, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run scripts/deploy.sh with extra B4_* ``env``; raise with its output on failure."""
         result = subprocess.run(
             [str(ROOT / "scripts" / "deploy.sh"), *args],
-            env=self.env,
+            env={**self.env, **env},
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if result.returncode != 0:
-            raise AssertionError(f"deploy.sh {args} failed:\n{result.stdout}\n{result.stderr}")
+            raise RuntimeError(f"deploy.sh {args} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
     def stop(self) -> None:
+        """``torchserve --stop`` with this server's TMPDIR; SIGKILL if that did not work."""
         subprocess.run(
             [str(Path(self.env["VENV"]) / "bin" / "torchserve"), "--stop", "--foreground"],
             env={**self.env, "TMPDIR": self.env["B4_TMPDIR"]},
@@ -77,7 +84,8 @@ class Server:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
 
 
-def server_env(root: Path) -> dict[str, str]:
+def server_env(root: Path, token_expiration_min: float | None = None) -> dict[str, str]:
+    """Environment for scripts/deploy.sh: everything under ``root``, the demo cache shared."""
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     cache = root / "cache"
     cache.mkdir(parents=True)
@@ -98,5 +106,5 @@ def server_env(root: Path) -> dict[str, str]:
         "B4_TMPDIR": str(root / "tmp"),
         "B4_MODEL_STORE": str(root / "model-store"),
         "B4_CACHE_DIR": str(cache),
-        "B4_TOKEN_EXPIRATION_MIN": "1",
+        "B4_TOKEN_EXPIRATION_MIN": str(token_expiration_min or ""),
     }
