@@ -6,8 +6,8 @@
 #                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
 #   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
-# Registration (env): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (1000 ms), B4_INITIAL_WORKERS (1),
-#   B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (5 s: how long an old version's last batch
+# Registration (env; defaults in b4serve/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
+#   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (5 s: how long an old version's last batch
 #   may take once its queue is empty); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
@@ -70,10 +70,14 @@ else
   build_args=(--checkpoint "$checkpoint" --version "$version")
   [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
   mar=$("$B4_ROOT/scripts/build_mar.sh" "${build_args[@]}")
-  manage rollout --mar "$mar" --version "$version" \
-    --batch-size "${B4_BATCH_SIZE:-4}" --max-batch-delay "${B4_MAX_BATCH_DELAY:-1000}" \
-    --initial-workers "${B4_INITIAL_WORKERS:-1}" --response-timeout "${B4_RESPONSE_TIMEOUT:-120}" \
-    --drain "${B4_DRAIN_SECONDS:-5}"
+  # Unset variables leave b4serve.manage.Registration's defaults in force: one home for them.
+  register_args=()
+  [ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
+  [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
+  [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
+  [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
+  manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-5}" \
+    "${register_args[@]}"
 fi
 
 cat <<DONE

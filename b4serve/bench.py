@@ -1,0 +1,433 @@
+"""Side-by-side benchmark: in-process ceiling, end to end through TorchServe, seed baseline, memory.
+
+    python -m b4serve.bench --output docs/PERFORMANCE.md --json bench.json
+
+Everything runs in one process on one machine, against throwaway servers (b4serve.sandbox) on
+free loopback ports, with the DEMO model and 380x380 uint8 inputs. Throughput counts each image
+once although TTA runs it twice. The machine is shared and noisy: compare ratios within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import torch
+
+from b4serve.client import predict_many
+from b4serve.codec import decode_npy, encode_npy
+from b4serve.config import ModelConfig
+from b4serve.demo import ensure_demo_checkpoint
+from b4serve.manage import Registration
+from b4serve.preprocess import Preprocessor, stack_channels_last
+from b4serve.runtime import load_torchscript
+from b4serve.sandbox import DEMO_CACHE, Server, server_env
+from b4serve.tta import tta_probabilities
+
+__all__ = ["ServedConfig", "main"]
+
+SIZE = 380
+
+
+@dataclass(frozen=True)
+class ServedConfig:
+    """One way of serving the model: the archive's runtime switches and the registration."""
+
+    name: str
+    optimize: bool
+    micro_batch: int
+    batch_size: int
+    max_batch_delay_ms: int
+    workers: int = 1
+
+    def deploy_env(self) -> dict[str, str]:
+        return {
+            "B4_OPTIMIZE": "1" if self.optimize else "0",
+            "B4_MICRO_BATCH": str(self.micro_batch),
+            "B4_BATCH_SIZE": str(self.batch_size),
+            "B4_MAX_BATCH_DELAY": str(self.max_batch_delay_ms),
+            "B4_INITIAL_WORKERS": str(self.workers),
+        }
+
+
+# The seed: plain scripted model, whole server batch in one forward, 4 / 1000 ms, one worker.
+SEED = ServedConfig("seed baseline", False, 4, 4, 1000)
+# Ours, with the defaults scripts/deploy.sh registers.
+DEFAULT = ServedConfig(
+    "ours (deploy defaults)",
+    True,
+    0,
+    Registration.batch_size,
+    Registration.max_batch_delay_ms,
+    Registration.initial_workers,
+)
+
+
+@dataclass
+class Row:
+    """One measured configuration: what ran, how many images, how fast, how long each took."""
+
+    section: str
+    config: str
+    setting: str
+    images: int
+    seconds: float
+    latencies_s: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies_s:
+            return None
+        return float(np.percentile(self.latencies_s, q))
+
+    def summary(self) -> dict[str, object]:
+        data = {k: v for k, v in asdict(self).items() if k != "latencies_s"}
+        data["images_per_s"] = round(self.images_per_s, 3)
+        for q in (50, 95, 99):
+            value = self.percentile(q)
+            data[f"p{q}_ms"] = None if value is None else round(value * 1e3, 1)
+        return data
+
+
+def demo_images(count: int, seed: int = 11) -> list[np.ndarray]:
+    """Distinct 380x380 uint8 inputs (noise: content does not change the cost)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def timed(run: Callable[[], int], min_seconds: float, min_runs: int = 3) -> tuple[int, float]:
+    """Call ``run`` (returns images done) until ``min_seconds`` and ``min_runs`` have passed."""
+    images, runs, started = 0, 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - started < min_seconds:
+        images += run()
+        runs += 1
+    return images, time.perf_counter() - started
+
+
+def bench_in_process(
+    model_path: Path, config: ModelConfig, micro_batches: Sequence[int], seconds: float
+) -> list[Row]:
+    """TTA forward throughput of the seed's plain model and ours, per micro-batch size."""
+    rows = []
+    preprocess = Preprocessor(config)
+    images = [preprocess(image) for image in demo_images(max(micro_batches))]
+    for name, optimize in (("seed: plain scripted", False), ("ours: frozen, channels_last", True)):
+        model = load_torchscript(model_path, torch.device("cpu"), optimize=optimize)
+        for size in micro_batches:
+            batch = stack_channels_last(images[:size])
+            if not optimize:
+                batch = batch.contiguous()
+
+            def forward(batch: torch.Tensor = batch, model=model, size: int = size) -> int:
+                tta_probabilities(model, batch)
+                return size
+
+            with torch.inference_mode():
+                for _ in range(2):  # the JIT's profiling runs
+                    forward()
+                done, took = timed(forward, seconds)
+            rows.append(Row("in-process", name, f"micro-batch {size}", done, took))
+            print(f"  {name} micro-batch {size}: {done / took:.2f} img/s", file=sys.stderr)
+    return rows
+
+
+def single_image_latency(model_path: Path, config: ModelConfig, runs: int = 10) -> Row:
+    """Median in-process latency of one image, decode to probabilities, as a request sees it."""
+    preprocess = Preprocessor(config)
+    model = load_torchscript(model_path, torch.device("cpu"))
+    body = encode_npy(demo_images(1)[0])
+    latencies = []
+    with torch.inference_mode():
+        for run in range(runs + 2):
+            started = time.perf_counter()
+            batch = stack_channels_last([preprocess(decode_npy(body, config.max_pixels))])
+            tta_probabilities(model, batch).tolist()
+            if run >= 2:
+                latencies.append(time.perf_counter() - started)
+    return Row("in-process", "ours: one request", "1 image", runs, sum(latencies), latencies)
+
+
+def bench_http(server: Server, bodies: list[bytes], concurrency: int, requests_total: int) -> Row:
+    """Closed loop: ``concurrency`` clients POST until ``requests_total`` answers came back."""
+    url = server.endpoints.predictions_url
+    keys = server.keys
+    counter = iter(range(requests_total))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures: list[int] = []
+
+    def client() -> None:
+        session = requests.Session()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            headers = {"Content-Type": "application/octet-stream", **keys.auth_headers("inference")}
+            started = time.perf_counter()
+            response = session.post(url, data=bodies[index % len(bodies)], headers=headers)
+            took = time.perf_counter() - started
+            with lock:
+                (latencies if response.status_code == 200 else failures).append(
+                    took if response.status_code == 200 else response.status_code
+                )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    took = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
+    return Row("end to end", "", f"{concurrency} clients", len(latencies), took, latencies)
+
+
+def bench_client_job(server: Server, count: int) -> Row:
+    """The bundled client on ``count`` in-memory images, 8 in flight, as a user would run it."""
+    images = demo_images(count, seed=13)
+    started = time.perf_counter()
+    results = predict_many(images, endpoints=server.endpoints, concurrency=8)
+    took = time.perf_counter() - started
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"client job: {len(failed)} inputs failed, first {failed[0]}")
+    return Row("end to end", "", f"client, {count} images", count, took)
+
+
+def server_memory_mb(server: Server) -> dict[str, float]:
+    """Resident memory of the frontend (Java) and of each Python worker."""
+    pid = int((Path(server.env["B4_TMPDIR"]) / ".model_server.pid").read_text())
+    frontend = psutil.Process(pid)
+    memory = {"frontend": frontend.memory_info().rss / 2**20}
+    workers = [p for p in frontend.children(recursive=True) if "python" in p.name().lower()]
+    for number, worker in enumerate(workers):
+        memory[f"worker {number}"] = worker.memory_info().rss / 2**20
+    return memory
+
+
+def plain_script_memory_mb(model_path: Path) -> float:
+    """Peak RSS of a bare script that loads the model and classifies a few images."""
+    code = (
+        "import resource, torch\n"
+        f"m = torch.jit.freeze(torch.jit.load({str(model_path)!r}).eval())\n"
+        f"x = torch.rand(2, 3, {SIZE}, {SIZE})\n"
+        "with torch.inference_mode():\n"
+        "    [m(x) for _ in range(3)]\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return int(output.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def version_of(served: ServedConfig) -> str:
+    """A model version name for ``served`` (letters, digits, dashes)."""
+    return "bench-" + "".join(ch if ch.isalnum() else "-" for ch in served.name)[:40]
+
+
+def bench_served(
+    server: Server, served: ServedConfig, checkpoint: Path, plan: dict[str, int]
+) -> tuple[list[Row], dict[str, float]]:
+    """Deploy ``served`` as its own version, then measure each concurrency in ``plan``."""
+    server.deploy(
+        "--checkpoint", str(checkpoint), "--trust-checkpoint", "--version", version_of(served),
+        **served.deploy_env(),
+    )  # fmt: skip
+    bodies = [encode_npy(image) for image in demo_images(16)]
+    warm = bench_http(server, bodies, 2, 8)  # noqa: F841 - warms the JIT's shapes and the sockets
+    rows = []
+    for concurrency in (1, 8, 32):
+        row = bench_http(server, bodies, concurrency, plan[f"c{concurrency}"])
+        row.config = served.name
+        rows.append(row)
+        print(f"  {served.name} {row.setting}: {row.images_per_s:.2f} img/s", file=sys.stderr)
+    if plan.get("client"):
+        row = bench_client_job(server, plan["client"])
+        row.config = served.name
+        rows.append(row)
+    return rows, server_memory_mb(server)
+
+
+def machine() -> str:
+    """What this ran on, for the table's heading."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict, info: dict) -> str:
+    lines = [
+        "# Performance",
+        "",
+        f"Measured {info['date']} on: {info['machine']}.",
+        f"Command: `{info['command']}` ({info['minutes']:.1f} minutes).",
+        "Demo EfficientNet-B4, 380x380 uint8 inputs, horizontal-flip TTA (each image counted once",
+        "though it runs twice). Shared, noisy machine: compare ratios within this run only.",
+        "",
+        "| section | configuration | setting | images | img/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = row.summary()
+        cells = [s["section"], s["config"], s["setting"], s["images"], f"{row.images_per_s:.2f}"]
+        cells += ["" if s[f"p{q}_ms"] is None else s[f"p{q}_ms"] for q in (50, 95, 99)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += [
+        "",
+        "## Resident memory (MiB)",
+        "",
+        "| configuration | process | RSS |",
+        "|---|---|---|",
+    ]
+    for config, processes in memory.items():
+        for process, mb in processes.items():
+            lines.append(f"| {config} | {process} | {mb:.0f} |")
+    lines += ["", "## Ratios", "", "| ratio | value | target |", "|---|---|---|"]
+    for name, (value, target) in ratios.items():
+        lines.append(f"| {name} | {value:.2f} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
+    def best(section: str, config_prefix: str) -> float:
+        rates = [
+            r.images_per_s
+            for r in rows
+            if r.section == section and r.config.startswith(config_prefix)
+        ]
+        return max(rates) if rates else float("nan")
+
+    def rate(config: str, setting: str) -> float:
+        return next(
+            (r.images_per_s for r in rows if r.config == config and r.setting == setting),
+            float("nan"),
+        )
+
+    ours_e2e = best("end to end", DEFAULT.name)
+    seed_e2e = best("end to end", SEED.name)
+    ours_inproc = best("in-process", "ours: frozen")
+    single = next((r for r in rows if r.config == "ours: one request"), None)
+    p99_idle = next(
+        (r.percentile(99) for r in rows if r.config == DEFAULT.name and r.setting == "1 clients"),
+        None,
+    )
+    ratios = {
+        "ours end to end / ours in-process best": (ours_e2e / ours_inproc, ">= 0.9"),
+        "ours end to end / seed end to end": (ours_e2e / seed_e2e, ">= 3"),
+        "ours in-process best / seed in-process best": (
+            ours_inproc / best("in-process", "seed"),
+            "(context)",
+        ),
+        "ours end to end, TTA images per minute": (ours_e2e * 60, ">= 1000 (fastest runtime)"),
+        "ours 1-client throughput / 32-client": (
+            rate(DEFAULT.name, "1 clients") / rate(DEFAULT.name, "32 clients"),
+            "(context)",
+        ),
+    }
+    if single and p99_idle:
+        ratios["ours 1-client p99 / in-process single-image median"] = (
+            p99_idle / statistics.median(single.latencies_s),
+            "<= 1.5",
+        )
+    return ratios
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m b4serve.bench", description=__doc__)
+    parser.add_argument("--output", type=Path, help="markdown table (e.g. docs/PERFORMANCE.md)")
+    parser.add_argument("--json", type=Path, help="all rows as JSON")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per in-process measurement")
+    parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    quick = args.quick
+    plans = {
+        SEED.name: {"c1": 3 if quick else 12, "c8": 8 if quick else 32, "c32": 32 if quick else 64},
+        DEFAULT.name: {
+            "c1": 4 if quick else 40,
+            "c8": 16 if quick else 96,
+            "c32": 32 if quick else 128,
+            "client": 16 if quick else 1000,
+        },
+    }
+    checkpoint = ensure_demo_checkpoint(DEMO_CACHE)
+    rows: list[Row] = []
+    memory: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="b4bench-") as scratch:
+        server = Server(env=server_env(Path(scratch)), root=Path(scratch))
+        try:
+            print("end to end: seed baseline", file=sys.stderr)
+            seed_rows, memory[SEED.name] = bench_served(server, SEED, checkpoint, plans[SEED.name])
+            print("end to end: ours", file=sys.stderr)
+            ours_rows, memory[DEFAULT.name] = bench_served(
+                server, DEFAULT, checkpoint, plans[DEFAULT.name]
+            )
+            build = Path(server.env["B4_CACHE_DIR"]) / "build" / version_of(DEFAULT)
+            exported = build / "model.pt"
+            config = ModelConfig.load(exported.parent / "extra")
+        finally:
+            server.stop()
+        # in-process after the servers are gone, so the two never compete for the cores
+        print("in-process", file=sys.stderr)
+        micro = (1, 2) if quick else (1, 2, 4, 8)
+        rows += bench_in_process(exported, config, micro, 1.0 if quick else args.seconds)
+        rows.append(single_image_latency(exported, config, runs=3 if quick else 10))
+        memory["plain in-process script"] = {"python": plain_script_memory_mb(exported)}
+    rows += seed_rows + ours_rows
+    ratios = compute_ratios(rows)
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(),
+        "command": "scripts/bench.sh" + (" --quick" if quick else ""),
+        "minutes": (time.monotonic() - began) / 60,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    table = markdown(rows, memory, ratios, info)
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table)
+    if args.json:
+        payload = {
+            "info": info,
+            "rows": [r.summary() for r in rows],
+            "memory_mb": memory,
+            "ratios": {k: v[0] for k, v in ratios.items()},
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
