@@ -13,7 +13,7 @@ from typing import Any
 
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome, request_body
-from b4serve.runtime import load_torchscript, select_device
+from b4serve.runtime import load_model, select_device
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class B4Handler:
         config = ModelConfig.load(model_dir)
         device = select_device(properties.get("gpu_id"))
         serialized = model_dir / context.manifest["model"]["serializedFile"]
-        model = load_torchscript(serialized, device, optimize=config.optimize)
+        model = load_model(serialized, config.runtime, device, optimize=config.optimize)
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"

@@ -51,6 +51,8 @@ class ModelConfig:
     micro_batch: int = 0
     # Freeze and use channels_last. False reproduces the seed's plain TorchScript (a baseline).
     optimize: bool = True
+    # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
+    runtime: str = "torchscript"
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,7 @@ class ModelConfig:
         demo: bool = False,
         micro_batch: int = 0,
         optimize: bool = True,
+        runtime: str = "torchscript",
         extra: dict[str, str] | None = None,
     ) -> ModelConfig:
         """Config for ``arch`` with its native input size and normalisation."""
@@ -93,6 +96,7 @@ class ModelConfig:
             demo=demo,
             micro_batch=micro_batch,
             optimize=optimize,
+            runtime=runtime,
             extra=dict(extra or {}),
         )
 
@@ -126,5 +130,6 @@ class ModelConfig:
             demo=bool(meta.get("demo", False)),
             micro_batch=int(meta.get("micro_batch", 0)),
             optimize=bool(meta.get("optimize", True)),
+            runtime=str(meta.get("runtime", "torchscript")),
             extra=dict(meta.get("extra", {})),
         )

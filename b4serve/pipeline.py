@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,14 +18,12 @@ from b4serve.codec import decode_npy
 from b4serve.config import ModelConfig
 from b4serve.errors import InferenceError, error_body
 from b4serve.preprocess import Preprocessor, stack_channels_last
-from b4serve.runtime import micro_batch_size
+from b4serve.runtime import Model, micro_batch_size
 from b4serve.tta import tta_probabilities
 
 __all__ = ["Classifier", "Outcome", "request_body"]
 
 log = logging.getLogger(__name__)
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 def request_body(request: object) -> object:

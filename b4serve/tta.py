@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-__all__ = ["flip_batch", "tta_probabilities"]
+from b4serve.runtime import Model
 
-Model = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["flip_batch", "tta_probabilities"]
 
 
 def flip_batch(batch: torch.Tensor) -> torch.Tensor:

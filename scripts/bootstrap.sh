@@ -35,7 +35,11 @@ check_java() {
 check_java
 requirements=("$B4_ROOT/requirements.txt")
 [ "$dev" = 1 ] && requirements+=("$B4_ROOT/requirements-dev.txt")
-stamp="$VENV/.b4-installed-$( [ "$dev" = 1 ] && echo dev || echo runtime)"
+# The optional runtime's packages: for archives built with it, and for its tests.
+if [ "$dev" = 1 ] || [ "${B4_RUNTIME:-torchscript}" = onnxruntime ]; then
+  requirements+=("$B4_ROOT/requirements-onnxruntime.txt")
+fi
+stamp="$VENV/.b4-installed-$(printf '%s\n' "${requirements[@]##*/}" | tr '\n' '+')"
 wanted=$(cat "${requirements[@]}" | sha256sum | cut -c1-16)
 if [ -x "$PY" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
   exit 0

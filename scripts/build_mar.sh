@@ -9,6 +9,8 @@
 # Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
 #   file; default: the checkpoint's), B4_MICRO_BATCH (images per forward; default 1 on CPU,
 #   the whole batch on GPU), B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline),
+#   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
+#   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
 #   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
@@ -42,6 +44,13 @@ export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
 [ -n "${B4_MICRO_BATCH:-}" ] && export_args+=(--micro-batch "$B4_MICRO_BATCH")
 [ "${B4_OPTIMIZE:-1}" = 0 ] && export_args+=(--no-optimize)
+runtime="${B4_RUNTIME:-torchscript}"
+case "$runtime" in
+  torchscript) serialized=model.pt ;;
+  onnxruntime) serialized=model.onnx ;;
+  *) die "B4_RUNTIME must be torchscript or onnxruntime, not $runtime" ;;
+esac
+export_args+=(--runtime "$runtime")
 [ "$trust" = 1 ] && export_args+=(--trust-checkpoint)
 log "exporting $checkpoint to TorchScript"
 "$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
@@ -50,7 +59,7 @@ log "exporting $checkpoint to TorchScript"
 cp "$B4_ROOT"/b4serve/*.py "$build/extra/b4serve/"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.
 TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAME" \
-  --version "$version" --serialized-file "$build/model.pt" --handler "$B4_ROOT/handler.py" \
+  --version "$version" --serialized-file "$build/$serialized" --handler "$B4_ROOT/handler.py" \
   --extra-files "$build/extra" --export-path "$build" --force
 # Appear in the store whole or not at all.
 cp "$build/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"

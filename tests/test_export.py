@@ -12,6 +12,7 @@ import export_torchscript
 from b4serve.checkpoint import CheckpointError, load_checkpoint
 from b4serve.config import ModelConfig
 from b4serve.models import create_model
+from b4serve.runtime import OnnxRuntimeModel
 
 ARCH = "efficientnet_b0"  # same code path as B4, a quarter of the time
 
@@ -113,3 +114,20 @@ def test_unknown_arch_is_refused_by_the_cli(capsys) -> None:
         export_torchscript.main(["--checkpoint", "x", "--output", "y", "--arch", "resnet50"])
     assert exited.value.code == 2
     assert "invalid choice: 'resnet50'" in capsys.readouterr().err
+
+
+def test_onnxruntime_export_matches_eager_and_is_recorded(trained, tmp_path) -> None:
+    model, folder = trained
+    output = tmp_path / "model.pt"
+    argv = ["--checkpoint", str(folder / "state_dict.pth"), "--arch", ARCH, "--output",
+            str(output), "--runtime", "onnxruntime"]  # fmt: skip
+    assert export_torchscript.main(argv) == 0
+    config = ModelConfig.load(tmp_path)
+    assert config.runtime == "onnxruntime"
+    onnx_model = OnnxRuntimeModel(tmp_path / "model.onnx")
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = torch.softmax(model(images), dim=1)
+    got = torch.softmax(onnx_model(images), dim=1)
+    assert (got - expected).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(1), expected.argmax(1))

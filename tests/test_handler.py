@@ -6,6 +6,7 @@ tiny TorchScript model so it runs in well under a second.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -41,6 +42,11 @@ def model_dir(tmp_path: Path, config: ModelConfig, toy_model) -> Path:
 
 @pytest.fixture
 def service(model_dir: Path):
+    return _load_service(model_dir)
+
+
+def _load_service(model_dir: Path):
+    """TorchServe's own loader and Service for the unpacked archive in ``model_dir``."""
     import ts
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import ModelLoaderFactory
@@ -140,3 +146,23 @@ def test_probabilities_are_a_distribution_in_class_order(service, rng, config) -
     assert response["status"] == 200
     assert len(probabilities) == config.num_classes
     assert abs(sum(probabilities) - 1) < 1e-5 and min(probabilities) > 0
+
+
+def test_onnxruntime_archive_answers_like_torchscript(model_dir, config, toy_model, rng) -> None:
+    torch.onnx.export(
+        toy_model, (torch.zeros(1, 3, 32, 32),), str(model_dir / "model.onnx"),
+        input_names=["images"], dynamic_axes={"images": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    dataclasses.replace(config, runtime="onnxruntime").save(model_dir)
+    manifest_path = model_dir / "MAR-INF" / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["serializedFile"] = "model.onnx"
+    manifest_path.write_text(json.dumps(manifest))
+    onnx_service = _load_service(model_dir)
+    image = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (response,) = _decode_response(onnx_service.predict([_request(0, image)]))
+    reference = Classifier(load_torchscript(model_dir / "model.pt", torch.device("cpu")), config,
+                           torch.device("cpu"))  # fmt: skip
+    (expected,) = reference.classify([image])
+    assert response["status"] == 200
+    np.testing.assert_allclose(json.loads(response["body"]), expected.probabilities, atol=1e-5)

@@ -25,7 +25,7 @@ from b4serve.config import ModelConfig
 from b4serve.demo import generate_images
 from b4serve.manage import ManagementAPI
 from b4serve.pipeline import Classifier
-from b4serve.runtime import load_torchscript
+from b4serve.runtime import RUNTIMES, load_model
 from b4serve.sandbox import Server
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,8 @@ def reference(server: Server) -> Classifier:
     build = Path(server.env["B4_CACHE_DIR"]) / "build" / serving_version(server)
     device = torch.device("cpu")
     config = ModelConfig.load(build / "extra")
-    return Classifier(load_torchscript(build / "model.pt", device), config, device)
+    model = load_model(build / RUNTIMES[config.runtime], config.runtime, device)
+    return Classifier(model, config, device)
 
 
 def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
@@ -163,7 +164,8 @@ def test_deploy_twice_is_idempotent(server: Server) -> None:
 
 def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) -> None:
     old_version = serving_version(server)
-    # A new version from a plain state dict: the demo with halved logits (same top-1, softer)
+    # A new version from a plain state dict: the demo with halved logits (same top-1, softer),
+    # served by the optional ONNX Runtime runtime
     demo = torch.load(Path(server.env["B4_CACHE_DIR"]) / "demo" / "demo_checkpoint.pt",
                       weights_only=False)  # fmt: skip
     state = {k: v.clone() for k, v in demo["model"].state_dict().items()}
@@ -185,7 +187,7 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
     worker = threading.Thread(target=load)
     worker.start()
     try:
-        deploy = server.deploy("--checkpoint", str(checkpoint))
+        deploy = server.deploy("--checkpoint", str(checkpoint), B4_RUNTIME="onnxruntime")
         time.sleep(2)  # keep the load on across the old version's retirement
     finally:
         stop.set()
@@ -193,6 +195,7 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
     assert "unregistered b4 " + old_version in deploy.stderr
     new_version = serving_version(server)
     assert new_version != old_version
+    assert "exported ONNX" in deploy.stderr
     assert len(results) >= 2 * len(images)
     failed = [r for r in results if not r.ok]
     assert failed == [], failed[:3]
