@@ -80,9 +80,13 @@ def test_batch_with_one_malformed_request_fails_alone(server: Server) -> None:
               encode_npy(images[3])]  # fmt: skip
     log = server.log_dir / "model_log.log"
     log_offset = log.stat().st_size
-    # batch_size=4 and max_batch_delay=1000 ms: four concurrent requests form one server batch
-    with ThreadPoolExecutor(4) as pool:
+    # While the worker is busy with a first request, the next four queue up and TorchServe takes
+    # them as one batch (batch_size=4) without waiting for max_batch_delay.
+    with ThreadPoolExecutor(5) as pool:
+        blocker = pool.submit(post, server, encode_npy(images[4]))
+        time.sleep(0.15)
         responses = list(pool.map(lambda body: post(server, body), bodies))
+        assert blocker.result().status_code == 200
     assert [r.status_code for r in responses] == [200, 400, 200, 200]
     error = responses[1].json()
     assert error["code"] == 400 and error["type"] == "InvalidInput"
