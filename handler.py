@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome, request_body
 from b4serve.runtime import load_model, select_device
@@ -36,7 +38,10 @@ class B4Handler:
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
-        log.info("b4 %s ready: %s, %d classes, %s", label, config.arch, config.num_classes, device)
+        log.info(
+            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads",
+            label, config.arch, config.num_classes, config.runtime, device, torch.get_num_threads(),
+        )  # fmt: skip
         self.initialized = True
 
     def preprocess(self, requests: list[dict[str, Any]]) -> list[object]:

@@ -35,7 +35,7 @@ from b4serve.config import ModelConfig
 from b4serve.demo import ensure_demo_checkpoint
 from b4serve.manage import Registration
 from b4serve.preprocess import Preprocessor, stack_channels_last
-from b4serve.runtime import load_torchscript
+from b4serve.runtime import OnnxRuntimeModel, load_torchscript
 from b4serve.sandbox import DEMO_CACHE, Server, server_env
 from b4serve.tta import tta_probabilities
 
@@ -54,9 +54,11 @@ class ServedConfig:
     batch_size: int
     max_batch_delay_ms: int
     workers: int = 1
+    runtime: str = "torchscript"
 
     def deploy_env(self) -> dict[str, str]:
         return {
+            "B4_RUNTIME": self.runtime,
             "B4_OPTIMIZE": "1" if self.optimize else "0",
             "B4_MICRO_BATCH": str(self.micro_batch),
             "B4_BATCH_SIZE": str(self.batch_size),
@@ -75,6 +77,16 @@ DEFAULT = ServedConfig(
     Registration.batch_size,
     Registration.max_batch_delay_ms,
     Registration.initial_workers,
+)
+# The optional runtime, same registration.
+ONNX = ServedConfig(
+    "ours, onnxruntime (deploy defaults)",
+    True,
+    0,
+    Registration.batch_size,
+    Registration.max_batch_delay_ms,
+    Registration.initial_workers,
+    runtime="onnxruntime",
 )
 
 
@@ -123,14 +135,24 @@ def timed(run: Callable[[], int], min_seconds: float, min_runs: int = 3) -> tupl
 
 
 def bench_in_process(
-    model_path: Path, config: ModelConfig, micro_batches: Sequence[int], seconds: float
+    build: Path, config: ModelConfig, micro_batches: Sequence[int], seconds: float
 ) -> list[Row]:
-    """TTA forward throughput of the seed's plain model and ours, per micro-batch size."""
+    """TTA forward throughput of the seed's plain model and of our runtimes, per micro-batch."""
     rows = []
     preprocess = Preprocessor(config)
     images = [preprocess(image) for image in demo_images(max(micro_batches))]
-    for name, optimize in (("seed: plain scripted", False), ("ours: frozen, channels_last", True)):
-        model = load_torchscript(model_path, torch.device("cpu"), optimize=optimize)
+    cpu = torch.device("cpu")
+    variants = (
+        (
+            "seed: plain scripted",
+            False,
+            lambda: load_torchscript(build / "model.pt", cpu, optimize=False),
+        ),
+        ("ours: frozen, channels_last", True, lambda: load_torchscript(build / "model.pt", cpu)),
+        ("ours: onnxruntime fp32", True, lambda: OnnxRuntimeModel(build / "model.onnx")),
+    )
+    for name, optimize, load in variants:
+        model = load()
         for size in micro_batches:
             batch = stack_channels_last(images[:size])
             if not optimize:
@@ -149,10 +171,10 @@ def bench_in_process(
     return rows
 
 
-def single_image_latency(model_path: Path, config: ModelConfig, runs: int = 10) -> Row:
-    """Median in-process latency of one image, decode to probabilities, as a request sees it."""
+def single_image_latency(build: Path, config: ModelConfig, runs: int = 10) -> Row:
+    """In-process latency of one image, decode to probabilities, as a request sees it."""
     preprocess = Preprocessor(config)
-    model = load_torchscript(model_path, torch.device("cpu"))
+    model = load_torchscript(build / "model.pt", torch.device("cpu"))
     body = encode_npy(demo_images(1)[0])
     latencies = []
     with torch.inference_mode():
@@ -331,21 +353,28 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
         )
 
     ours_e2e = best("end to end", DEFAULT.name)
+    onnx_e2e = best("end to end", ONNX.name)
     seed_e2e = best("end to end", SEED.name)
     ours_inproc = best("in-process", "ours: frozen")
+    onnx_inproc = best("in-process", "ours: onnxruntime")
     single = next((r for r in rows if r.config == "ours: one request"), None)
     p99_idle = next(
         (r.percentile(99) for r in rows if r.config == DEFAULT.name and r.setting == "1 clients"),
         None,
     )
     ratios = {
-        "ours end to end / ours in-process best": (ours_e2e / ours_inproc, ">= 0.9"),
-        "ours end to end / seed end to end": (ours_e2e / seed_e2e, ">= 3"),
-        "ours in-process best / seed in-process best": (
+        "torchscript: end to end / in-process best": (ours_e2e / ours_inproc, ">= 0.9"),
+        "onnxruntime: end to end / in-process best": (onnx_e2e / onnx_inproc, ">= 0.9"),
+        "torchscript end to end / seed end to end": (ours_e2e / seed_e2e, ">= 3"),
+        "onnxruntime end to end / seed end to end": (onnx_e2e / seed_e2e, ">= 6"),
+        "torchscript in-process best / seed in-process best": (
             ours_inproc / best("in-process", "seed"),
             "(context)",
         ),
-        "ours end to end, TTA images per minute": (ours_e2e * 60, ">= 1000 (fastest runtime)"),
+        "fastest end to end, TTA images per minute": (
+            max(ours_e2e, onnx_e2e) * 60,
+            ">= 1000",
+        ),
         "ours 1-client throughput / 32-client": (
             rate(DEFAULT.name, "1 clients") / rate(DEFAULT.name, "32 clients"),
             "(context)",
@@ -365,6 +394,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="all rows as JSON")
     parser.add_argument("--seconds", type=float, default=8.0, help="per in-process measurement")
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
+    parser.add_argument(
+        "--client-images", type=int, default=1000, help="images in the bundled-client job"
+    )
     return parser.parse_args(argv)
 
 
@@ -372,39 +404,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
     quick = args.quick
-    plans = {
-        SEED.name: {"c1": 3 if quick else 12, "c8": 8 if quick else 32, "c32": 32 if quick else 64},
-        DEFAULT.name: {
-            "c1": 4 if quick else 40,
-            "c8": 16 if quick else 96,
-            "c32": 32 if quick else 128,
-            "client": 16 if quick else 1000,
-        },
-    }
+    scale = 0.1 if quick else 1.0
+
+    def plan(c1: int, c8: int, c32: int, client: int = 0) -> dict[str, int]:
+        counts = {"c1": c1, "c8": c8, "c32": c32, "client": client}
+        return {key: max(2, int(n * scale)) if n else 0 for key, n in counts.items()}
+
+    # Bounded by request counts; the 1,000-image client job runs on the fastest runtime.
+    served = [
+        (SEED, plan(10, 24, 48)),
+        (DEFAULT, plan(30, 64, 96)),
+        (ONNX, plan(30, 64, 96, client=args.client_images)),
+    ]
     checkpoint = ensure_demo_checkpoint(DEMO_CACHE)
     rows: list[Row] = []
     memory: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="b4bench-") as scratch:
         server = Server(env=server_env(Path(scratch)), root=Path(scratch))
+        builds = Path(server.env["B4_CACHE_DIR"]) / "build"
         try:
-            print("end to end: seed baseline", file=sys.stderr)
-            seed_rows, memory[SEED.name] = bench_served(server, SEED, checkpoint, plans[SEED.name])
-            print("end to end: ours", file=sys.stderr)
-            ours_rows, memory[DEFAULT.name] = bench_served(
-                server, DEFAULT, checkpoint, plans[DEFAULT.name]
-            )
-            build = Path(server.env["B4_CACHE_DIR"]) / "build" / version_of(DEFAULT)
-            exported = build / "model.pt"
-            config = ModelConfig.load(exported.parent / "extra")
+            for config_served, requests_plan in served:
+                print(f"end to end: {config_served.name}", file=sys.stderr)
+                served_rows, memory[config_served.name] = bench_served(
+                    server, config_served, checkpoint, requests_plan
+                )
+                rows += served_rows
         finally:
             server.stop()
-        # in-process after the servers are gone, so the two never compete for the cores
+        # the ONNX build holds both model.pt and model.onnx of the same weights
+        build = builds / version_of(ONNX)
+        config = ModelConfig.load(build / "extra")
+        # in-process after the server is gone, so the two never compete for the cores
         print("in-process", file=sys.stderr)
         micro = (1, 2) if quick else (1, 2, 4, 8)
-        rows += bench_in_process(exported, config, micro, 1.0 if quick else args.seconds)
-        rows.append(single_image_latency(exported, config, runs=3 if quick else 10))
-        memory["plain in-process script"] = {"python": plain_script_memory_mb(exported)}
-    rows += seed_rows + ours_rows
+        rows = bench_in_process(build, config, micro, 1.0 if quick else args.seconds) + rows
+        rows.insert(0, single_image_latency(build, config, runs=3 if quick else 10))
+        memory["plain in-process script"] = {"python": plain_script_memory_mb(build / "model.pt")}
     ratios = compute_ratios(rows)
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
