@@ -38,6 +38,11 @@ def decode_npy(body: object, max_pixels: int) -> np.ndarray:
     :class:`PayloadTooLarge` above ``max_pixels``, :class:`InvalidInput` for everything else.
     Pickled (object) arrays are refused from the header alone and never unpickled.
     """
+    if body is None:
+        raise UnsupportedMediaType(
+            "no .npy body: send the bytes written by numpy.save as the request body "
+            "(Content-Type: application/octet-stream) or as a multipart field named 'data'"
+        )
     if isinstance(body, str | dict | list):
         raise UnsupportedMediaType(
             "expected the raw bytes written by numpy.save (send them with "
@@ -102,6 +107,8 @@ def _check_dtype(dtype: np.dtype) -> None:
 
 
 def _check_shape(shape: tuple[int, ...], max_pixels: int) -> None:
+    if any(side < 0 for side in shape):
+        raise InvalidInput(f"malformed .npy header: negative dimension in shape {shape}")
     if len(shape) not in (2, 3):
         raise InvalidInput(f"expected an image HxW or HxWxC, got {len(shape)}-d shape {shape}")
     if len(shape) == 3 and shape[2] not in (1, 3, 4):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from hostile_corpus import ACCEPTED_VARIANTS, HOSTILE
 
 from b4serve.client import RetryPolicy, predict_many
 from b4serve.codec import encode_npy
@@ -250,3 +251,41 @@ def test_worker_dying_while_loading_fails_the_rollout_with_its_log(
     assert [v["modelVersion"] for v in versions] == [serving]  # the broken one was removed
     body = encode_npy(np.zeros((16, 16, 3), np.uint8))
     assert post(server, body).status_code == 200
+
+
+def test_hostile_bodies_fail_alone_next_to_good_requests(server: Server) -> None:
+    api = ManagementAPI(server.endpoints, server.keys)
+    workers_before = {w["pid"] for w in api.describe("b4", serving_version(server))["workers"]}
+    good = encode_npy(demo_images(1, seed=781)[0][0])
+    (expected,) = reference(server).classify([good])
+    cases = list(HOSTILE)
+    statuses: dict[str, tuple[int, dict]] = {}
+    with ThreadPoolExecutor(5) as pool:
+        for start in range(0, len(cases), 3):
+            chunk = cases[start : start + 3]
+            blocker = pool.submit(post, server, good)  # busy worker: the next four share a batch
+            time.sleep(0.15)
+            responses = list(
+                pool.map(lambda body: post(server, body), [c.body for c in chunk] + [good])
+            )
+            assert blocker.result().status_code == 200
+            assert responses[-1].status_code == 200
+            np.testing.assert_allclose(responses[-1].json(), expected.probabilities, atol=1e-5)
+            for case, response in zip(chunk, responses, strict=False):
+                statuses[case.name] = (response.status_code, response.json())
+    wrong = {
+        name: got
+        for name, got in statuses.items()
+        for case in cases
+        if case.name == name
+        and not (got[0] == case.status and got[1]["code"] == case.status
+                 and case.words in got[1]["message"])
+    }  # fmt: skip
+    assert wrong == {}
+    for name, body in ACCEPTED_VARIANTS:
+        assert post(server, body).status_code == 200, name
+    ping = requests.get(f"{server.endpoints.inference_url}/ping",
+                        headers=server.keys.auth_headers("inference"), timeout=10)  # fmt: skip
+    assert ping.json()["status"] == "Healthy"
+    workers_after = {w["pid"] for w in api.describe("b4", serving_version(server))["workers"]}
+    assert workers_after == workers_before  # no worker died or restarted

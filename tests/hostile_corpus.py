@@ -1,0 +1,132 @@
+"""Malformed and hostile request bodies, each with the status it must get.
+
+Shared by the in-process decoder test and the integration test that sends every body to a real
+TorchServe next to good requests in the same server batch.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from b4serve.codec import encode_npy
+
+__all__ = ["ACCEPTED_VARIANTS", "HOSTILE", "Case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    body: bytes
+    status: int
+    words: str  # must appear in the error message
+
+
+def _image(dtype: str = "u1", shape: tuple[int, ...] = (24, 24, 3)) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    if np.dtype(dtype).kind == "f":
+        return rng.random(shape).astype(dtype)
+    return rng.integers(0, 256, shape).astype(dtype)
+
+
+GOOD = encode_npy(_image())
+
+
+def _v1(header: str, data: bytes = b"") -> bytes:
+    encoded = header.encode("latin1")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(encoded)) + encoded + data
+
+
+def _declare(shape: str, descr: str = "|u1", fortran: str = "False", data: bytes = b"") -> bytes:
+    return _v1(f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}", data)
+
+
+def _pickled() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _with(value: float, dtype: str = "f4") -> bytes:
+    image = _image(dtype)
+    image[3, 3, 1] = value
+    return encode_npy(image)
+
+
+_DTYPES = ["i8", "i4", "i2", "i1", "u2", "u4", "u8", "?", "c8", "c16", "f2", "U1", "S1", "V4",
+           "M8[s]", "m8[s]"]  # fmt: skip
+
+HOSTILE: list[Case] = [
+    Case("empty", b"", 400, "empty body"),
+    Case("magic only", b"\x93NUMPY", 400, "truncated"),
+    Case("cut in header length", GOOD[:9], 400, "header"),
+    Case("cut in header", GOOD[:40], 400, "header"),
+    Case("cut at data start", GOOD[:128], 400, "truncated array data"),
+    Case("cut mid data", GOOD[: len(GOOD) // 2], 400, "truncated array data"),
+    Case("one byte short", GOOD[:-1], 400, "truncated array data"),
+    Case("trailing bytes", GOOD + b"\x00\x01", 400, "unexpected bytes"),
+    Case("wrong magic", b"\x93NUMPZ" + GOOD[6:], 415, "not an .npy"),
+    Case("version 3.0", b"\x93NUMPY\x03\x00" + GOOD[8:], 400, "version 3.0"),
+    Case("version 0.0", b"\x93NUMPY\x00\x00" + GOOD[8:], 400, "version 0.0"),
+    Case("version 9.9", b"\x93NUMPY\x09\x09" + GOOD[8:], 400, "version 9.9"),
+    Case("pickled object array", _pickled(), 400, "object arrays"),
+    Case("object dtype header", _declare("(2, 2)", "|O"), 400, "object arrays"),
+    Case("enormous shape", _declare("(100000, 100000, 3)"), 413, "limit"),
+    Case("astronomic shape", _declare("(4611686018427387904, 4, 3)"), 413, "limit"),
+    Case("enormous float64 rgba", _declare("(60000, 60000, 4)", "<f8"), 413, "limit"),
+    Case("zero height", _declare("(0, 380, 3)"), 400, "empty image"),
+    Case("zero width", _declare("(380, 0, 3)"), 400, "empty image"),
+    Case("zero everything", _declare("(0, 0)"), 400, "empty image"),
+    Case("negative dim", _declare("(-1, 380, 3)"), 400, "negative dimension"),
+    Case("float dim", _declare("(2.5, 3, 3)"), 400, "header"),
+    Case("1-d", encode_npy(np.zeros(1000, np.uint8)), 400, "1-d"),
+    Case("0-d", encode_npy(np.array(7, np.uint8)), 400, "0-d"),
+    Case("4-d", encode_npy(np.zeros((1, 8, 8, 3), np.uint8)), 400, "4-d"),
+    Case("5-d", encode_npy(np.zeros((1, 1, 8, 8, 3), np.uint8)), 400, "5-d"),
+    Case("2 channels", encode_npy(np.zeros((8, 8, 2), np.uint8)), 400, "channels"),
+    Case("5 channels", encode_npy(np.zeros((8, 8, 5), np.uint8)), 400, "channels"),
+    Case("0 channels", _declare("(8, 8, 0)"), 400, "channels"),
+    Case("NaN", _with(np.nan), 400, "NaN or Inf"),
+    Case("+Inf", _with(np.inf, "f8"), 400, "NaN or Inf"),
+    Case("-Inf", _with(-np.inf), 400, "NaN or Inf"),
+    Case("float 0-255", encode_npy(_image("f4") * 255), 400, "[0, 1]"),
+    Case("negative float", _with(-0.5), 400, "[0, 1]"),
+    *[Case(f"dtype {d}", encode_npy(np.zeros((8, 8, 3), d)), 400, "not accepted") for d in _DTYPES],
+    Case("structured rgb", encode_npy(np.zeros((8, 8), "u1,u1,u1")), 400, "not accepted"),
+    Case("header not a dict", _v1("[1, 2, 3]"), 400, "header"),
+    Case("header missing shape", _v1("{'descr': '|u1', 'fortran_order': False, }"), 400, "header"),
+    Case(
+        "header extra key",
+        _v1("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 2), 'x': 1, }"),
+        400,
+        "header",
+    ),
+    Case("fortran_order not bool", _declare("(2, 2)", fortran="'yes'"), 400, "header"),
+    Case("bad descr", _declare("(2, 2)", "<x9"), 400, "header"),
+    Case("code in header", _v1("__import__('os').system('echo pwned')"), 400, "header"),
+    Case("header length beyond body", b"\x93NUMPY\x01\x00\xff\xff{'descr'", 400, "header"),
+    Case(
+        "huge v2 header",
+        b"\x93NUMPY\x02\x00" + struct.pack("<I", 1 << 20) + b" " * 64,
+        400,
+        "header",
+    ),
+    Case("latin1 junk header", _v1("\xff\xfe\x00\x01" * 8), 400, "header"),
+    Case("PNG", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 415, "not an .npy"),
+    Case("JPEG", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64, 415, "not an .npy"),
+    Case("JSON", b'{"instances": [[[0, 0, 0]]]}', 415, "not an .npy"),
+    Case("text", b"hello, model", 415, "not an .npy"),
+    Case("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 32, 415, "not an .npy"),
+]
+
+# Unusual but safe: these must be served (200), not refused.
+ACCEPTED_VARIANTS: list[tuple[str, bytes]] = [
+    ("big-endian float32", encode_npy(_image(">f4"))),
+    ("fortran order", encode_npy(np.asfortranarray(_image()))),
+    ("grey", encode_npy(_image(shape=(24, 24)))),
+    ("rgba", encode_npy(_image(shape=(24, 24, 4)))),
+    ("float64", encode_npy(_image("f8"))),
+]
