@@ -58,7 +58,10 @@ class B4Handler:
         for index, outcome in enumerate(outcomes):
             context.set_response_content_type(index, "application/json")
             if outcome.error is not None:
-                context.set_response_status(outcome.status, outcome.error.message, index)
+                # The standard phrase, never the message: TorchServe 0.12 frames the phrase by
+                # its length in characters, so one non-ASCII character in it corrupts the reply
+                # stream and kills the worker. The message travels in the JSON body.
+                context.set_response_status(outcome.status, outcome.error.phrase, index)
         return [outcome.body() for outcome in outcomes]
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:

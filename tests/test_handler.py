@@ -121,7 +121,7 @@ def test_batch_with_a_bad_request_fails_only_that_request(service, model_dir, co
 
     bad = json.loads(responses[1]["body"])
     assert bad["code"] == 415 and bad["type"] == "UnsupportedMediaType"
-    assert "numpy.save" in bad["message"] and responses[1]["phrase"] == bad["message"]
+    assert "numpy.save" in bad["message"] and responses[1]["phrase"] == "Unsupported Media Type"
     wrong_dtype = json.loads(responses[3]["body"])
     assert wrong_dtype["type"] == "InvalidInput" and "int64" in wrong_dtype["message"]
 
@@ -166,3 +166,14 @@ def test_onnxruntime_archive_answers_like_torchscript(model_dir, config, toy_mod
     (expected,) = reference.classify([image])
     assert response["status"] == 200
     np.testing.assert_allclose(json.loads(response["body"]), expected.probabilities, atol=1e-5)
+
+
+def test_non_ascii_in_an_error_message_keeps_the_reply_stream_intact(service, rng) -> None:
+    # a header of latin-1 junk ends up quoted in the message; the reply must still parse
+    junk = "\xff\xfe\xe9\u00e8".encode("latin1") * 4
+    body = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(junk)) + junk
+    good = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    responses = _decode_response(service.predict([_request(0, body), _request(1, good)]))
+    assert [r["status"] for r in responses] == [400, 200]
+    assert responses[0]["phrase"] == "Bad Request"
+    assert json.loads(responses[0]["body"])["type"] == "InvalidInput"

@@ -289,3 +289,12 @@ def test_hostile_bodies_fail_alone_next_to_good_requests(server: Server) -> None
     assert ping.json()["status"] == "Healthy"
     workers_after = {w["pid"] for w in api.describe("b4", serving_version(server))["workers"]}
     assert workers_after == workers_before  # no worker died or restarted
+
+
+def test_body_over_max_request_size_is_refused_and_the_server_goes_on(server: Server) -> None:
+    properties = (Path(__file__).resolve().parents[2] / "config.properties").read_text()
+    limit = int(re.search(r"^max_request_size=(\d+)$", properties, re.M).group(1))
+    refused = post(server, b"\x93NUMPY" + b"\0" * limit)
+    assert refused.status_code == 413, refused.text[:300]
+    good = encode_npy(np.zeros((16, 16, 3), np.uint8))
+    assert post(server, good).status_code == 200
