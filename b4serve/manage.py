@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,13 @@ def wait_ready(
 
 
 def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_s: float) -> None:
-    """Wait until ``version`` has no queued requests, then ``grace_s`` for its batch in flight.
+    """Return once ``version`` has answered every request it had taken (it is no longer default).
 
-    TorchServe fails the batch a worker holds when its version is unregistered ("Worker died"),
-    and says nothing of that batch in describe-model: the queue is all we can watch.
+    TorchServe fails the batch a worker holds when its version is unregistered ("Worker died")
+    and shows no in-flight batch in describe-model. So: wait for the queue to empty, then send
+    one probe per worker to the version itself; a worker answers a probe only after the batch it
+    was running, so when the probes are back the old requests are too. ``grace_s`` covers the
+    rare probe that reached an idle worker while another was still busy.
     """
     description = api.describe(model, version) or {}
     deadline = time.monotonic() + timeout_s
@@ -224,8 +228,11 @@ def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_
             break
         time.sleep(0.25)
         description = api.describe(model, version) or {}
-    # a batch can still be forming (max batch delay) and then running
-    time.sleep(description.get("maxBatchDelay", 0) / 1000 + grace_s)
+    probes = max(1, len(description.get("workers", [])))
+    with ThreadPoolExecutor(probes) as pool:
+        for _ in pool.map(lambda _: api.predict(model, version, smoke_body()), range(probes)):
+            pass  # any answer will do: it only has to come after the batch in flight
+    time.sleep(grace_s)
 
 
 def retire(
@@ -246,7 +253,7 @@ def rollout(
     version: str,
     settings: Registration,
     timeout_s: float = 600.0,
-    drain_s: float = 5.0,
+    drain_s: float = 1.0,
     log_dir: Path | None = None,
     say: Any = print,
 ) -> str:
@@ -339,7 +346,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     deploy.add_argument("--initial-workers", type=int, default=Registration.initial_workers)
     deploy.add_argument("--response-timeout", type=int, default=Registration.response_timeout_s)
     deploy.add_argument(
-        "--drain", type=float, default=5.0, help="seconds for an old version's last batch"
+        "--drain", type=float, default=1.0, help="extra seconds after an old version drained"
     )
     return parser.parse_args(argv)
 

@@ -7,8 +7,8 @@
 #   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
 # Registration (env; defaults in b4serve/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
-#   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (5 s: how long an old version's last batch
-#   may take once its queue is empty); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
+#   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (1 s: extra wait
+#   after an old version answered all it had taken); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
@@ -65,7 +65,7 @@ fi
 if manage status --deployed "$version" >/dev/null 2>&1; then
   log "$B4_MODEL_NAME $version is already deployed: nothing to build"
   manage rollout --mar "$B4_MODEL_NAME-$version.mar" --version "$version" \
-    --drain "${B4_DRAIN_SECONDS:-5}"  # proves it answers, retires leftovers
+    --drain "${B4_DRAIN_SECONDS:-1}"  # proves it answers, retires leftovers
 else
   build_args=(--checkpoint "$checkpoint" --version "$version")
   [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
@@ -76,7 +76,7 @@ else
   [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
   [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
   [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
-  manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-5}" \
+  manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-1}" \
     "${register_args[@]}"
 fi
 

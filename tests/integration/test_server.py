@@ -6,7 +6,9 @@ Tests run in file order against one session server; each says which state it lea
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -59,6 +61,11 @@ def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> 
 def demo_images(count_per_class: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     images, labels = generate_images(count_per_class, seed)
     return list(images), [int(label) for label in labels]
+
+
+def _stamp(line: str) -> float:
+    """Seconds since the epoch of an access-log line (our log4j pattern)."""
+    return datetime.strptime(line[:28], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
 def test_served_probabilities_equal_in_process_reference(server: Server) -> None:
@@ -204,12 +211,17 @@ def test_redeploy_under_load_loses_no_request(server: Server, tmp_path: Path) ->
     assert len(results) >= 2 * len(images)
     failed = [r for r in results if not r.ok]
     assert failed == [], failed[:3]
-    # not even a retried failure: the old version was drained before it was unregistered
-    answers = re.findall(
-        r'"POST /predictions/b4 HTTP/1.1" (\d{3})', access_log.read_text()[log_offset:]
-    )
+    # Not even a retried failure: the old version was drained before it was unregistered. The
+    # only refusals allowed are for keys, which expire every minute in this session: each comes
+    # within seconds of a renewal (/token), which invalidates the key other requests carry.
+    lines = access_log.read_text()[log_offset:].splitlines()
+    answers = [line for line in lines if '"POST /predictions/b4 HTTP/1.1"' in line]
+    renewals = [_stamp(line) for line in lines if "GET /token?type=inference" in line]
     assert len(answers) >= len(results)
-    assert set(answers) == {"200"}, sorted(set(answers))
+    for line in answers:
+        status = line.split('HTTP/1.1" ')[1].split()[0]
+        near_renewal = any(abs(_stamp(line) - t) < 5 for t in renewals)
+        assert status == "200" or (status == "400" and near_renewal), line
     versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
     assert [v["modelVersion"] for v in versions] == [new_version]
     after = predict_many(images[:2], endpoints=server.endpoints)
@@ -298,3 +310,26 @@ def test_body_over_max_request_size_is_refused_and_the_server_goes_on(server: Se
     assert refused.status_code == 413, refused.text[:300]
     good = encode_npy(np.zeros((16, 16, 3), np.uint8))
     assert post(server, good).status_code == 200
+
+
+def test_worker_killed_mid_load_is_restarted_and_the_client_loses_nothing(server: Server) -> None:
+    api = ManagementAPI(server.endpoints, server.keys)
+    version = serving_version(server)
+    (victim,) = [w["pid"] for w in api.describe("b4", version)["workers"]]
+    images, labels = demo_images(2, seed=782)
+    results: list = []
+    job = threading.Thread(
+        target=lambda: results.extend(
+            predict_many(images, endpoints=server.endpoints, concurrency=4,
+                         retry=RetryPolicy(retries=8, backoff_s=1.0, max_backoff_s=8.0))
+        )
+    )  # fmt: skip
+    job.start()
+    time.sleep(1.5)  # requests are queued and one batch is in the worker
+    os.kill(victim, signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    assert [r.ok for r in results] == [True] * len(images), [r for r in results if not r.ok][:2]
+    assert [int(np.argmax(r.probabilities)) for r in results] == labels
+    workers = api.describe("b4", version)["workers"]
+    assert [w["status"] for w in workers] == ["READY"] and workers[0]["pid"] != victim
