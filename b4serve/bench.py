@@ -275,7 +275,7 @@ def bench_served(
         **served.deploy_env(),
     )  # fmt: skip
     bodies = [encode_npy(image) for image in demo_images(16)]
-    warm = bench_http(server, bodies, 2, 8)  # noqa: F841 - warms the JIT's shapes and the sockets
+    bench_http(server, bodies, 2, 8)  # warm-up: connections, and the worker sees real inputs
     rows = []
     for concurrency in (1, 8, 32):
         row = bench_http(server, bodies, concurrency, plan[f"c{concurrency}"])
