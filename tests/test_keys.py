@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_client import INVALID_KEY, FakeTorchServe
+from fake_torchserve import INVALID_KEY, FakeTorchServe
 
 from b4serve import keys
 from b4serve.endpoints import REPO_ROOT
