@@ -7,6 +7,7 @@ per input, in input order, and never let one failed input abort the others.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -375,6 +376,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.npy")
     parser.add_argument("--output", "-o", type=Path, help="JSON-lines file (default: stdout)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip inputs --output already holds answers for; send the rest (failed ones too)",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--retries", type=int, default=RetryPolicy.retries)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -406,11 +412,24 @@ def _cli_endpoints(args: argparse.Namespace) -> Endpoints:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: POST ``.npy`` files, write one JSON line per input in input order; 1 if any failed."""
     args = _parser().parse_args(argv)
-    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    if args.resume and not args.output:
+        print("b4serve.client: --resume needs --output", file=sys.stderr)
+        return 2
+    done = _answered(args.output) if args.resume else {}
+    todo = [(index, path) for index, path in enumerate(args.files) if str(path) not in done]
+    if args.output:
+        # Keep the answers of an earlier run (--resume), rewritten whole before appending: a
+        # crash at any point leaves a file that a further --resume continues from.
+        tmp = args.output.with_name(args.output.name + ".partial")
+        tmp.write_text("".join(done.values()), encoding="utf-8")
+        tmp.replace(args.output)
+    out = args.output.open("a", encoding="utf-8") if args.output else sys.stdout
+    if done:
+        print(f"b4serve.client: resuming, {len(done)} inputs already answered", file=sys.stderr)
     failed = 0
     try:
         results = iter_results(
-            args.files,
+            [path for _, path in todo],
             endpoints=_cli_endpoints(args),
             concurrency=args.concurrency,
             retry=RetryPolicy(retries=args.retries),
@@ -420,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for result in results:
             failed += not result.ok
+            result = dataclasses.replace(result, index=todo[result.index][0])  # CLI position
             out.write(json.dumps(result.to_json()) + "\n")
             out.flush()  # a long job's finished lines are visible (and kept) as it goes
     except (KeyFileError, ValueError) as exc:
@@ -432,6 +452,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"b4serve.client: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _answered(output: Path) -> dict[str, str]:
+    """Input name -> JSON line, for the inputs an earlier run answered with probabilities."""
+    if not output.is_file():
+        return {}
+    answered = {}
+    for line in output.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: that input is sent again
+        if isinstance(record, dict) and record.get("probabilities") is not None:
+            answered[str(record["input"])] = line + "\n"
+    return answered
 
 
 if __name__ == "__main__":

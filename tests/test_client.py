@@ -307,3 +307,30 @@ def test_cli_missing_key_file_is_one_line_on_stderr_and_exit_1(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert str(key_file) in err
+
+
+def test_cli_resume_sends_only_what_is_not_answered_yet(
+    server: FakeTorchServe, tmp_path: Path
+) -> None:
+    server.reject = {2: (503, b"busy"), 5: (503, b"busy")}  # still failing after the retries
+    paths = write_inputs(tmp_path, list(range(6)))
+    output = tmp_path / "results.jsonl"
+    common = ["--output", str(output), "--url", server.url, "--management-url", server.url,
+              "--key-file", str(server.key_file), "--retries", "0", "--no-progress"]  # fmt: skip
+    assert client.main([*paths, *common]) == 1
+    with output.open("a") as partial:
+        partial.write('{"input": "cut sho')  # a line left half-written by a crash
+    server.reject = {}
+    answered_before = len(server.answered)
+    assert client.main([*paths, *common, "--resume"]) == 0
+    assert sorted(server.answered[answered_before:]) == [2, 5]  # nothing answered twice
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(6))
+    assert {r["input"]: r["probabilities"] for r in records} == {
+        path: expected_probabilities(i) for i, path in enumerate(paths)
+    }
+
+
+def test_cli_resume_without_output_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert client.main(["x.npy", "--resume"]) == 2
+    assert "--resume needs --output" in capsys.readouterr().err
