@@ -333,3 +333,39 @@ def test_worker_killed_mid_load_is_restarted_and_the_client_loses_nothing(server
     assert [int(np.argmax(r.probabilities)) for r in results] == labels
     workers = api.describe("b4", version)["workers"]
     assert [w["status"] for w in workers] == ["READY"] and workers[0]["pid"] != victim
+
+
+def test_frontend_restart_between_two_halves_of_a_client_job_loses_nothing(
+    server: Server, tmp_path: Path
+) -> None:
+    # Runs last: it stops the session's server and deploys it again.
+    images, labels = demo_images(1, seed=783)
+    paths = []
+    for number, array in enumerate(images):
+        paths.append(str(tmp_path / f"image{number}.npy"))
+        np.save(paths[-1], array)
+    output = tmp_path / "results.jsonl"
+    python = str(Path(server.env["VENV"]) / "bin" / "python")
+    command = [python, "-m", "b4serve.client", *paths, "--output", str(output),
+               "--concurrency", "1", "--retries", "1", "--no-progress"]  # fmt: skip
+
+    def lines_written() -> int:
+        return len(output.read_text().splitlines()) if output.exists() else 0
+
+    job = subprocess.Popen(command, env=server.env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while lines_written() < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.stop()
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 1, stderr  # the second half found no server
+    first = [json.loads(line) for line in output.read_text().splitlines()]
+    assert 2 <= sum("probabilities" in r for r in first) < len(paths)
+
+    server.deploy()  # starts the frontend again and registers the same version
+    resumed = subprocess.run([*command, "--resume"], env=server.env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    records = {r["input"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert sorted(records) == sorted(paths)
+    assert [int(np.argmax(records[p]["probabilities"])) for p in paths] == labels
