@@ -30,10 +30,11 @@ import requests
 import torch
 
 from b4serve.client import predict_many
-from b4serve.codec import decode_npy, encode_npy
+from b4serve.codec import encode_npy
 from b4serve.config import ModelConfig
 from b4serve.demo import ensure_demo_checkpoint
 from b4serve.manage import Registration
+from b4serve.pipeline import Classifier
 from b4serve.preprocess import Preprocessor, stack_channels_last
 from b4serve.runtime import OnnxRuntimeModel, load_torchscript
 from b4serve.sandbox import DEMO_CACHE, Server, server_env
@@ -173,17 +174,16 @@ def bench_in_process(
 
 def single_image_latency(build: Path, config: ModelConfig, runs: int = 10) -> Row:
     """In-process latency of one image, decode to probabilities, as a request sees it."""
-    preprocess = Preprocessor(config)
-    model = load_torchscript(build / "model.pt", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    # the handler's own path (decode, preprocess, TTA, JSON), TorchScript as deploy's default
+    classifier = Classifier(load_torchscript(build / "model.pt", cpu), config, cpu)
+    classifier.warm_up()
     body = encode_npy(demo_images(1)[0])
     latencies = []
-    with torch.inference_mode():
-        for run in range(runs + 2):
-            started = time.perf_counter()
-            batch = stack_channels_last([preprocess(decode_npy(body, config.max_pixels))])
-            tta_probabilities(model, batch).tolist()
-            if run >= 2:
-                latencies.append(time.perf_counter() - started)
+    for _ in range(runs):
+        started = time.perf_counter()
+        classifier.classify([body])[0].body()
+        latencies.append(time.perf_counter() - started)
     return Row("in-process", "ours: one request", "1 image", runs, sum(latencies), latencies)
 
 

@@ -7,7 +7,6 @@ Nothing here knows TorchServe; ``handler.py`` adapts its context and request lis
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from b4serve.runtime import Model, micro_batch_size
 from b4serve.tta import tta_probabilities
 
 __all__ = ["Classifier", "Outcome", "request_body"]
-
-log = logging.getLogger(__name__)
 
 
 def request_body(request: object) -> object:
@@ -95,7 +92,8 @@ class Classifier:
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Run a few forwards so the JIT's profiling runs happen before the first request."""
         size = self.config.input_size
-        for count in batch_sizes:
+        # only the forward shapes requests will produce: with micro-batches, one per size
+        for count in sorted({min(c, self.micro_batch or c) for c in batch_sizes}):
             for _ in range(2):  # TorchScript's profiling executor optimises on the second call
                 self.predict([torch.zeros(size, size, 3)] * count)
 

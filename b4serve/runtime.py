@@ -1,4 +1,4 @@
-"""Load the exported TorchScript model once per worker, ready for fast inference."""
+"""Load the archive's model once per worker (TorchScript, or ONNX Runtime), ready to call."""
 
 from __future__ import annotations
 
