@@ -174,6 +174,14 @@ class LogWatch:
             return []
         return [line for line in lines if any(m in line for m in _FAILURE_MARKERS)][-limit:]
 
+    def settle(self, within_s: float = 5.0) -> list[str]:
+        """The failures, waiting up to ``within_s`` for them: the log is written asynchronously,
+        so a failed registration can come back before the worker's last words reach the file."""
+        deadline = time.monotonic() + within_s
+        while not (failures := self.failures()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return failures
+
 
 def smoke_body() -> bytes:
     """A small real image: the handler resizes it, so any model input size works."""
@@ -300,7 +308,7 @@ def _register_and_switch(
         if response.status_code == 409:
             say(f"{model} {version} was registered meanwhile; reusing it")
         elif response.status_code >= 400:
-            failures = watch.failures()
+            failures = watch.settle()
             detail = ("; from the model log:\n" + "\n".join(failures)) if failures else ""
             raise DeployError(
                 f"register {mar}: HTTP {response.status_code}: {response.text.strip()[:500]}"
