@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome, request_body
 from b4serve.runtime import load_model, select_device
+from b4serve.telemetry import METRICS, batch_observations
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ class B4Handler:
 
     def __init__(self) -> None:
         self.classifier: Classifier | None = None
+        self.model_name = "b4"
+        self.metrics: dict[str, Any] = {}  # b4serve.telemetry spec name -> TorchServe metric
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
@@ -37,6 +41,8 @@ class B4Handler:
         model = load_model(serialized, config.runtime, device, optimize=config.optimize)
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
+        self.model_name = context.model_name
+        self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
             "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads",
@@ -62,19 +68,42 @@ class B4Handler:
                 # its length in characters, so one non-ASCII character in it corrupts the reply
                 # stream and kills the worker. The message travels in the JSON body.
                 context.set_response_status(outcome.status, outcome.error.phrase, index)
+                log.warning(
+                    "request %d of %d failed: %d %s: %.300s", index, len(outcomes),
+                    outcome.status, outcome.error.type, outcome.error.message,
+                )  # fmt: skip
         return [outcome.body() for outcome in outcomes]
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         """TorchServe's entry point for one server batch."""
         outcomes = self.inference(self.preprocess(data))
-        timing = self.classifier.last if self.classifier else None
-        if timing is not None:
-            log.info(
-                "batch of %d: %d failed %s, decode %.1f ms, model %.1f ms",
-                len(data),
-                timing.failed,
-                timing.errors,
-                timing.decode * 1e3,
-                timing.model * 1e3,
-            )
+        if self.classifier is not None:
+            self.report(len(data))
         return self.postprocess(outcomes, context)
+
+    def report(self, requests: int) -> None:
+        """Log the latest batch in a line and add it to the Prometheus metrics."""
+        assert self.classifier is not None
+        stats = self.classifier.last
+        log.info(
+            "batch of %d: %d failed %s, decode %.1f ms, model %.1f ms",
+            requests, stats.failed, [e for e in stats.errors if e],
+            sum(stats.decode_seconds) * 1e3, stats.model_seconds * 1e3,
+        )  # fmt: skip
+        for observation in batch_observations(self.model_name, stats):
+            metric = self.metrics.get(observation.metric.name)
+            if metric is not None:
+                metric.add_or_update(observation.value, list(observation.dimensions))
+
+
+def register_metrics(context: Any) -> dict[str, Any]:
+    """Our metrics (b4serve.telemetry) in TorchServe's metrics cache; none without one."""
+    cache = getattr(context, "metrics", None)
+    if cache is None:
+        return {}
+    return {
+        spec.name: cache.add_metric_to_cache(
+            spec.name, spec.unit, list(spec.dimensions), MetricTypes[spec.kind.upper()]
+        )
+        for spec in METRICS
+    }

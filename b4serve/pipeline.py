@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +18,7 @@ from b4serve.config import ModelConfig
 from b4serve.errors import InferenceError, error_body
 from b4serve.preprocess import Preprocessor, stack_channels_last
 from b4serve.runtime import Model, micro_batch_size
+from b4serve.telemetry import BatchStats
 from b4serve.tta import tta_probabilities
 
 __all__ = ["Classifier", "Outcome", "request_body"]
@@ -51,17 +52,6 @@ class Outcome:
         return json.dumps(self.probabilities).encode()
 
 
-@dataclass
-class StageTimes:
-    """Seconds spent in each stage of the last batch, for logs and metrics."""
-
-    decode: float = 0.0
-    model: float = 0.0
-    images: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
 class Classifier:
     """Classifies a batch of request bodies; each bad body fails alone."""
 
@@ -71,23 +61,31 @@ class Classifier:
         self.device = device
         self.preprocess = Preprocessor(config)
         self.micro_batch = micro_batch_size(config.micro_batch, device)
-        self.last = StageTimes()
+        self.last = BatchStats()  # what the latest classify() did, for logs and metrics
 
     def decode(self, body: object) -> torch.Tensor:
         """Bytes of one request -> normalised HxWx3 tensor; raises :class:`InferenceError`."""
         return self.preprocess(decode_npy(body, self.config.max_pixels))
 
     @torch.inference_mode()
-    def predict(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch."""
-        step = self.micro_batch or len(images)
-        return torch.cat([self._forward(images[i : i + step]) for i in range(0, len(images), step)])
+    def predict(self, images: list[torch.Tensor], stats: BatchStats | None = None) -> torch.Tensor:
+        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch.
 
-    def _forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        Each forward's size and time is added to ``stats`` when given.
+        """
+        step = self.micro_batch or len(images)
+        chunks = [images[i : i + step] for i in range(0, len(images), step)]
+        return torch.cat([self._forward(chunk, stats) for chunk in chunks])
+
+    def _forward(self, images: list[torch.Tensor], stats: BatchStats | None) -> torch.Tensor:
+        started = time.perf_counter()
         batch = stack_channels_last(images).to(self.device, non_blocking=True)
         if not self.config.optimize:  # the seed's baseline fed plain NCHW tensors
             batch = batch.contiguous()
-        return tta_probabilities(self.model, batch).cpu()
+        probabilities = tta_probabilities(self.model, batch).cpu()
+        if stats is not None:
+            stats.forwards.append((len(images), time.perf_counter() - started))
+        return probabilities
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Run a few forwards so the JIT's profiling runs happen before the first request."""
@@ -99,25 +97,21 @@ class Classifier:
 
     def classify(self, bodies: Sequence[object]) -> list[Outcome]:
         """One :class:`Outcome` per body, in order."""
-        started = time.perf_counter()
+        self.last = stats = BatchStats()
         outcomes = [Outcome() for _ in bodies]
         images: list[torch.Tensor] = []
         positions: list[int] = []
         for index, body in enumerate(bodies):
+            started = time.perf_counter()
             try:
                 images.append(self.decode(body))
                 positions.append(index)
+                stats.errors.append(None)
             except InferenceError as error:
                 outcomes[index].error = error
-        decoded = time.perf_counter()
+                stats.errors.append(error.type)
+            stats.decode_seconds.append(time.perf_counter() - started)
         if images:
-            for index, row in zip(positions, self.predict(images).tolist(), strict=True):
+            for index, row in zip(positions, self.predict(images, stats).tolist(), strict=True):
                 outcomes[index].probabilities = row
-        self.last = StageTimes(
-            decode=decoded - started,
-            model=time.perf_counter() - decoded,
-            images=len(images),
-            failed=len(bodies) - len(images),
-            errors=[o.error.type for o in outcomes if o.error],
-        )
         return outcomes

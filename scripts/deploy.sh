@@ -12,7 +12,8 @@
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
-#   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, VENV.
+#   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, B4_METRICS_CONFIG,
+#   VENV.
 # Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
 # registered beside the old version, made the default once it answers, then the old one retired.
 set -euo pipefail
@@ -43,13 +44,14 @@ start_server() {
   log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
   # The server writes key_file.json into its working directory: the run dir. setsid detaches
   # it, so Ctrl-C on this script does not stop the server.
-  (cd "$B4_RUN_DIR" && env "${tmp_env[@]}" "${expiry_env[@]}" \
+  (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" \
     LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
     TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
     TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \
     TS_METRICS_ADDRESS="http://$B4_HOST:$B4_METRICS_PORT" \
     TS_GRPC_INFERENCE_PORT="$B4_GRPC_INFERENCE_PORT" \
     TS_GRPC_MANAGEMENT_PORT="$B4_GRPC_MANAGEMENT_PORT" \
+    TS_METRICS_CONFIG="$B4_METRICS_CONFIG" \
     setsid "$VENV/bin/torchserve" --start --ncs --ts-config "$B4_TS_CONFIG" \
       --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" \
       >>"$B4_LOG_DIR/console.log" 2>&1 </dev/null)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import struct
 from pathlib import Path
@@ -47,13 +48,10 @@ def service(model_dir: Path):
 
 def _load_service(model_dir: Path):
     """TorchServe's own loader and Service for the unpacked archive in ``model_dir``."""
-    import ts
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import ModelLoaderFactory
 
-    metrics = MetricsCacheYamlImpl(
-        config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml")
-    )
+    metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))  # the one we ship
     metrics.initialize_cache()
     loader = ModelLoaderFactory.get_model_loader()
     service = loader.load("b4", str(model_dir), "handler.py", None, 4, metrics_cache=metrics)
@@ -177,3 +175,20 @@ def test_non_ascii_in_an_error_message_keeps_the_reply_stream_intact(service, rn
     assert [r["status"] for r in responses] == [400, 200]
     assert responses[0]["phrase"] == "Bad Request"
     assert json.loads(responses[0]["body"])["type"] == "InvalidInput"
+
+
+def test_each_batch_emits_our_metrics_in_torchserve_format(service, rng, caplog) -> None:
+    good = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    with caplog.at_level(logging.INFO):
+        service.predict([_request(0, good), _request(1, b"nope"), _request(2, good)])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]b4_")]
+    assert any(
+        line.startswith("[METRICS]b4_requests.Count:2.0|#ModelName:b4,Outcome:ok,ErrorType:none|")
+        for line in lines
+    ), lines
+    assert any("b4_requests.Count:1.0|#ModelName:b4,Outcome:error,ErrorType:UnsupportedMediaType|"
+               in line for line in lines), lines  # fmt: skip
+    assert sum(line.startswith("[METRICS]b4_decode_seconds.Seconds:") for line in lines) == 3
+    forwards = [line for line in lines if line.startswith("[METRICS]b4_images_per_forward.Count:")]
+    assert forwards and all("#type:HISTOGRAM" in line for line in forwards)
+    assert sum(float(line.split(":")[1].split("|")[0]) for line in forwards) == 2  # good images
