@@ -33,9 +33,9 @@ RUN pip install --no-cache-dir --no-deps "$(grep -E '^geffnet' requirements.txt)
 # The server runs as an unprivileged user; it writes key_file.json and logs in its home.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin model-server
 
-# Our server settings and logging, and b4serve for the health check's key handling. It is left
+# Our server settings, logging and metrics, and b4serve for the health check's key handling. It is left
 # off PYTHONPATH: the workers import the copy inside the archive, never this one.
-COPY config.properties log4j.properties ./
+COPY config.properties log4j.properties metrics.yaml ./
 COPY b4serve/ ./b4serve/
 
 # The archive, built beforehand by scripts/build_mar.sh into the model store.
@@ -53,8 +53,7 @@ entry = {'defaultVersion': True, 'marName': mar, 'minWorkers': r.initial_workers
 'maxWorkers': r.initial_workers, 'batchSize': r.batch_size, \
 'maxBatchDelay': r.max_batch_delay_ms, 'responseTimeout': r.response_timeout_s}; \
 print('load_models=' + mar); print('models=' + json.dumps({'b4': {version: entry}}))" "$MAR" \
-        >> config.properties \
-    && echo "${MAR#b4-}" | sed 's/\.mar$//' > model-store/VERSION
+        >> config.properties
 
 USER 1000
 WORKDIR /home/model-server
@@ -67,15 +66,17 @@ ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     B4_INFERENCE_PORT=8080 \
     B4_MANAGEMENT_PORT=8081 \
     B4_METRICS_PORT=8082 \
+    TS_METRICS_CONFIG=/opt/b4/metrics.yaml \
     B4_KEY_FILE=/home/model-server/key_file.json \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs
 EXPOSE 8080 8082
 
-# Healthy once version VERSION has a READY worker. TorchServe 0.12 wants a token even on /ping,
-# so the check reads the key file the server wrote and renews an expired key, as clients do.
+# scripts/health.sh's check: /ping answers and the default version has a READY worker.
+# TorchServe 0.12 wants a token even on /ping: it reads the key file the server wrote and renews
+# an expired key, as clients do.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
-    CMD ["bash", "-c", "cd /opt/b4 && python -m b4serve.manage status --deployed \"$(< /opt/b4/model-store/VERSION)\" > /dev/null"]
+    CMD ["bash", "-c", "cd /opt/b4 && python -m b4serve.health --log-dir \"$LOG_LOCATION\" > /dev/null"]
 
 # --ncs: no snapshots; the image's config is the registration, every start the same.
 CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/opt/b4/config.properties", "--model-store", "/opt/b4/model-store", "--log-config", "/opt/b4/log4j.properties"]

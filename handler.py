@@ -15,7 +15,8 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from b4serve.config import ModelConfig
-from b4serve.pipeline import Classifier, Outcome, request_body
+from b4serve.pipeline import Classifier, Outcome
+from b4serve.protocol import Protocol, detect_protocol, payload_of
 from b4serve.runtime import load_model, select_device
 from b4serve.telemetry import METRICS, batch_observations
 
@@ -50,36 +51,47 @@ class B4Handler:
         )  # fmt: skip
         self.initialized = True
 
-    def preprocess(self, requests: list[dict[str, Any]]) -> list[object]:
-        """The raw body of each request."""
-        return [request_body(request) for request in requests]
+    def preprocess(self, items: list[Any], protocol: Protocol = "raw") -> list[object]:
+        """Each request's ``.npy`` bytes, or each KServe instance/input as bytes or an array."""
+        return [payload_of(item, protocol) for item in items]
 
-    def inference(self, bodies: list[object]) -> list[Outcome]:
-        """Decode, validate and classify every body; bad ones come back as errors."""
+    def inference(self, payloads: list[object]) -> list[Outcome]:
+        """Decode, validate and classify every payload; bad ones come back as errors."""
         assert self.classifier is not None, "initialize() was not called"
-        return self.classifier.classify(bodies)
+        return self.classifier.classify(payloads)
 
-    def postprocess(self, outcomes: list[Outcome], context: Any) -> list[bytes]:
-        """JSON body per request; failed requests get their own status code."""
-        for index, outcome in enumerate(outcomes):
-            context.set_response_content_type(index, "application/json")
-            if outcome.error is not None:
-                # The standard phrase, never the message: TorchServe 0.12 frames the phrase by
-                # its length in characters, so one non-ASCII character in it corrupts the reply
-                # stream and kills the worker. The message travels in the JSON body.
-                context.set_response_status(outcome.status, outcome.error.phrase, index)
-                log.warning(
-                    "request %d of %d failed: %d %s: %.300s", index, len(outcomes),
-                    outcome.status, outcome.error.type, outcome.error.message,
-                )  # fmt: skip
-        return [outcome.body() for outcome in outcomes]
+    def postprocess(
+        self, outcomes: list[Outcome], context: Any, protocol: Protocol = "raw"
+    ) -> list[Any]:
+        """One answer per item. Raw: each failed request gets its own status. Under a KServe
+        envelope all items share one HTTP response: it takes the first failure's status."""
+        failures = [(i, o) for i, o in enumerate(outcomes) if o.error is not None]
+        for index, outcome in failures:
+            log.warning(
+                "request %d of %d failed: %d %s: %.300s", index, len(outcomes),
+                outcome.status, outcome.error.type, outcome.error.message,
+            )  # fmt: skip
+        if protocol == "raw":
+            for index in range(len(outcomes)):
+                context.set_response_content_type(index, "application/json")
+            statuses = failures
+        else:  # one request, answered by the envelope
+            context.set_response_content_type(0, "application/json")
+            statuses = [(0, failures[0][1])] if failures else []
+        for index, outcome in statuses:
+            # The standard phrase, never the message: TorchServe 0.12 frames the phrase by its
+            # length in characters, so one non-ASCII character in it corrupts the reply stream
+            # and kills the worker. The message travels in the JSON body.
+            context.set_response_status(outcome.status, outcome.error.phrase, index)
+        return [outcome.answer(protocol) for outcome in outcomes]
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
-        """TorchServe's entry point for one server batch."""
-        outcomes = self.inference(self.preprocess(data))
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
+        protocol = detect_protocol(data)
+        outcomes = self.inference(self.preprocess(data, protocol))
         if self.classifier is not None:
             self.report(len(data))
-        return self.postprocess(outcomes, context)
+        return self.postprocess(outcomes, context, protocol)
 
     def report(self, requests: int) -> None:
         """Log the latest batch in a line and add it to the Prometheus metrics."""

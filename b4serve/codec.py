@@ -11,7 +11,7 @@ import numpy as np
 from b4serve.config import MAX_HEADER_BYTES
 from b4serve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["ACCEPTED_DTYPES", "decode_npy", "encode_npy"]
+__all__ = ["ACCEPTED_DTYPES", "check_array", "decode_npy", "encode_npy"]
 
 _MAGIC = b"\x93NUMPY"
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
@@ -74,6 +74,14 @@ def decode_npy(body: object, max_pixels: int) -> np.ndarray:
         raise InvalidInput(f"{available - expected} unexpected bytes after the array data")
     flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def check_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
+    """The same dtype and shape rules as :func:`decode_npy`, for an array decoded elsewhere
+    (a KServe tensor); returns ``array``."""
+    _check_dtype(array.dtype)
+    _check_shape(array.shape, max_pixels)
+    return array
 
 
 def _read_header(data: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:

@@ -18,7 +18,9 @@ _DEFAULTS = {
     "B4_MANAGEMENT_PORT": "8081",
     "B4_METRICS_PORT": "8082",
     "B4_MODEL_NAME": "b4",
+    "B4_PROTOCOL": "raw",
 }
+PROTOCOLS = ("raw", "v1", "v2")  # b4serve.protocol.Protocol
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,12 @@ class Endpoints:
     metrics_url: str
     key_file: Path
     model_name: str = "b4"
+    protocol: str = "raw"  # raw .npy bodies, or KServe v1/v2 under TorchServe's envelope
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Endpoints:
-        """Read ``B4_HOST``, ``B4_*_PORT``, ``B4_RUN_DIR``, ``B4_KEY_FILE`` and ``B4_MODEL_NAME``.
+        """Read ``B4_HOST``, ``B4_*_PORT``, ``B4_RUN_DIR``, ``B4_KEY_FILE``, ``B4_MODEL_NAME``
+        and ``B4_PROTOCOL``.
 
         An empty variable counts as unset, as ``${VAR:-default}`` does in the shell scripts.
         """
@@ -45,6 +49,7 @@ class Endpoints:
             metrics_url=f"http://{host}:{_port(environ, 'B4_METRICS_PORT')}",
             key_file=Path(environ.get("B4_KEY_FILE") or run_dir / "key_file.json"),
             model_name=_env(environ, "B4_MODEL_NAME"),
+            protocol=_protocol(environ),
         )
 
     @property
@@ -55,6 +60,13 @@ class Endpoints:
 
 def _env(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name) or _DEFAULTS[name]
+
+
+def _protocol(environ: Mapping[str, str]) -> str:
+    value = _env(environ, "B4_PROTOCOL")
+    if value not in PROTOCOLS:
+        raise ValueError(f"B4_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+    return value
 
 
 def _port(environ: Mapping[str, str], name: str) -> int:

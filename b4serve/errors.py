@@ -10,6 +10,7 @@ __all__ = [
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "error_body",
+    "error_fields",
 ]
 
 
@@ -46,6 +47,11 @@ class UnsupportedMediaType(InferenceError):
     phrase = "Unsupported Media Type"
 
 
+def error_fields(error: InferenceError) -> dict[str, object]:
+    """``{"code", "type", "message"}``: what a client is told about a failed request."""
+    return {"code": error.status, "type": error.type, "message": error.message}
+
+
 def error_body(error: InferenceError) -> bytes:
     """JSON body for a failed request, shaped like TorchServe's own errors."""
-    return json.dumps({"code": error.status, "type": error.type, "message": error.message}).encode()
+    return json.dumps(error_fields(error)).encode()

@@ -9,6 +9,7 @@ unregistered.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 import requests
 
-from b4serve.codec import encode_npy
 from b4serve.endpoints import Endpoints
 from b4serve.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
+from b4serve.protocol import encode_request, probabilities_of
 
 __all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
 
@@ -124,10 +125,16 @@ class ManagementAPI:
         _raise_for(response, f"describe {model} {version}")
         return response.json()[0]
 
-    def predict(self, model: str, version: str | None, body: bytes) -> requests.Response:
+    def predict(self, model: str, version: str | None) -> requests.Response:
+        """Send the smoke-test image to ``model`` (its ``version``, or the default)."""
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
-        headers = {"Content-Type": "application/octet-stream"}
+        body, content_type = smoke_request(self.endpoints.protocol)
+        headers = {"Content-Type": content_type}
         return self.call("POST", path, kind="inference", data=body, headers=headers)
+
+    def smoke_test(self, model: str, version: str | None, what: str) -> list[float]:
+        """Predict the smoke-test image; its probabilities, or :class:`DeployError`."""
+        return check_prediction(self.predict(model, version), what, self.endpoints.protocol)
 
     def register(self, mar: str, model: str, settings: Registration) -> requests.Response:
         """Register ``mar`` as a version of ``model``; returns once its workers started (or not)."""
@@ -183,17 +190,20 @@ class LogWatch:
         return failures
 
 
-def smoke_body() -> bytes:
-    """A small real image: the handler resizes it, so any model input size works."""
+def smoke_request(protocol: str) -> tuple[bytes, str]:
+    """A small real image in ``protocol``: the handler resizes it, so any input size works."""
     ramp = np.linspace(0, 255, 64 * 64 * 3, dtype=np.float64).astype(np.uint8)
-    return encode_npy(ramp.reshape(64, 64, 3))
+    return encode_request(ramp.reshape(64, 64, 3), protocol)
 
 
-def check_prediction(response: requests.Response, what: str) -> list[float]:
+def check_prediction(response: requests.Response, what: str, protocol: str) -> list[float]:
     """The probabilities of a good answer; raise naming ``what`` otherwise."""
     if response.status_code != 200:
         raise DeployError(f"{what}: HTTP {response.status_code}: {response.text.strip()[:500]}")
-    probabilities = response.json()
+    try:
+        (probabilities,) = probabilities_of(response.json(), protocol)
+    except (ValueError, KeyError, TypeError):
+        raise DeployError(f"{what}: not a {protocol} answer: {response.text[:200]}") from None
     if not isinstance(probabilities, list) or abs(sum(probabilities) - 1.0) > 1e-3:
         raise DeployError(f"{what}: not a probability list: {str(probabilities)[:200]}")
     return probabilities
@@ -238,7 +248,7 @@ def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_
         description = api.describe(model, version) or {}
     probes = max(1, len(description.get("workers", [])))
     with ThreadPoolExecutor(probes) as pool:
-        for _ in pool.map(lambda _: api.predict(model, version, smoke_body()), range(probes)):
+        for _ in pool.map(lambda _: api.predict(model, version), range(probes)):
             pass  # any answer will do: it only has to come after the batch in flight
     time.sleep(grace_s)
 
@@ -273,7 +283,7 @@ def rollout(
     registered = {v["modelVersion"] for v in api.versions(model)}
     default = api.default_version(model) if registered else None
     if version == default and ready_workers(api.describe(model, version)) > 0:
-        check_prediction(api.predict(model, None, smoke_body()), f"{model} {version}")
+        api.smoke_test(model, None, f"{model} {version}")
         say(f"{model} {version} is already deployed and answering: nothing to do")
         retire(api, model, registered - {version}, drain_s, timeout_s, say)  # an earlier cut-off
         return "unchanged"
@@ -286,7 +296,7 @@ def rollout(
             say(f"unregistered {model} {version}, which failed; serving: {default or 'none'}")
         raise
     retire(api, model, registered - {version}, drain_s, timeout_s, say)
-    check_prediction(api.predict(model, None, smoke_body()), f"/predictions/{model}")
+    api.smoke_test(model, None, f"/predictions/{model}")
     return "deployed"
 
 
@@ -315,7 +325,7 @@ def _register_and_switch(
                 + detail
             )
     wait_ready(api, model, version, watch, timeout_s)
-    check_prediction(api.predict(model, version, smoke_body()), f"{model} {version}")
+    check_prediction(api.predict(model, version), f"{model} {version}")
     api.set_default(model, version)
     say(f"{model} {version} is the default version")
 
@@ -380,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Registration(
                 args.batch_size, args.max_batch_delay, args.initial_workers, args.response_timeout
             )
+            if endpoints.protocol != "raw" and settings.batch_size > 1:
+                # TorchServe's KServe envelopes answer only the first request of a server batch
+                print(f"[deploy] {endpoints.protocol} envelope: batch size 1, not "
+                      f"{settings.batch_size}", file=sys.stderr)  # fmt: skip
+                settings = dataclasses.replace(settings, batch_size=1)
             rollout(
                 api,
                 mar=args.mar,

@@ -6,32 +6,24 @@ Nothing here knows TorchServe; ``handler.py`` adapts its context and request lis
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from b4serve.codec import decode_npy
+from b4serve.codec import check_array, decode_npy
 from b4serve.config import ModelConfig
-from b4serve.errors import InferenceError, error_body
+from b4serve.errors import InferenceError
 from b4serve.preprocess import Preprocessor, stack_channels_last
+from b4serve.protocol import Protocol, answer_of
 from b4serve.runtime import Model, micro_batch_size
 from b4serve.telemetry import BatchStats
 from b4serve.tta import tta_probabilities
 
-__all__ = ["Classifier", "Outcome", "request_body"]
-
-
-def request_body(request: object) -> object:
-    """The payload of one TorchServe request: its ``data`` or ``body`` field."""
-    if isinstance(request, dict):
-        for key in ("data", "body"):
-            if request.get(key) is not None:
-                return request[key]
-        return None
-    return request
+__all__ = ["Classifier", "Outcome"]
 
 
 @dataclass
@@ -45,11 +37,9 @@ class Outcome:
     def status(self) -> int:
         return self.error.status if self.error else 200
 
-    def body(self) -> bytes:
-        """JSON bytes sent back: the probability list, or ``{"code", "type", "message"}``."""
-        if self.error is not None:
-            return error_body(self.error)
-        return json.dumps(self.probabilities).encode()
+    def answer(self, protocol: Protocol = "raw") -> Any:
+        """What the handler returns for this request in ``protocol`` (JSON bytes when raw)."""
+        return answer_of(self.probabilities, self.error, protocol)
 
 
 class Classifier:
@@ -64,7 +54,15 @@ class Classifier:
         self.last = BatchStats()  # what the latest classify() did, for logs and metrics
 
     def decode(self, body: object) -> torch.Tensor:
-        """Bytes of one request -> normalised HxWx3 tensor; raises :class:`InferenceError`."""
+        """One request -> normalised HxWx3 tensor; raises :class:`InferenceError`.
+
+        ``body`` is ``.npy`` bytes, an array a KServe envelope carried, or the error the
+        protocol layer already found (:func:`b4serve.protocol.payload_of`).
+        """
+        if isinstance(body, InferenceError):
+            raise body
+        if isinstance(body, np.ndarray):
+            return self.preprocess(check_array(body, self.config.max_pixels))
         return self.preprocess(decode_npy(body, self.config.max_pixels))
 
     @torch.inference_mode()

@@ -200,7 +200,7 @@ def run_soak(
     report.rss_start_mb = _resident_mb(workers)
     key_at_start = keys.key("inference")
     say(
-        f"warm: {len(workers)} worker(s), {report.rss_start_mb:.0f} MiB; loading {duration_s:.0f} s"
+        f"warm: {len(workers)} worker(s) {report.rss_start_mb:.0f} MiB; measuring {duration_s:.0f}s"
     )
     started = time.monotonic()
     while time.monotonic() - started < duration_s:

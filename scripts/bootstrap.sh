@@ -2,7 +2,7 @@
 # Create or reuse the virtual env and install what is missing, in the order that works.
 #
 # Usage: scripts/bootstrap.sh [--dev]
-#   --dev   also install the test tools (requirements-dev.txt)
+#   --dev   also install the test tools (requirements-dev.txt, requirements-kserve-dev.txt)
 # Env: VENV (default .venv), PYTHON (interpreter to create it with, default python3).
 # A second run installs nothing: a stamp in the venv records what was installed.
 set -euo pipefail
@@ -39,8 +39,11 @@ requirements=("$B4_ROOT/requirements.txt")
 if [ "$dev" = 1 ] || [ "${B4_RUNTIME:-torchscript}" = onnxruntime ]; then
   requirements+=("$B4_ROOT/requirements-onnxruntime.txt")
 fi
+# Installed with --no-deps (step 3): test-only SDKs whose dependencies would replace ours.
+no_deps=()
+[ "$dev" = 1 ] && no_deps+=("$B4_ROOT/requirements-kserve-dev.txt")
 stamp="$VENV/.b4-installed-$(printf '%s\n' "${requirements[@]##*/}" | tr '\n' '+')"
-wanted=$(cat "${requirements[@]}" | sha256sum | cut -c1-16)
+wanted=$(cat "${requirements[@]}" "${no_deps[@]}" | sha256sum | cut -c1-16)
 if [ -x "$PY" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
   exit 0
 fi
@@ -57,8 +60,9 @@ for file in "${requirements[@]}"; do
   grep -vE '^(torch==|geffnet|#|-r|$)' "$file" | xargs -r "$PY" -m pip install \
     --disable-pip-version-check -q
 done
-# 3. geffnet without its declared deps: it never imports torchvision.
+# 3. geffnet without its declared deps: it never imports torchvision. Same for the test SDKs.
 pip_install --no-deps "$(grep -E '^geffnet' "$B4_ROOT/requirements.txt")"
+for file in "${no_deps[@]}"; do pip_install --no-deps -r "$file"; done
 "$PY" -c "import torch, ts, model_archiver, geffnet, yaml, numpy, requests" \
   || die "installed packages do not import; see the pip output above"
 echo "$wanted" > "$stamp"

@@ -13,7 +13,8 @@
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
 #   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, B4_METRICS_CONFIG,
-#   VENV.
+#   B4_PROTOCOL (raw: .npy bodies; v1 or v2: the server starts with TorchServe's KServe
+#   envelope for that protocol, and the model is registered with batch size 1), VENV.
 # Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
 # registered beside the old version, made the default once it answers, then the old one retired.
 set -euo pipefail
@@ -39,12 +40,19 @@ start_server() {
   local tmp_env=()
   # TMPDIR holds the pid file, TEMP becomes the JVM's tmpdir (worker sockets, unpacked archives).
   [ -n "$B4_TMPDIR" ] && mkdir -p "$B4_TMPDIR" && tmp_env=(TMPDIR="$B4_TMPDIR" TEMP="$B4_TMPDIR")
+  local envelope_env=()
+  case "$B4_PROTOCOL" in
+    raw) ;;
+    v1) envelope_env=(TS_SERVICE_ENVELOPE=kserve) ;;
+    v2) envelope_env=(TS_SERVICE_ENVELOPE=kservev2) ;;
+    *) die "B4_PROTOCOL must be raw, v1 or v2, not $B4_PROTOCOL" ;;
+  esac
   local expiry_env=()
   [ -n "$B4_TOKEN_EXPIRATION_MIN" ] && expiry_env=(TS_TOKEN_EXPIRATION_TIME_MIN="$B4_TOKEN_EXPIRATION_MIN")
   log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
   # The server writes key_file.json into its working directory: the run dir. setsid detaches
   # it, so Ctrl-C on this script does not stop the server.
-  (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" \
+  (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" "${envelope_env[@]}" \
     LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
     TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
     TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \

@@ -20,10 +20,11 @@ export B4_ROOT
 : "${B4_LOG_CONFIG:=$B4_ROOT/log4j.properties}"
 : "${B4_METRICS_CONFIG:=$B4_ROOT/metrics.yaml}"  # metrics the Prometheus endpoint exports
 : "${B4_TOKEN_EXPIRATION_MIN:=}"            # empty: config.properties' value
+: "${B4_PROTOCOL:=raw}"   # raw .npy bodies; v1 or v2: KServe protocol through TorchServe's envelope
 export VENV B4_HOST B4_INFERENCE_PORT B4_MANAGEMENT_PORT B4_METRICS_PORT B4_MODEL_NAME \
   B4_GRPC_INFERENCE_PORT B4_GRPC_MANAGEMENT_PORT \
   B4_RUN_DIR B4_KEY_FILE B4_LOG_DIR B4_TMPDIR B4_MODEL_STORE B4_CACHE_DIR B4_TS_CONFIG \
-  B4_LOG_CONFIG B4_METRICS_CONFIG B4_TOKEN_EXPIRATION_MIN
+  B4_LOG_CONFIG B4_METRICS_CONFIG B4_TOKEN_EXPIRATION_MIN B4_PROTOCOL
 PY="$VENV/bin/python"
 # `$PY -m b4serve...` works from any directory. deploy.sh starts TorchServe without it, so that
 # workers import b4serve from the archive they serve, never from this checkout.

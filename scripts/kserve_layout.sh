@@ -4,12 +4,12 @@
 # Usage: scripts/kserve_layout.sh [MAR]
 #   MAR   archive file name in the model store (b4-<version>.mar); default: the newest b4-*.mar
 # Writes $B4_KSERVE_DIR/<version>/config/config.properties (deploy/kserve/config.properties with
-# the model name, version and archive filled into model_snapshot) and
+# the model name, version and archive filled into model_snapshot), config/metrics.yaml and
 # $B4_KSERVE_DIR/<version>/model-store/<MAR>, then prints that version directory on stdout: copy
 # it to <volume or bucket>/b4/<version> and point the InferenceService's storageUri there.
 # Builds nothing: run scripts/build_mar.sh (or scripts/deploy.sh) first.
 # Env: B4_KSERVE_DIR (default $B4_CACHE_DIR/kserve), B4_KSERVE_CONFIG (default
-#   deploy/kserve/config.properties), B4_MODEL_STORE, B4_MODEL_NAME, B4_CACHE_DIR, VENV.
+#   deploy/kserve/config.properties), B4_METRICS_CONFIG, B4_MODEL_STORE, B4_MODEL_NAME, B4_CACHE_DIR, VENV.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -57,6 +57,7 @@ sed -e "s|@MODEL@|$B4_MODEL_NAME|g" -e "s|@VERSION@|$version|g" -e "s|@MAR@|$mar
 if grep -n '@[A-Z]*@' "$out.partial/config/config.properties" >&2; then
   die "unfilled placeholder in $B4_KSERVE_CONFIG (above)"
 fi
+cp "$B4_METRICS_CONFIG" "$out.partial/config/metrics.yaml"
 cp "$B4_MODEL_STORE/$mar" "$out.partial/model-store/$mar"
 # Appear whole or not at all: a half-written layout must never be uploaded.
 rm -rf "$out"

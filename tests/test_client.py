@@ -5,6 +5,7 @@ retries, key renewal, CLI. The real server is exercised in ``tests/integration``
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from fake_torchserve import (
 
 from b4serve import client
 from b4serve.client import PredictionError, RetryPolicy, predict_batch, predict_many
-from b4serve.endpoints import REPO_ROOT, Endpoints
+from b4serve.endpoints import _DEFAULTS, REPO_ROOT, Endpoints
 from b4serve.keys import KeyFileMissingError
 
 FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
@@ -64,6 +65,19 @@ def test_endpoints_env_overrides_and_empty_values_mean_default(tmp_path: Path) -
     assert endpoints.key_file == tmp_path / "key_file.json"
     explicit = Endpoints.from_env({**env, "B4_KEY_FILE": "/srv/ts/key_file.json"})
     assert explicit.key_file == Path("/srv/ts/key_file.json")
+
+
+def test_python_and_shell_defaults_agree() -> None:
+    shell = dict(
+        re.findall(r': "\$\{(B4_\w+):=([^}]*)\}"', (REPO_ROOT / "scripts/env.sh").read_text())
+    )
+    assert {name: shell[name] for name in _DEFAULTS} == _DEFAULTS
+
+
+def test_endpoints_protocol_is_checked() -> None:
+    assert Endpoints.from_env({"B4_PROTOCOL": "v2"}).protocol == "v2"
+    with pytest.raises(ValueError, match="B4_PROTOCOL must be one of raw, v1, v2"):
+        Endpoints.from_env({"B4_PROTOCOL": "grpc"})
 
 
 def test_endpoints_bad_port_error_names_the_variable() -> None:

@@ -140,7 +140,7 @@ def test_install_steps_follow_bootstrap() -> None:
 
 
 def test_serves_our_config_in_the_foreground() -> None:
-    assert "config.properties log4j.properties ./" in instructions("COPY")
+    assert "config.properties log4j.properties metrics.yaml ./" in instructions("COPY")
     (workdir, *_) = instructions("WORKDIR")
     (cmd,) = instructions("CMD")
     argv = json.loads(cmd)
@@ -160,10 +160,16 @@ def test_exposes_inference_and_metrics_but_never_management() -> None:
     assert ports["TS_MANAGEMENT_ADDRESS"] == int(env["B4_MANAGEMENT_PORT"])
 
 
-def test_health_check_authenticates_through_b4serve_manage() -> None:
+def test_health_check_is_the_projects_health_command() -> None:
     (check,) = instructions("HEALTHCHECK")
-    assert "b4serve.manage status --deployed" in check
-    assert "model-store/VERSION" in check
+    assert "python -m b4serve.health" in check  # what scripts/health.sh runs
+
+
+def test_metrics_config_is_ours_at_an_absolute_path() -> None:
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV")).replace("\\", " ")))
+    (workdir, *_) = instructions("WORKDIR")
+    assert env["TS_METRICS_CONFIG"] == f"{workdir}/metrics.yaml"
+    assert any("metrics.yaml" in copy for copy in instructions("COPY"))
 
 
 @pytest.fixture
@@ -195,7 +201,6 @@ def test_registration_step_writes_registration_defaults(
         "maxBatchDelay": defaults.max_batch_delay_ms,
         "responseTimeout": defaults.response_timeout_s,
     }
-    assert (tmp_path / "model-store" / "VERSION").read_text().strip() == "1.0"
 
 
 @pytest.mark.parametrize(("mar", "message"), [("", "is required"), ("model.mar", "must be b4-")])

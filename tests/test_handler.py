@@ -6,6 +6,7 @@ tiny TorchScript model so it runs in well under a second.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import torch
 from b4serve.codec import encode_npy
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier
+from b4serve.protocol import encode_request, probabilities_of
 from b4serve.runtime import load_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def service(model_dir: Path):
     return _load_service(model_dir)
 
 
-def _load_service(model_dir: Path):
+def _load_service(model_dir: Path, envelope: str | None = None):
     """TorchServe's own loader and Service for the unpacked archive in ``model_dir``."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import ModelLoaderFactory
@@ -54,7 +56,9 @@ def _load_service(model_dir: Path):
     metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))  # the one we ship
     metrics.initialize_cache()
     loader = ModelLoaderFactory.get_model_loader()
-    service = loader.load("b4", str(model_dir), "handler.py", None, 4, metrics_cache=metrics)
+    service = loader.load(
+        "b4", str(model_dir), "handler.py", None, 4, envelope=envelope, metrics_cache=metrics
+    )
     service.cl_socket = None  # the worker sets its frontend socket here; only streaming uses it
     return service
 
@@ -192,3 +196,38 @@ def test_each_batch_emits_our_metrics_in_torchserve_format(service, rng, caplog)
     forwards = [line for line in lines if line.startswith("[METRICS]b4_images_per_forward.Count:")]
     assert forwards and all("#type:HISTOGRAM" in line for line in forwards)
     assert sum(float(line.split(":")[1].split("|")[0]) for line in forwards) == 2  # good images
+
+
+@pytest.mark.parametrize(("protocol", "envelope"), [("v1", "kserve"), ("v2", "kservev2")])
+def test_kserve_envelopes_answer_like_the_raw_path(model_dir, rng, protocol, envelope) -> None:
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    raw = [json.loads(r["body"]) for r in _decode_response(
+        _load_service(model_dir).predict([_request(i, encode_npy(x)) for i, x in enumerate(images)])
+    )]  # fmt: skip
+    enveloped = _load_service(model_dir, envelope)
+    bodies = [json.loads(encode_request(image, protocol)[0]) for image in images]
+    key = "instances" if protocol == "v1" else "inputs"
+    request = {key: [body[key][0] for body in bodies]}  # two images in one KServe request
+    if protocol == "v2":
+        request["inputs"][1]["name"] = "second"
+    (response,) = _decode_response(
+        enveloped.predict([_request(0, json.dumps(request).encode(), "application/json")])
+    )
+    assert response["status"] == 200
+    answer = json.loads(response["body"])
+    np.testing.assert_allclose(probabilities_of(answer, protocol), raw, atol=1e-6)
+    if protocol == "v2":
+        assert [o["name"] for o in answer["outputs"]] == ["image", "second"]
+        assert all(o["datatype"] == "FP32" and o["shape"] == [6] for o in answer["outputs"])
+
+
+def test_a_bad_instance_fails_its_kserve_request_with_the_reason(model_dir, rng) -> None:
+    good = base64.b64encode(encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    request = {"instances": [{"data": good.decode()}, {"data": "%%% not base64"}]}
+    service = _load_service(model_dir, "kserve")
+    (response,) = _decode_response(
+        service.predict([_request(0, json.dumps(request).encode(), "application/json")])
+    )
+    assert response["status"] == 415
+    ok, bad = json.loads(response["body"])["predictions"]
+    assert len(ok) == 6 and bad["type"] == "UnsupportedMediaType"

@@ -49,6 +49,7 @@ WRAPPER_PORTS = {8080, 8081}
 ENVELOPES = {"v1": "kserve", "v2": "kservev2", "grpc-v2": "kservev2"}
 # Keys that mean the same on a laptop and in the cluster: the root config.properties is their home.
 SHARED_KEYS = (
+    "metrics_mode",
     "max_request_size",
     "decode_input_request",
     "allowed_urls",
@@ -378,6 +379,7 @@ def test_config_keeps_torchserve_inside_the_pod_and_metrics_scrapable() -> None:
     assert config["enable_envvars_config"] == "true"
     assert config["disable_token_authorization"] == "true"
     assert config["enable_model_api"] == "false"
+    assert config["metrics_config"] == f"{MOUNT}/config/metrics.yaml"  # laid out beside it
 
 
 def test_config_shares_the_servers_keys_with_the_root_config() -> None:
@@ -466,7 +468,8 @@ def test_layout_is_what_the_manifests_and_runtime_expect(layout_env: dict[str, s
     # storageUri points at <claim>/b4/VERSION: the directory is named by the version.
     assert out == Path(layout_env["B4_KSERVE_DIR"]) / "1.2.3"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == [CONFIG_PATH, f"{STORE_DIR}/{mar}"]
+    assert files == [CONFIG_PATH, "config/metrics.yaml", f"{STORE_DIR}/{mar}"]
+    assert (out / "config/metrics.yaml").read_bytes() == (ROOT / "metrics.yaml").read_bytes()
 
     config = read_properties(out / CONFIG_PATH)
     expected = read_properties(TEMPLATE)

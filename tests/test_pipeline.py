@@ -10,7 +10,8 @@ import torch
 
 from b4serve.codec import encode_npy
 from b4serve.errors import InvalidInput
-from b4serve.pipeline import Classifier, Outcome, request_body
+from b4serve.pipeline import Classifier, Outcome
+from b4serve.protocol import payload_of
 from b4serve.runtime import micro_batch_size
 
 CPU = torch.device("cpu")
@@ -57,8 +58,8 @@ def test_outcomes_keep_request_order_with_errors_in_place(config, toy_model, rng
     outcomes = Classifier(toy_model, config, CPU).classify([good[0], b"junk", good[1], b""])
     assert [o.status for o in outcomes] == [200, 415, 200, 400]
     assert outcomes[0].probabilities != outcomes[2].probabilities
-    assert json.loads(outcomes[0].body()) == outcomes[0].probabilities
-    assert json.loads(outcomes[3].body()) == {
+    assert json.loads(outcomes[0].answer()) == outcomes[0].probabilities
+    assert json.loads(outcomes[3].answer()) == {
         "code": 400,
         "type": "InvalidInput",
         "message": "empty body: expected the bytes written by numpy.save",
@@ -77,8 +78,8 @@ def test_plain_baseline_model_gets_contiguous_nchw_batches(config, toy_model, rn
     assert seen == [True]
 
 
-def test_request_body_takes_data_then_body() -> None:
-    assert request_body({"data": b"a", "body": b"b"}) == b"a"
-    assert request_body({"body": bytearray(b"b")}) == bytearray(b"b")
-    assert request_body({"other": 1}) is None
+def test_raw_request_body_takes_data_then_body() -> None:
+    assert payload_of({"data": b"a", "body": b"b"}, "raw") == b"a"
+    assert payload_of({"body": bytearray(b"b")}, "raw") == bytearray(b"b")
+    assert payload_of({"other": 1}, "raw") is None
     assert Outcome(error=InvalidInput("x")).status == 400

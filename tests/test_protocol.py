@@ -1,0 +1,106 @@
+"""KServe v1/v2 items as TorchServe's envelopes deliver them -> payloads, and answers back."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from b4serve.codec import decode_npy, encode_npy
+from b4serve.errors import InvalidInput, UnsupportedMediaType
+from b4serve.protocol import (
+    answer_of,
+    detect_protocol,
+    encode_request,
+    payload_of,
+    probabilities_of,
+)
+
+IMAGE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+
+
+def test_protocol_is_told_from_what_the_envelope_delivered() -> None:
+    assert detect_protocol([{"body": b"\x93NUMPY"}]) == "raw"
+    assert detect_protocol([{"data": bytearray(b"x")}]) == "raw"
+    assert detect_protocol([{"body": None}]) == "raw"  # an empty raw body
+    assert detect_protocol([{"name": "i", "shape": [1], "datatype": "UINT8", "data": [1]}]) == "v2"
+    assert detect_protocol([{"data": "k5OVU..."}]) == "v1"  # base64 text, not bytes
+    assert detect_protocol([[[1, 2, 3]]]) == "v1"
+
+
+def test_v1_instances_carry_base64_npy_or_the_image_itself() -> None:
+    text = base64.b64encode(encode_npy(IMAGE)).decode()
+    for instance in ({"data": text}, {"b64": text}, text):
+        np.testing.assert_array_equal(decode_npy(payload_of(instance, "v1"), 10**6), IMAGE)
+    nested = payload_of(IMAGE.tolist(), "v1")
+    assert nested.dtype == np.uint8 and np.array_equal(nested, IMAGE)
+    floats = payload_of((IMAGE / 255.0).tolist(), "v1")
+    assert floats.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    ("instance", "error", "words"),
+    [
+        ({"data": "not base64!"}, UnsupportedMediaType, "not base64"),
+        ({"pixels": []}, InvalidInput, "keys ['pixels']"),
+        ([[1, 2], [3]], InvalidInput, "rectangular"),
+        ([[300, 2]], InvalidInput, "0..255"),
+        (7, InvalidInput, "not int"),
+    ],
+)
+def test_bad_v1_instances_become_their_own_error(instance, error, words) -> None:
+    found = payload_of(instance, "v1")
+    assert isinstance(found, error) and words in found.message
+
+
+def test_v2_tensors_and_bytes_inputs() -> None:
+    tensor = {"name": "image", "shape": [4, 5, 3], "datatype": "UINT8", "data": IMAGE.tolist()}
+    assert np.array_equal(payload_of(tensor, "v2"), IMAGE)
+    flat = {**tensor, "data": IMAGE.ravel().tolist()}  # flat data with a shape is valid v2
+    assert payload_of(flat, "v2").shape == (4, 5, 3)
+    fp32 = {"name": "x", "shape": [4, 5], "datatype": "FP32", "data": [0.5] * 20}
+    assert payload_of(fp32, "v2").dtype == np.float32
+    npy = {"name": "x", "shape": [1], "datatype": "BYTES",
+           "data": base64.b64encode(encode_npy(IMAGE)).decode()}  # fmt: skip
+    np.testing.assert_array_equal(decode_npy(payload_of(npy, "v2"), 10**6), IMAGE)
+
+
+def test_bad_v2_inputs_name_the_problem() -> None:
+    wrong_type = payload_of({"name": "x", "shape": [2], "datatype": "INT64", "data": [1, 2]}, "v2")
+    assert isinstance(wrong_type, InvalidInput) and "'INT64'" in wrong_type.message
+    short = payload_of({"name": "x", "shape": [2, 2], "datatype": "UINT8", "data": [1]}, "v2")
+    assert isinstance(short, InvalidInput) and "1 values for shape [2, 2]" in short.message
+
+
+def test_answers_take_each_protocols_form() -> None:
+    assert json.loads(answer_of([0.25, 0.75], None, "raw")) == [0.25, 0.75]
+    assert answer_of([0.25, 0.75], None, "v1") == [0.25, 0.75]
+    v2 = answer_of([0.25, 0.75], None, "v2")
+    assert v2.dtype == np.float32 and v2.shape == (2,)
+    error = InvalidInput("NaN pixels")
+    assert answer_of(None, error, "v1") == {"code": 400, "type": "InvalidInput",
+                                            "message": "NaN pixels"}  # fmt: skip
+    assert json.loads(answer_of(None, error, "raw"))["type"] == "InvalidInput"
+
+
+@pytest.mark.parametrize("protocol", ["raw", "v1", "v2"])
+def test_requests_built_for_each_protocol_decode_back_to_the_image(protocol) -> None:
+    body, content_type = encode_request(IMAGE, protocol)
+    if protocol == "raw":
+        assert content_type == "application/octet-stream"
+        np.testing.assert_array_equal(decode_npy(body, 10**6), IMAGE)
+        return
+    request = json.loads(body)
+    item = request["instances"][0] if protocol == "v1" else request["inputs"][0]
+    payload = payload_of(item, protocol)
+    decoded = payload if isinstance(payload, np.ndarray) else decode_npy(payload, 10**6)
+    np.testing.assert_array_equal(decoded, IMAGE)
+
+
+def test_probabilities_are_read_from_each_answer_form() -> None:
+    assert probabilities_of([0.5, 0.5], "raw") == [[0.5, 0.5]]
+    assert probabilities_of({"predictions": [[0.5, 0.5]]}, "v1") == [[0.5, 0.5]]
+    answer = {"outputs": [{"name": "image", "datatype": "FP32", "shape": [2], "data": [0.5, 0.5]}]}
+    assert probabilities_of(answer, "v2") == [[0.5, 0.5]]
