@@ -325,7 +325,7 @@ def _register_and_switch(
                 + detail
             )
     wait_ready(api, model, version, watch, timeout_s)
-    check_prediction(api.predict(model, version), f"{model} {version}")
+    api.smoke_test(model, version, f"{model} {version}")
     api.set_default(model, version)
     say(f"{model} {version} is the default version")
 
