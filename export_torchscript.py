@@ -74,6 +74,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         max_pixels=args.max_pixels,
         demo=loaded.demo,
         micro_batch=args.micro_batch,
+        threads=args.threads,
         optimize=not args.no_optimize,
         runtime=args.runtime,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
@@ -114,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="images per forward pass in the handler (default 0: 1 on CPU, all on GPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads per worker (default 0: torch's default, one per core)",
     )
     parser.add_argument(
         "--runtime",

@@ -38,6 +38,8 @@ class B4Handler:
         model_dir = Path(properties["model_dir"])
         config = ModelConfig.load(model_dir)
         device = select_device(properties.get("gpu_id"))
+        if config.threads:  # several workers on one CPU: split the cores between them
+            torch.set_num_threads(config.threads)
         serialized = model_dir / context.manifest["model"]["serializedFile"]
         model = load_model(serialized, config.runtime, device, optimize=config.optimize)
         self.classifier = Classifier(model, config, device)

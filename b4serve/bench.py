@@ -56,9 +56,11 @@ class ServedConfig:
     max_batch_delay_ms: int
     workers: int = 1
     runtime: str = "torchscript"
+    threads: int = 0  # per worker; 0: one per core
 
     def deploy_env(self) -> dict[str, str]:
         return {
+            "B4_THREADS": str(self.threads),
             "B4_RUNTIME": self.runtime,
             "B4_OPTIMIZE": "1" if self.optimize else "0",
             "B4_MICRO_BATCH": str(self.micro_batch),
@@ -78,6 +80,16 @@ DEFAULT = ServedConfig(
     Registration.batch_size,
     Registration.max_batch_delay_ms,
     Registration.initial_workers,
+)
+# Workers versus threads on the CPU: two workers of one thread each instead of one of two.
+TWO_WORKERS = ServedConfig(
+    "ours, 2 workers x 1 thread",
+    True,
+    0,
+    Registration.batch_size,
+    Registration.max_batch_delay_ms,
+    workers=2,
+    threads=1,
 )
 # The optional runtime, same registration.
 ONNX = ServedConfig(
@@ -375,6 +387,10 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
             max(ours_e2e, onnx_e2e) * 60,
             ">= 1000",
         ),
+        "2 workers x 1 thread / 1 worker x 2 threads, end to end best": (
+            best("end to end", TWO_WORKERS.name) / ours_e2e,
+            "(context: > 1 favours workers)",
+        ),
         "ours 1-client throughput / 32-client": (
             rate(DEFAULT.name, "1 clients") / rate(DEFAULT.name, "32 clients"),
             "(context)",
@@ -414,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = [
         (SEED, plan(10, 24, 48)),
         (DEFAULT, plan(30, 64, 96)),
+        (TWO_WORKERS, plan(30, 64, 96)),
         (ONNX, plan(30, 64, 96, client=args.client_images)),
     ]
     checkpoint = ensure_demo_checkpoint(DEMO_CACHE)

@@ -49,6 +49,9 @@ class ModelConfig:
     # Images per forward pass (TTA doubles it). 0: 1 on the CPU, where single images run fastest
     # per image, and the whole server batch on a GPU.
     micro_batch: int = 0
+    # Intra-op threads per worker. 0: torch's default (one per core). With N workers on a CPU,
+    # cores / N keeps them from fighting over the cores.
+    threads: int = 0
     # Freeze and use channels_last. False reproduces the seed's plain TorchScript (a baseline).
     optimize: bool = True
     # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
@@ -64,8 +67,10 @@ class ModelConfig:
             raise ValueError(f"mean and std need 3 values each, std > 0: {self.mean} {self.std}")
         if self.input_size < 1 or self.max_pixels < self.input_size**2:
             raise ValueError(f"bad input_size {self.input_size} or max_pixels {self.max_pixels}")
-        if self.micro_batch < 0:
-            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
+        if self.micro_batch < 0 or self.threads < 0:
+            raise ValueError(
+                f"micro_batch and threads must be >= 0: {self.micro_batch}, {self.threads}"
+            )
 
     @classmethod
     def for_arch(
@@ -78,6 +83,7 @@ class ModelConfig:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         demo: bool = False,
         micro_batch: int = 0,
+        threads: int = 0,
         optimize: bool = True,
         runtime: str = "torchscript",
         extra: dict[str, str] | None = None,
@@ -95,6 +101,7 @@ class ModelConfig:
             max_pixels=max_pixels,
             demo=demo,
             micro_batch=micro_batch,
+            threads=threads,
             optimize=optimize,
             runtime=runtime,
             extra=dict(extra or {}),
@@ -129,6 +136,7 @@ class ModelConfig:
             max_pixels=int(meta["max_pixels"]),
             demo=bool(meta.get("demo", False)),
             micro_batch=int(meta.get("micro_batch", 0)),
+            threads=int(meta.get("threads", 0)),
             optimize=bool(meta.get("optimize", True)),
             runtime=str(meta.get("runtime", "torchscript")),
             extra=dict(meta.get("extra", {})),

@@ -8,7 +8,8 @@
 #   --force              rebuild even if the model store already holds this version
 # Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
 #   file; default: the checkpoint's), B4_MICRO_BATCH (images per forward; default 1 on CPU,
-#   the whole batch on GPU), B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline),
+#   the whole batch on GPU), B4_THREADS (intra-op threads per worker; default: one per core),
+#   B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline),
 #   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
 #   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
 #   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
@@ -43,6 +44,7 @@ export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
   --num-classes "${B4_NUM_CLASSES:-6}" --output "$build/model.pt" --meta-dir "$build/extra")
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
 [ -n "${B4_MICRO_BATCH:-}" ] && export_args+=(--micro-batch "$B4_MICRO_BATCH")
+[ -n "${B4_THREADS:-}" ] && export_args+=(--threads "$B4_THREADS")
 [ "${B4_OPTIMIZE:-1}" = 0 ] && export_args+=(--no-optimize)
 runtime="${B4_RUNTIME:-torchscript}"
 case "$runtime" in

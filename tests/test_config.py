@@ -22,7 +22,9 @@ def server_properties() -> dict[str, str]:
 
 
 def test_model_config_round_trips_through_its_two_files(tmp_path: Path) -> None:
-    config = ModelConfig.for_arch("efficientnet_b4", 3, ["cat", "dog", "eel"], demo=True)
+    config = ModelConfig.for_arch(
+        "efficientnet_b4", 3, ["cat", "dog", "eel"], demo=True, micro_batch=2, threads=1
+    )
     written = config.save(tmp_path)
     assert sorted(p.name for p in written) == ["index_to_name.json", "model_meta.json"]
     assert ModelConfig.load(tmp_path) == config
@@ -34,6 +36,8 @@ def test_model_config_refuses_inconsistent_values() -> None:
         ModelConfig.for_arch("efficientnet_b4", 3, ["a", "b"])
     with pytest.raises(ValueError, match="unknown arch"):
         ModelConfig.for_arch("resnet50", 3)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        ModelConfig.for_arch("efficientnet_b4", 3, threads=-1)
 
 
 def test_max_request_size_is_the_largest_body_the_decoder_accepts() -> None:
@@ -51,7 +55,11 @@ def test_server_defaults_are_safe() -> None:
     assert "-Dlog4j.configurationFile=log4j.properties" in properties["vmargs"]
 
 
-@pytest.mark.parametrize("script", ["bootstrap.sh", "build_mar.sh", "deploy.sh", "test.sh"])
+@pytest.mark.parametrize(
+    "script",
+    ["bootstrap.sh", "build_mar.sh", "deploy.sh", "test.sh", "health.sh", "soak.sh", "bench.sh",
+     "kserve_layout.sh"],
+)  # fmt: skip
 def test_every_script_answers_help(script: str) -> None:
     result = subprocess.run(
         [str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True, timeout=30
