@@ -16,7 +16,15 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome
-from b4serve.protocol import Protocol, detect_protocol, payload_of
+from b4serve.protocol import (
+    ParsedRequest,
+    Protocol,
+    detect_protocol,
+    header_length,
+    parse_raw_request,
+    payload_of,
+    raw_answer,
+)
 from b4serve.runtime import load_model, select_device
 from b4serve.telemetry import METRICS, batch_observations
 
@@ -29,6 +37,7 @@ class B4Handler:
     def __init__(self) -> None:
         self.classifier: Classifier | None = None
         self.model_name = "b4"
+        self.model_version = ""
         self.metrics: dict[str, Any] = {}  # b4serve.telemetry spec name -> TorchServe metric
         self.initialized = False
 
@@ -45,6 +54,7 @@ class B4Handler:
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
         self.model_name = context.model_name
+        self.model_version = str(context.manifest["model"].get("modelVersion", ""))
         self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
@@ -53,55 +63,72 @@ class B4Handler:
         )  # fmt: skip
         self.initialized = True
 
-    def preprocess(self, items: list[Any], protocol: Protocol = "raw") -> list[object]:
-        """Each request's ``.npy`` bytes, or each KServe instance/input as bytes or an array."""
-        return [payload_of(item, protocol) for item in items]
+    def preprocess(self, data: list[Any], context: Any, protocol: Protocol) -> list[ParsedRequest]:
+        """The requests of this batch with their images: ``.npy`` bytes, KServe requests in the
+        body, or (under an envelope) the instances or inputs of one KServe request."""
+        if protocol != "raw":
+            return [ParsedRequest([payload_of(item, protocol) for item in data], form=protocol)]
+        return [
+            parse_raw_request(item, header_length(context.get_all_request_header(index)))
+            for index, item in enumerate(data)
+        ]
 
     def inference(self, payloads: list[object]) -> list[Outcome]:
-        """Decode, validate and classify every payload; bad ones come back as errors."""
+        """Decode, validate and classify every image; bad ones come back as errors."""
         assert self.classifier is not None, "initialize() was not called"
         return self.classifier.classify(payloads)
 
     def postprocess(
-        self, outcomes: list[Outcome], context: Any, protocol: Protocol = "raw"
+        self,
+        requests: list[ParsedRequest],
+        outcomes: list[Outcome],
+        context: Any,
+        protocol: Protocol,
     ) -> list[Any]:
-        """One answer per item. Raw: each failed request gets its own status. Under a KServe
-        envelope all items share one HTTP response: it takes the first failure's status."""
-        failures = [(i, o) for i, o in enumerate(outcomes) if o.error is not None]
-        for index, outcome in failures:
-            log.warning(
-                "request %d of %d failed: %d %s: %.300s", index, len(outcomes),
-                outcome.status, outcome.error.type, outcome.error.message,
-            )  # fmt: skip
-        if protocol == "raw":
-            for index in range(len(outcomes)):
-                context.set_response_content_type(index, "application/json")
-            statuses = failures
-        else:  # one request, answered by the envelope
-            context.set_response_content_type(0, "application/json")
-            statuses = [(0, failures[0][1])] if failures else []
-        for index, outcome in statuses:
-            # The standard phrase, never the message: TorchServe 0.12 frames the phrase by its
-            # length in characters, so one non-ASCII character in it corrupts the reply stream
-            # and kills the worker. The message travels in the JSON body.
-            context.set_response_status(outcome.status, outcome.error.phrase, index)
-        return [outcome.answer(protocol) for outcome in outcomes]
+        """One answer per request, with the status of its first failed image. Under a KServe
+        envelope one answer per image, which the envelope wraps into the request's response."""
+        answers: list[Any] = []
+        position = 0
+        for index, request in enumerate(requests):
+            mine = outcomes[position : position + len(request.payloads)]
+            position += len(request.payloads)
+            context.set_response_content_type(index, "application/json")
+            failed = [(i, o) for i, o in enumerate(mine) if o.error is not None]
+            for image, outcome in failed:
+                where = f"image {image}: " if len(mine) > 1 else ""
+                log.warning(
+                    "request %d of %d failed: %d %s: %s%.300s", index, len(requests),
+                    outcome.status, outcome.error.type, where, outcome.error.message,
+                )  # fmt: skip
+            if failed:
+                # The standard phrase, never the message: TorchServe 0.12 frames the phrase by
+                # its length in characters, so one non-ASCII character in it corrupts the reply
+                # stream and kills the worker. The message travels in the JSON body.
+                first = failed[0][1]
+                context.set_response_status(first.status, first.error.phrase, index)
+            if protocol != "raw":
+                answers += [outcome.answer(protocol) for outcome in mine]
+            else:
+                results = [(o.probabilities, o.error) for o in mine]
+                answers.append(raw_answer(request, results, self.model_name, self.model_version))
+        return answers
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
         protocol = detect_protocol(data)
-        outcomes = self.inference(self.preprocess(data, protocol))
+        requests = self.preprocess(data, context, protocol)
+        outcomes = self.inference([payload for r in requests for payload in r.payloads])
         if self.classifier is not None:
-            self.report(len(data))
-        return self.postprocess(outcomes, context, protocol)
+            self.report(len(outcomes))
+        return self.postprocess(requests, outcomes, context, protocol)
 
-    def report(self, requests: int) -> None:
+    def report(self, images: int) -> None:
         """Log the latest batch in a line and add it to the Prometheus metrics."""
         assert self.classifier is not None
         stats = self.classifier.last
         log.info(
-            "batch of %d: %d failed %s, decode %.1f ms, model %.1f ms",
-            requests, stats.failed, [e for e in stats.errors if e],
+            "batch of %d images: %d failed %s, decode %.1f ms, model %.1f ms",
+            images, stats.failed, [e for e in stats.errors if e],
             sum(stats.decode_seconds) * 1e3, stats.model_seconds * 1e3,
         )  # fmt: skip
         for observation in batch_observations(self.model_name, stats):

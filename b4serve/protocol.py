@@ -15,6 +15,10 @@ Accepted items:
   BYTES holding the base64 of ``.npy`` bytes.
 TorchServe's envelopes answer one request per server batch (they read only the first request),
 so a model behind one must be registered with ``batch_size=1``.
+
+Without an envelope the handler also takes KServe requests itself, one per TorchServe request,
+so they are batched like ``.npy`` bodies and fail alone (:func:`parse_raw_request`): a v1 or v2
+JSON body, or v2 with the binary-data extension (header ``Inference-Header-Content-Length``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -33,29 +40,178 @@ from b4serve.errors import (
     UnsupportedMediaType,
     error_body,
     error_fields,
-)  # fmt: skip
+)
 
 __all__ = [
-    "ENVELOPES", "Protocol", "answer_of", "detect_protocol", "encode_request", "payload_of",
+    "BINARY_HEADER",
+    "ENVELOPES",
+    "ParsedRequest",
+    "Protocol",
+    "answer_of",
+    "detect_protocol",
+    "encode_request",
+    "encode_v2_binary",
+    "header_length",
+    "parse_raw_request",
+    "payload_of",
     "probabilities_of",
-]  # fmt: skip
+    "raw_answer",
+]
 
 Protocol = Literal["raw", "v1", "v2"]
 # TorchServe's service_envelope value for each protocol
 ENVELOPES: dict[Protocol, str] = {"raw": "", "v1": "kserve", "v2": "kservev2"}
 _V2_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
+# The v2 binary-data extension: the JSON header's length in bytes; the tensors' bytes follow it.
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+@dataclass
+class ParsedRequest:
+    """One TorchServe request: its images and the form of its answer.
+
+    ``form`` is ``npy`` (a raw ``.npy`` body, answered with the JSON probability list), ``v1`` or
+    ``v2`` (a KServe request, answered with a KServe response document: by the handler without
+    an envelope, by TorchServe's envelope otherwise).
+    """
+
+    payloads: list[object]  # .npy bytes, arrays, or the InferenceError an item failed with
+    form: Literal["npy", "v1", "v2"] = "npy"
+    names: list[str] = field(default_factory=list)  # v2 input names, for the outputs
+    request_id: str | None = None
+
+
+def header_length(headers: Mapping[str, str]) -> int | None:
+    """The binary-data extension's JSON header length, if the request declares one."""
+    for name, value in headers.items():
+        if name.lower() == BINARY_HEADER.lower():
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return -1  # present but not a number: parse_raw_request refuses it
+    return None
+
+
+def parse_raw_request(item: Any, binary_header_length: int | None = None) -> ParsedRequest:
+    """What one request without an envelope carries: ``.npy`` bytes, or a KServe request."""
+    body = _raw_body(item)
+    try:
+        if binary_header_length is not None:
+            return _v2_document(*_split_binary(body, binary_header_length))
+        if isinstance(body, bytes | bytearray) and body[:1] == b"{":
+            return _json_document(bytes(body))
+    except InferenceError as error:
+        return ParsedRequest([error])
+    return ParsedRequest([body])
+
+
+def _split_binary(body: object, length: int) -> tuple[dict[str, Any], memoryview]:
+    if not isinstance(body, bytes | bytearray) or not 0 < length <= len(body):
+        raise InvalidInput(f"{BINARY_HEADER} must be a length within the body, got {length}")
+    document = _load_json(bytes(body[:length]))
+    return document, memoryview(body)[length:]
+
+
+def _load_json(text: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnsupportedMediaType(f"body is neither .npy nor valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise UnsupportedMediaType("a JSON body must be a KServe v1 or v2 request object")
+    return document
+
+
+def _json_document(text: bytes) -> ParsedRequest:
+    document = _load_json(text)
+    if "inputs" in document:
+        return _v2_document(document, memoryview(b""))
+    if "instances" in document and isinstance(document["instances"], list):
+        instances = document["instances"]
+        return ParsedRequest([payload_of(i, "v1") for i in instances] or [_empty()], form="v1")
+    raise UnsupportedMediaType(
+        'a JSON body must be a KServe v1 request ({"instances": [...]}) or v2 request '
+        '({"inputs": [...]}); for .npy bytes send Content-Type: application/octet-stream'
+    )
+
+
+def _empty() -> InferenceError:
+    return InvalidInput("the request holds no image")
+
+
+def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        return ParsedRequest([_empty()], form="v2")
+    payloads: list[object] = []
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            payloads.append(InvalidInput("each v2 input must be an object"))
+            continue
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is None:  # JSON data
+            payloads.append(payload_of(tensor, "v2"))
+            continue
+        chunk = binary[offset : offset + int(size)]
+        offset += int(size)
+        payloads.append(_binary_tensor(tensor, chunk, int(size)))
+    if offset < len(binary):  # (too little data is reported by the input it cut short)
+        extra = InvalidInput(f"{len(binary) - offset} bytes of binary data no input claims")
+        payloads = [extra] * len(payloads)
+    names = [str(t.get("name", f"input-{i}")) if isinstance(t, dict) else f"input-{i}"
+             for i, t in enumerate(inputs)]  # fmt: skip
+    request_id = document.get("id") if isinstance(document.get("id"), str) else None
+    return ParsedRequest(payloads, form="v2", names=names, request_id=request_id)
+
+
+def _binary_tensor(tensor: dict[str, Any], chunk: memoryview, size: int) -> object:
+    """One input's bytes under the binary-data extension: raw little-endian tensor, or BYTES
+    elements each preceded by its 4-byte little-endian length (the first one is the .npy)."""
+    name = tensor.get("name")
+    if len(chunk) < size:
+        return InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
+    datatype = tensor.get("datatype")
+    if datatype == "BYTES":
+        if size < 4:
+            return InvalidInput(f"input {name!r}: BYTES data needs a 4-byte length")
+        (length,) = struct.unpack_from("<I", chunk)
+        if length > size - 4:
+            return InvalidInput(
+                f"input {name!r}: BYTES element of {length} bytes overruns the data"
+            )
+        return bytes(chunk[4 : 4 + length])
+    if datatype not in _V2_DTYPES:
+        return _unsupported_datatype(name, datatype)
+    dtype = np.dtype(_V2_DTYPES[datatype]).newbyteorder("<")
+    try:
+        shape = tuple(int(side) for side in tensor.get("shape", ()))
+        if int(np.prod(shape)) * dtype.itemsize != size or min(shape, default=0) < 0:
+            raise ValueError(f"{size} bytes do not hold a {datatype} tensor of shape {list(shape)}")
+        return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+    except (TypeError, ValueError) as error:
+        return InvalidInput(f"input {name!r}: {error}")
 
 
 def detect_protocol(items: list[Any]) -> Protocol:
-    """Which protocol a handler's ``data`` came in (all items of one batch share it)."""
-    first = items[0] if items else None
+    """Which protocol a handler's ``data`` came in (all items of one batch share it).
+
+    Without an envelope every item is TorchServe's dict of request parameters holding bytes
+    (``decode_input_request=false``); under ``kservev2`` each is a tensor dict; under ``kserve``
+    each is whatever the v1 instances held.
+    """
+    if any(_is_torchserve_request(item) for item in items) or not items:
+        return "raw"
+    first = items[0]
     if isinstance(first, dict) and "datatype" in first and "shape" in first:
         return "v2"
-    if isinstance(first, dict) and (
-        "body" in first or isinstance(first.get("data"), bytes | bytearray)
-    ):
-        return "raw"
-    return "v1" if items else "raw"
+    return "v1"
+
+
+def _is_torchserve_request(item: Any) -> bool:
+    return isinstance(item, dict) and (
+        "body" in item or any(isinstance(v, bytes | bytearray) for v in item.values())
+    )
 
 
 def payload_of(item: Any, protocol: Protocol) -> object:
@@ -85,6 +241,32 @@ def answer_of(
     if protocol == "v2":
         return np.asarray(probabilities, dtype=np.float32)  # the envelope names it FP32
     return probabilities
+
+
+def raw_answer(
+    request: ParsedRequest,
+    results: list[tuple[list[float] | None, InferenceError | None]],
+    model_name: str,
+    model_version: str,
+) -> bytes:
+    """The JSON body answering one request without an envelope, in the form it came in."""
+    if request.form == "npy":
+        ((probabilities, error),) = results
+        return answer_of(probabilities, error, "raw")
+    if request.form == "v1":
+        return json.dumps({"predictions": [answer_of(p, e, "v1") for p, e in results]}).encode()
+    failed = next((error for _, error in results if error is not None), None)
+    if failed is not None:  # the protocol's error object, with our fields beside it
+        body = {"error": f"{failed.type}: {failed.message}", **error_fields(failed)}
+        return json.dumps(body).encode()
+    outputs = [
+        {"name": name, "datatype": "FP32", "shape": [len(p or [])], "data": p}
+        for name, (p, _) in zip(request.names, results, strict=True)
+    ]
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.request_id:
+        document["id"] = request.request_id
+    return json.dumps({**document, "outputs": outputs}).encode()
 
 
 def _raw_body(item: Any) -> object:
@@ -123,10 +305,7 @@ def _v2_payload(tensor: dict[str, Any]) -> object:
             raise InvalidInput("a BYTES input must hold the base64 of .npy bytes as its element")
         return _base64_npy(data, f"input {tensor.get('name')!r}")
     if datatype not in _V2_DTYPES:
-        raise InvalidInput(
-            f"input {tensor.get('name')!r} has datatype {datatype!r}; "
-            f"send {', '.join(_V2_DTYPES)} [H, W, 3] or BYTES (.npy)"
-        )
+        raise _unsupported_datatype(tensor.get("name"), datatype)
     try:
         array = np.asarray(data, dtype=_V2_DTYPES[datatype])
         shape = tuple(int(side) for side in tensor.get("shape", ()))
@@ -135,6 +314,13 @@ def _v2_payload(tensor: dict[str, Any]) -> object:
         return array.reshape(shape)
     except (TypeError, ValueError, OverflowError) as error:
         raise InvalidInput(f"input {tensor.get('name')!r}: {error}") from None
+
+
+def _unsupported_datatype(name: object, datatype: object) -> InvalidInput:
+    return InvalidInput(
+        f"input {name!r} has datatype {datatype!r}; send {', '.join(_V2_DTYPES)} [H, W, 3] "
+        "or BYTES (.npy)"
+    )
 
 
 def _json_image(rows: list[Any]) -> np.ndarray:
@@ -173,6 +359,19 @@ def encode_request(image: np.ndarray, protocol: Protocol, name: str = "image") -
     tensor = {"name": name, "shape": list(image.shape), "datatype": datatype,
               "data": image.ravel().tolist()}  # fmt: skip
     return json.dumps({"inputs": [tensor]}).encode(), "application/json"
+
+
+def encode_v2_binary(image: np.ndarray, name: str = "image") -> tuple[bytes, dict[str, str]]:
+    """A v2 request carrying ``image`` with the binary-data extension, and its headers."""
+    datatype = {np.dtype(v): k for k, v in _V2_DTYPES.items()}.get(image.dtype)
+    if datatype is None:
+        raise ValueError(f"no v2 datatype for {image.dtype}")
+    data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes()
+    tensor = {"name": name, "shape": list(image.shape), "datatype": datatype,
+              "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    headers = {"Content-Type": "application/octet-stream", BINARY_HEADER: str(len(header))}
+    return header + data, headers
 
 
 def probabilities_of(answer: Any, protocol: Protocol) -> list[list[float]]:

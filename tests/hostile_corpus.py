@@ -7,6 +7,7 @@ TorchServe next to good requests in the same server batch.
 from __future__ import annotations
 
 import io
+import json
 import struct
 from dataclasses import dataclass
 
@@ -33,6 +34,12 @@ def _image(dtype: str = "u1", shape: tuple[int, ...] = (24, 24, 3)) -> np.ndarra
 
 
 GOOD = encode_npy(_image())
+
+
+def _kserve_v2(datatype: str, shape: list[int], data: list[int]) -> bytes:
+    """A KServe v2 JSON request with one input."""
+    tensor = {"name": "x", "datatype": datatype, "shape": shape, "data": data}
+    return json.dumps({"inputs": [tensor]}).encode()
 
 
 def _v1(header: str, data: bytes = b"") -> bytes:
@@ -117,7 +124,21 @@ HOSTILE: list[Case] = [
     Case("latin1 junk header", _v1("\xff\xfe\x00\x01" * 8), 400, "header"),
     Case("PNG", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 415, "not an .npy"),
     Case("JPEG", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64, 415, "not an .npy"),
-    Case("JSON", b'{"instances": [[[0, 0, 0]]]}', 415, "not an .npy"),
+    Case("JSON, not a KServe request", b'{"image": [[[0, 0, 0]]]}', 415, "KServe v1"),
+    Case("JSON, broken", b'{"inputs": [', 415, "valid JSON"),
+    Case("JSON array", b"[1, 2, 3]", 415, "not an .npy"),
+    Case("KServe v2, inputs not a list", b'{"inputs": "x"}', 400, "no image"),
+    Case("KServe v2, INT64 tensor", _kserve_v2("INT64", [1, 1, 3], [0, 0, 0]), 400, "'INT64'"),
+    Case("KServe v2, uint8 out of range", _kserve_v2("UINT8", [1, 1, 3], [0, 0, 999]), 400, "999"),
+    Case(
+        "KServe v2, shape and data disagree",
+        _kserve_v2("UINT8", [2, 2, 3], [0] * 3),
+        400,
+        "3 values for shape",
+    ),
+    Case("KServe v2, 1-D tensor", _kserve_v2("UINT8", [3], [1, 2, 3]), 400, "1-d shape"),
+    Case("KServe v1, not base64", b'{"instances": [{"data": "!!"}]}', 415, "not base64"),
+    Case("KServe v1, ragged image", b'{"instances": [[[1, 2], [3]]]}', 400, "rectangular"),
     Case("text", b"hello, model", 415, "not an .npy"),
     Case("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 32, 415, "not an .npy"),
 ]

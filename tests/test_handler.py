@@ -21,7 +21,7 @@ import torch
 from b4serve.codec import encode_npy
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier
-from b4serve.protocol import encode_request, probabilities_of
+from b4serve.protocol import encode_request, encode_v2_binary, probabilities_of
 from b4serve.runtime import load_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +231,26 @@ def test_a_bad_instance_fails_its_kserve_request_with_the_reason(model_dir, rng)
     assert response["status"] == 415
     ok, bad = json.loads(response["body"])["predictions"]
     assert len(ok) == 6 and bad["type"] == "UnsupportedMediaType"
+
+
+def test_kserve_requests_without_an_envelope_share_a_batch_and_fail_alone(service, rng) -> None:
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    binary, headers = encode_v2_binary(image, name="pixels")
+    batch = [
+        _request(0, encode_npy(image)),
+        _request(1, encode_request(image, "v2")[0], "application/json"),
+        {**_request(2, binary),
+         "headers": [{"name": k.encode(), "value": v.encode()} for k, v in headers.items()]},
+        _request(3, encode_request(image, "v1")[0], "application/json"),
+        _request(4, b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}'),
+    ]  # fmt: skip
+    responses = _decode_response(service.predict(batch))
+    assert [r["status"] for r in responses] == [200, 200, 200, 200, 400]
+    expected = json.loads(responses[0]["body"])
+    v2_json, v2_binary, v1, bad = (json.loads(r["body"]) for r in responses[1:])
+    assert v2_json["model_name"] == "b4" and v2_json["model_version"] == "1"
+    assert v2_binary["outputs"][0]["name"] == "pixels"
+    for probabilities in (v2_json["outputs"][0]["data"], v2_binary["outputs"][0]["data"],
+                          v1["predictions"][0]):  # fmt: skip
+        np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert bad["type"] == "InvalidInput" and "'INT64'" in bad["error"]

@@ -11,11 +11,16 @@ import pytest
 from b4serve.codec import decode_npy, encode_npy
 from b4serve.errors import InvalidInput, UnsupportedMediaType
 from b4serve.protocol import (
+    ParsedRequest,
     answer_of,
     detect_protocol,
     encode_request,
+    encode_v2_binary,
+    header_length,
+    parse_raw_request,
     payload_of,
     probabilities_of,
+    raw_answer,
 )
 
 IMAGE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
@@ -104,3 +109,73 @@ def test_probabilities_are_read_from_each_answer_form() -> None:
     assert probabilities_of({"predictions": [[0.5, 0.5]]}, "v1") == [[0.5, 0.5]]
     answer = {"outputs": [{"name": "image", "datatype": "FP32", "shape": [2], "data": [0.5, 0.5]}]}
     assert probabilities_of(answer, "v2") == [[0.5, 0.5]]
+
+
+# --- KServe requests without an envelope: one per TorchServe request ---------------------------
+
+
+def test_a_raw_npy_body_is_one_image() -> None:
+    request = parse_raw_request({"body": encode_npy(IMAGE)})
+    assert request.form == "npy" and len(request.payloads) == 1
+
+
+def test_v2_json_and_v1_json_bodies_are_kserve_requests() -> None:
+    body, _ = encode_request(IMAGE, "v2")
+    v2 = parse_raw_request({"body": body})
+    assert v2.form == "v2" and v2.names == ["image"]
+    assert np.array_equal(v2.payloads[0], IMAGE)
+    v1 = parse_raw_request({"body": encode_request(IMAGE, "v1")[0]})
+    assert v1.form == "v1" and decode_npy(v1.payloads[0], 10**6).shape == (4, 5, 3)
+
+
+def test_v2_binary_data_extension_carries_tensors_and_npy_bytes() -> None:
+    body, headers = encode_v2_binary(IMAGE)
+    request = parse_raw_request({"body": body}, header_length(headers))
+    assert request.form == "v2" and np.array_equal(request.payloads[0], IMAGE)
+    npy = encode_npy(IMAGE)
+    tensor = {"name": "npy", "shape": [1], "datatype": "BYTES",
+              "parameters": {"binary_data_size": 4 + len(npy)}}  # fmt: skip
+    header = json.dumps({"id": "r1", "inputs": [tensor]}).encode()
+    element = len(npy).to_bytes(4, "little") + npy
+    request = parse_raw_request({"body": header + element}, len(header))
+    assert request.request_id == "r1"
+    np.testing.assert_array_equal(decode_npy(request.payloads[0], 10**6), IMAGE)
+
+
+@pytest.mark.parametrize(
+    ("cut", "words"),
+    [(-1, "truncated"), (+3, "3 bytes of binary data no input claims")],
+)
+def test_binary_data_that_does_not_add_up_is_refused(cut: int, words: str) -> None:
+    body, headers = encode_v2_binary(IMAGE)
+    body = body[:cut] if cut < 0 else body + b"\0" * cut
+    (payload,) = parse_raw_request({"body": body}, header_length(headers)).payloads
+    assert isinstance(payload, InvalidInput) and words in payload.message
+
+
+def test_unusable_kserve_bodies_get_clear_errors() -> None:
+    (bad_length,) = parse_raw_request({"body": b"{}"}, 99).payloads
+    assert (
+        isinstance(bad_length, InvalidInput)
+        and "Inference-Header-Content-Length" in bad_length.message
+    )
+    (not_kserve,) = parse_raw_request({"body": b'{"image": [1, 2]}'}).payloads
+    assert isinstance(not_kserve, UnsupportedMediaType) and "KServe v1" in not_kserve.message
+    (broken,) = parse_raw_request({"body": b'{"inputs": [}'}).payloads
+    assert isinstance(broken, UnsupportedMediaType) and "valid JSON" in broken.message
+    (empty,) = parse_raw_request({"body": b'{"instances": []}'}).payloads
+    assert isinstance(empty, InvalidInput) and "no image" in empty.message
+    assert header_length({"inference-header-content-length": "12"}) == 12  # any case
+    assert header_length({"Content-Type": "application/json"}) is None
+
+
+def test_raw_answers_are_kserve_documents() -> None:
+    v2 = ParsedRequest([IMAGE], form="v2", names=["image"], request_id="r1")
+    answer = json.loads(raw_answer(v2, [([0.25, 0.75], None)], "b4", "abc"))
+    assert answer == {"model_name": "b4", "model_version": "abc", "id": "r1", "outputs": [
+        {"name": "image", "datatype": "FP32", "shape": [2], "data": [0.25, 0.75]}]}  # fmt: skip
+    failed = json.loads(raw_answer(v2, [(None, InvalidInput("NaN"))], "b4", "abc"))
+    assert failed["error"] == "InvalidInput: NaN" and failed["code"] == 400
+    v1 = ParsedRequest([IMAGE, IMAGE], form="v1")
+    both = json.loads(raw_answer(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))], "b4", "1"))
+    assert both["predictions"][0] == [1.0, 0.0] and both["predictions"][1]["type"] == "InvalidInput"

@@ -1,4 +1,4 @@
-"""KServe v1 and v2 through TorchServe's own envelopes, on real servers, against the raw path.
+"""KServe v1 and v2 on real TorchServe, with and without its envelopes, against the raw path.
 
 Each protocol gets a throwaway server started by scripts/deploy.sh with B4_PROTOCOL set (so
 TorchServe runs with service_envelope=kserve or kservev2); the session server (raw .npy bodies)
@@ -17,6 +17,7 @@ import requests
 
 from b4serve.codec import encode_npy
 from b4serve.demo import generate_images
+from b4serve.protocol import encode_request, encode_v2_binary
 from b4serve.sandbox import Server, server_env
 
 pytestmark = pytest.mark.integration
@@ -94,3 +95,32 @@ def test_a_bad_kserve_input_gets_a_clear_4xx_and_the_server_goes_on(enveloped: S
         else {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
                           "data": [b64_npy(IMAGES[2])]}]}  # fmt: skip
     assert post_json(enveloped, good).status_code == 200
+
+
+def test_kserve_requests_without_an_envelope_match_the_raw_path(
+    server: Server, raw_answers
+) -> None:
+    # The session server runs without an envelope: the handler reads KServe requests itself,
+    # binary-data extension included, and batches them with everything else.
+    auth = server.keys.auth_headers("inference")
+    image = IMAGES[0]
+    binary, binary_headers = encode_v2_binary(image, name="pixels")
+    v2_json, json_type = encode_request(image, "v2")
+    v1_json, _ = encode_request(image, "v1")
+    sent = [(binary, binary_headers), (v2_json, {"Content-Type": json_type}),
+            (v1_json, {"Content-Type": json_type})]  # fmt: skip
+    answers = [
+        requests.post(server.endpoints.predictions_url, data=body, headers={**h, **auth},
+                      timeout=120)
+        for body, h in sent
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    binary_answer, json_answer, v1_answer = (a.json() for a in answers)
+    assert binary_answer["outputs"][0]["name"] == "pixels"
+    assert binary_answer["model_name"] == "b4"
+    for probabilities in (binary_answer["outputs"][0]["data"], json_answer["outputs"][0]["data"],
+                          v1_answer["predictions"][0]):  # fmt: skip
+        np.testing.assert_allclose(probabilities, raw_answers[0], atol=1e-5)
+    truncated = requests.post(server.endpoints.predictions_url, data=binary[:-10],
+                              headers={**binary_headers, **auth}, timeout=60)  # fmt: skip
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]
