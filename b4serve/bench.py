@@ -346,17 +346,48 @@ def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict,
     lines += ["", "## Ratios", "", "| ratio | value | target |", "|---|---|---|"]
     for name, (value, target) in ratios.items():
         lines.append(f"| {name} | {value:.2f} | {target} |")
+    lines += ["", "## What this hardware allows", "", *ceilings(rows)]
     return "\n".join(lines) + "\n"
+
+
+def ceilings(rows: list[Row]) -> list[str]:
+    """The best any serving setup could reach here: a served model cannot beat its own
+    in-process forward speed, so each throughput target is compared with that ceiling."""
+
+    def best(section: str, prefix: str) -> float:
+        return best_rate(rows, section, prefix)
+
+    seed_e2e = best("end to end", SEED.name)
+    lines = [
+        "Upper bounds from this run's in-process ceilings (end to end can only be slower):",
+        "",
+        "| target | needs (TTA img/s) | in-process ceiling (TTA img/s) | reachable here |",
+        "|---|---|---|---|",
+    ]
+    for name, ceiling_prefix, factor in (
+        ("torchscript >= 3x seed end to end", "ours: frozen", 3.0),
+        ("fastest runtime >= 6x seed end to end", "ours: onnxruntime", 6.0),
+    ):
+        needs, ceiling = factor * seed_e2e, best("in-process", ceiling_prefix)
+        reachable = "yes" if ceiling >= needs else "no"
+        lines.append(f"| {name} | {needs:.2f} | {ceiling:.2f} | {reachable} |")
+    fastest = max(best("in-process", "ours: frozen"), best("in-process", "ours: onnxruntime"))
+    reachable = "yes" if fastest * 60 >= 1000 else "no"
+    lines.append(f"| >= 1,000 TTA images/minute | {1000 / 60:.2f} | {fastest:.2f} | {reachable} |")
+    return lines
+
+
+def best_rate(rows: list[Row], section: str, config_prefix: str) -> float:
+    """The highest throughput of ``section`` rows whose configuration starts with the prefix."""
+    rates = [
+        r.images_per_s for r in rows if r.section == section and r.config.startswith(config_prefix)
+    ]
+    return max(rates, default=float("nan"))
 
 
 def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
     def best(section: str, config_prefix: str) -> float:
-        rates = [
-            r.images_per_s
-            for r in rows
-            if r.section == section and r.config.startswith(config_prefix)
-        ]
-        return max(rates) if rates else float("nan")
+        return best_rate(rows, section, config_prefix)
 
     def rate(config: str, setting: str) -> float:
         return next(
