@@ -7,6 +7,7 @@ touches a server the user runs. The integration tests and the benchmark use it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -46,8 +47,11 @@ class Server:
     def endpoints(self) -> Endpoints:
         return Endpoints.from_env(self.env)
 
-    @property
+    @functools.cached_property
     def keys(self) -> KeyFile:
+        """One KeyFile for every caller: its lock makes concurrent threads that find the key
+        expired renew it once. Separate instances would each renew, and each renewal voids the
+        key the others just got."""
         return KeyFile.from_endpoints(self.endpoints)
 
     @property

@@ -45,8 +45,9 @@ def test_custom_metrics_count_requests_by_outcome_and_time_each_stage(server: Se
     bodies = [encode_npy(image) for image in images[:3]]
     bodies += [encode_npy(np.full((8, 8, 3), np.nan, np.float32)), b"junk, not .npy"]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        statuses = [r.status_code for r in pool.map(lambda body: post(server, body), bodies)]
-    assert statuses == [200, 200, 200, 400, 415]
+        responses = list(pool.map(lambda body: post(server, body), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200, 200, 200, 400, 415], [r.text[:200] for r in responses]
 
     def moved() -> dict[str, float]:
         after = request_counts(scrape(server), "b4")

@@ -103,7 +103,7 @@ def test_batch_with_one_malformed_request_fails_alone(server: Server) -> None:
     served = [responses[0].json(), responses[2].json(), responses[3].json()]
     np.testing.assert_allclose(served, [o.probabilities for o in expected], atol=1e-5, rtol=0)
     new_lines = log.read_text(errors="replace")[log_offset:]
-    assert "batch of 4: 1 failed ['InvalidInput']" in new_lines  # they really shared a batch
+    assert "batch of 4 images: 1 failed ['InvalidInput']" in new_lines  # they really shared a batch
     assert post(server, bodies[0]).status_code == 200  # and the worker is still serving
 
 
