@@ -253,12 +253,12 @@ def raw_answer(
     if request.form == "npy":
         ((probabilities, error),) = results
         return answer_of(probabilities, error, "raw")
-    if request.form == "v1":
-        return json.dumps({"predictions": [answer_of(p, e, "v1") for p, e in results]}).encode()
     failed = next((error for _, error in results if error is not None), None)
-    if failed is not None:  # the protocol's error object, with our fields beside it
+    if failed is not None:  # KServe's error object (v1 and v2), with our fields beside it
         body = {"error": f"{failed.type}: {failed.message}", **error_fields(failed)}
         return json.dumps(body).encode()
+    if request.form == "v1":
+        return json.dumps({"predictions": [p for p, _ in results]}).encode()
     outputs = [
         {"name": name, "datatype": "FP32", "shape": [len(p or [])], "data": p}
         for name, (p, _) in zip(request.names, results, strict=True)

@@ -177,5 +177,8 @@ def test_raw_answers_are_kserve_documents() -> None:
     failed = json.loads(raw_answer(v2, [(None, InvalidInput("NaN"))], "b4", "abc"))
     assert failed["error"] == "InvalidInput: NaN" and failed["code"] == 400
     v1 = ParsedRequest([IMAGE, IMAGE], form="v1")
-    both = json.loads(raw_answer(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))], "b4", "1"))
-    assert both["predictions"][0] == [1.0, 0.0] and both["predictions"][1]["type"] == "InvalidInput"
+    ok = json.loads(raw_answer(v1, [([1.0, 0.0], None), ([0.0, 1.0], None)], "b4", "1"))
+    assert ok == {"predictions": [[1.0, 0.0], [0.0, 1.0]]}
+    one_bad = json.loads(raw_answer(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))], "b4", "1"))
+    assert one_bad == {"error": "InvalidInput: x", "code": 400, "type": "InvalidInput",
+                       "message": "x"}  # fmt: skip
