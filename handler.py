@@ -15,7 +15,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from b4serve.config import ModelConfig
-from b4serve.pipeline import Classifier, Outcome
+from b4serve.pipeline import Classifier, Outcome, Reply, replies
 from b4serve.protocol import (
     ParsedRequest,
     Protocol,
@@ -23,7 +23,6 @@ from b4serve.protocol import (
     header_length,
     parse_raw_request,
     payload_of,
-    raw_answer,
 )
 from b4serve.runtime import load_model, select_device
 from b4serve.telemetry import METRICS, batch_observations
@@ -78,40 +77,25 @@ class B4Handler:
         assert self.classifier is not None, "initialize() was not called"
         return self.classifier.classify(payloads)
 
-    def postprocess(
-        self,
-        requests: list[ParsedRequest],
-        outcomes: list[Outcome],
-        context: Any,
-        protocol: Protocol,
-    ) -> list[Any]:
-        """One answer per request, with the status of its first failed image. Under a KServe
-        envelope one answer per image, which the envelope wraps into the request's response."""
-        answers: list[Any] = []
-        position = 0
-        for index, request in enumerate(requests):
-            mine = outcomes[position : position + len(request.payloads)]
-            position += len(request.payloads)
+    def postprocess(self, replies: list[Reply], context: Any, protocol: Protocol) -> list[Any]:
+        """Each request's JSON answer and status (its first failed image's); under a KServe
+        envelope, the one request's per-image answers, which the envelope wraps."""
+        for index, reply in enumerate(replies):
             context.set_response_content_type(index, "application/json")
-            failed = [(i, o) for i, o in enumerate(mine) if o.error is not None]
-            for image, outcome in failed:
-                where = f"image {image}: " if len(mine) > 1 else ""
+            for image, error in reply.failures:
+                where = f"image {image}: " if reply.images > 1 else ""
                 log.warning(
-                    "request %d of %d failed: %d %s: %s%.300s", index, len(requests),
-                    outcome.status, outcome.error.type, where, outcome.error.message,
+                    "request %d of %d failed: %d %s: %s%.300s", index, len(replies),
+                    error.status, error.type, where, error.message,
                 )  # fmt: skip
-            if failed:
+            if reply.error is not None:
                 # The standard phrase, never the message: TorchServe 0.12 frames the phrase by
                 # its length in characters, so one non-ASCII character in it corrupts the reply
                 # stream and kills the worker. The message travels in the JSON body.
-                first = failed[0][1]
-                context.set_response_status(first.status, first.error.phrase, index)
-            if protocol != "raw":
-                answers += [outcome.answer(protocol) for outcome in mine]
-            else:
-                results = [(o.probabilities, o.error) for o in mine]
-                answers.append(raw_answer(request, results, self.model_name, self.model_version))
-        return answers
+                context.set_response_status(reply.error.status, reply.error.phrase, index)
+        if protocol != "raw":  # one request, whose per-image answers the envelope wraps
+            return replies[0].body
+        return [reply.body for reply in replies]
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
@@ -120,7 +104,8 @@ class B4Handler:
         outcomes = self.inference([payload for r in requests for payload in r.payloads])
         if self.classifier is not None:
             self.report(len(outcomes))
-        return self.postprocess(requests, outcomes, context, protocol)
+        found = replies(requests, outcomes, protocol, self.model_name, self.model_version)
+        return self.postprocess(found, context, protocol)
 
     def report(self, images: int) -> None:
         """Log the latest batch in a line and add it to the Prometheus metrics."""

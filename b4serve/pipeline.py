@@ -18,12 +18,12 @@ from b4serve.codec import check_array, decode_npy
 from b4serve.config import ModelConfig
 from b4serve.errors import InferenceError
 from b4serve.preprocess import Preprocessor, stack_channels_last
-from b4serve.protocol import Protocol, answer_of
+from b4serve.protocol import ParsedRequest, Protocol, answer_of, raw_answer
 from b4serve.runtime import Model, micro_batch_size
 from b4serve.telemetry import BatchStats
 from b4serve.tta import tta_probabilities
 
-__all__ = ["Classifier", "Outcome"]
+__all__ = ["Classifier", "Outcome", "Reply", "replies"]
 
 
 @dataclass
@@ -40,6 +40,44 @@ class Outcome:
     def answer(self, protocol: Protocol = "raw") -> Any:
         """What the handler returns for this request in ``protocol`` (JSON bytes when raw)."""
         return answer_of(self.probabilities, self.error, protocol)
+
+
+@dataclass
+class Reply:
+    """What goes back for one TorchServe request: the body the handler returns for it (under a
+    KServe envelope, the list of per-image answers the envelope wraps) and its failed images."""
+
+    body: Any
+    failures: list[tuple[int, InferenceError]]  # (image index in the request, its error)
+    images: int = 1
+
+    @property
+    def error(self) -> InferenceError | None:
+        """The first failure: it sets the request's HTTP status."""
+        return self.failures[0][1] if self.failures else None
+
+
+def replies(
+    requests: Sequence[ParsedRequest],
+    outcomes: Sequence[Outcome],
+    protocol: Protocol,
+    model_name: str,
+    model_version: str,
+) -> list[Reply]:
+    """Group per-image outcomes back into one reply per request, in the caller's protocol."""
+    found: list[Reply] = []
+    position = 0
+    for request in requests:
+        mine = outcomes[position : position + len(request.payloads)]
+        position += len(request.payloads)
+        failures = [(i, o.error) for i, o in enumerate(mine) if o.error is not None]
+        if protocol != "raw":  # the envelope formats the answers itself
+            body: Any = [outcome.answer(protocol) for outcome in mine]
+        else:
+            results = [(o.probabilities, o.error) for o in mine]
+            body = raw_answer(request, results, model_name, model_version)
+        found.append(Reply(body, failures, len(mine)))
+    return found
 
 
 class Classifier:

@@ -10,8 +10,8 @@ import torch
 
 from b4serve.codec import encode_npy
 from b4serve.errors import InvalidInput
-from b4serve.pipeline import Classifier, Outcome
-from b4serve.protocol import payload_of
+from b4serve.pipeline import Classifier, Outcome, replies
+from b4serve.protocol import ParsedRequest, payload_of
 from b4serve.runtime import micro_batch_size
 
 CPU = torch.device("cpu")
@@ -83,3 +83,25 @@ def test_raw_request_body_takes_data_then_body() -> None:
     assert payload_of({"body": bytearray(b"b")}, "raw") == bytearray(b"b")
     assert payload_of({"other": 1}, "raw") is None
     assert Outcome(error=InvalidInput("x")).status == 400
+
+
+def test_replies_regroup_images_into_their_requests() -> None:
+    requests = [
+        ParsedRequest([b"npy"]),
+        ParsedRequest([b"a", b"b"], form="v2", names=["a", "b"]),
+        ParsedRequest([b"bad"]),
+    ]
+    outcomes = [Outcome([0.5, 0.5]), Outcome([1.0, 0.0]), Outcome(error=InvalidInput("no")),
+                Outcome(error=InvalidInput("NaN"))]  # fmt: skip
+    first, second, third = replies(requests, outcomes, "raw", "b4", "7")
+    assert json.loads(first.body) == [0.5, 0.5] and first.error is None
+    assert second.failures == [(1, outcomes[2].error)] and second.images == 2
+    assert json.loads(second.body)["error"] == "InvalidInput: no"
+    assert third.error is outcomes[3].error
+
+
+def test_under_an_envelope_one_reply_holds_every_images_answer() -> None:
+    outcomes = [Outcome([0.25, 0.75]), Outcome(error=InvalidInput("x"))]
+    (reply,) = replies([ParsedRequest([b"a", b"b"], form="v1")], outcomes, "v1", "b4", "1")
+    assert reply.body[0] == [0.25, 0.75] and reply.body[1]["type"] == "InvalidInput"
+    assert reply.error is outcomes[1].error
