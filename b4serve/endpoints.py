@@ -6,6 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast, get_args
+
+from b4serve.protocol import Protocol
 
 __all__ = ["REPO_ROOT", "Endpoints"]
 
@@ -20,7 +23,7 @@ _DEFAULTS = {
     "B4_MODEL_NAME": "b4",
     "B4_PROTOCOL": "raw",
 }
-PROTOCOLS = ("raw", "v1", "v2")  # b4serve.protocol.Protocol
+PROTOCOLS = get_args(Protocol)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Endpoints:
     metrics_url: str
     key_file: Path
     model_name: str = "b4"
-    protocol: str = "raw"  # raw .npy bodies, or KServe v1/v2 under TorchServe's envelope
+    protocol: Protocol = "raw"  # raw .npy bodies, or KServe v1/v2 under TorchServe's envelope
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Endpoints:
@@ -62,11 +65,11 @@ def _env(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name) or _DEFAULTS[name]
 
 
-def _protocol(environ: Mapping[str, str]) -> str:
+def _protocol(environ: Mapping[str, str]) -> Protocol:
     value = _env(environ, "B4_PROTOCOL")
     if value not in PROTOCOLS:
         raise ValueError(f"B4_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {value!r}")
-    return value
+    return cast(Protocol, value)
 
 
 def _port(environ: Mapping[str, str], name: str) -> int:

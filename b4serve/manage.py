@@ -24,7 +24,7 @@ import requests
 
 from b4serve.endpoints import Endpoints
 from b4serve.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
-from b4serve.protocol import encode_request, probabilities_of
+from b4serve.protocol import Protocol, encode_request, probabilities_of
 
 __all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
 
@@ -190,13 +190,13 @@ class LogWatch:
         return failures
 
 
-def smoke_request(protocol: str) -> tuple[bytes, str]:
+def smoke_request(protocol: Protocol) -> tuple[bytes, str]:
     """A small real image in ``protocol``: the handler resizes it, so any input size works."""
     ramp = np.linspace(0, 255, 64 * 64 * 3, dtype=np.float64).astype(np.uint8)
     return encode_request(ramp.reshape(64, 64, 3), protocol)
 
 
-def check_prediction(response: requests.Response, what: str, protocol: str) -> list[float]:
+def check_prediction(response: requests.Response, what: str, protocol: Protocol) -> list[float]:
     """The probabilities of a good answer; raise naming ``what`` otherwise."""
     if response.status_code != 200:
         raise DeployError(f"{what}: HTTP {response.status_code}: {response.text.strip()[:500]}")

@@ -44,7 +44,6 @@ from b4serve.errors import (
 
 __all__ = [
     "BINARY_HEADER",
-    "ENVELOPES",
     "ParsedRequest",
     "Protocol",
     "answer_of",
@@ -59,8 +58,6 @@ __all__ = [
 ]
 
 Protocol = Literal["raw", "v1", "v2"]
-# TorchServe's service_envelope value for each protocol
-ENVELOPES: dict[Protocol, str] = {"raw": "", "v1": "kserve", "v2": "kservev2"}
 _V2_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
 # The v2 binary-data extension: the JSON header's length in bytes; the tensors' bytes follow it.
 BINARY_HEADER = "Inference-Header-Content-Length"
