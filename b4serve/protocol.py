@@ -146,13 +146,17 @@ def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
         if not isinstance(tensor, dict):
             payloads.append(InvalidInput("each v2 input must be an object"))
             continue
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        try:
+            size = _binary_data_size(tensor)
+        except InvalidInput as error:
+            payloads.append(error)
+            continue
         if size is None:  # JSON data
             payloads.append(payload_of(tensor, "v2"))
             continue
-        chunk = binary[offset : offset + int(size)]
-        offset += int(size)
-        payloads.append(_binary_tensor(tensor, chunk, int(size)))
+        chunk = binary[offset : offset + size]
+        offset += size
+        payloads.append(_binary_tensor(tensor, chunk, size))
     if offset < len(binary):  # (too little data is reported by the input it cut short)
         extra = InvalidInput(f"{len(binary) - offset} bytes of binary data no input claims")
         payloads = [extra] * len(payloads)
@@ -162,13 +166,30 @@ def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
     return ParsedRequest(payloads, form="v2", names=names, request_id=request_id)
 
 
+def _binary_data_size(tensor: dict[str, Any]) -> int | None:
+    """The input's ``binary_data_size`` parameter: its byte count in the binary part, if any."""
+    parameters = tensor.get("parameters")
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {tensor.get('name')!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(
+            f"input {tensor.get('name')!r}: binary_data_size must be a byte count, got {size!r}"
+        )
+    return size
+
+
 def _binary_tensor(tensor: dict[str, Any], chunk: memoryview, size: int) -> object:
     """One input's bytes under the binary-data extension: raw little-endian tensor, or BYTES
     elements each preceded by its 4-byte little-endian length (the first one is the .npy)."""
     name = tensor.get("name")
     if len(chunk) < size:
         return InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
-    datatype = tensor.get("datatype")
+    datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     if datatype == "BYTES":
         if size < 4:
             return InvalidInput(f"input {name!r}: BYTES data needs a 4-byte length")
@@ -293,7 +314,7 @@ def _v1_payload(instance: Any) -> object:
 
 
 def _v2_payload(tensor: dict[str, Any]) -> object:
-    datatype = tensor.get("datatype")
+    datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     data = tensor.get("data")
     if datatype == "BYTES":
         if isinstance(data, list) and data:

@@ -137,6 +137,26 @@ HOSTILE: list[Case] = [
         "3 values for shape",
     ),
     Case("KServe v2, 1-D tensor", _kserve_v2("UINT8", [3], [1, 2, 3]), 400, "1-d shape"),
+    Case(
+        "KServe v2, binary_data_size not a number",
+        b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], '
+        b'"parameters": {"binary_data_size": "x"}}]}',
+        400,
+        "binary_data_size",
+    ),
+    Case(
+        "KServe v2, negative binary_data_size",
+        b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], '
+        b'"parameters": {"binary_data_size": -3}}]}',
+        400,
+        "binary_data_size",
+    ),
+    Case(
+        "KServe v2, parameters not an object",
+        b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": [1]}]}',
+        400,
+        "parameters must be an object",
+    ),
     Case("KServe v1, not base64", b'{"instances": [{"data": "!!"}]}', 415, "not base64"),
     Case("KServe v1, ragged image", b'{"instances": [[[1, 2], [3]]]}', 400, "rectangular"),
     Case("text", b"hello, model", 415, "not an .npy"),

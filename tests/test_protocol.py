@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from b4serve.codec import decode_npy, encode_npy
-from b4serve.errors import InvalidInput, UnsupportedMediaType
+from b4serve.errors import InferenceError, InvalidInput, UnsupportedMediaType
 from b4serve.protocol import (
     ParsedRequest,
     answer_of,
@@ -23,6 +25,8 @@ from b4serve.protocol import (
     raw_answer,
 )
 
+# Keys KServe requests use, so generated documents reach the parser's deeper paths.
+KEYS = ["name", "shape", "datatype", "data", "parameters", "binary_data_size", "b64", "id"]
 IMAGE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
 
 
@@ -182,3 +186,25 @@ def test_raw_answers_are_kserve_documents() -> None:
     one_bad = json.loads(raw_answer(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))], "b4", "1"))
     assert one_bad == {"error": "InvalidInput: x", "code": 400, "type": "InvalidInput",
                        "message": "x"}  # fmt: skip
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS), children, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["inputs", "instances"]), st.lists(JSON, max_size=3), st.binary(max_size=16))
+def test_no_kserve_body_raises_each_item_is_a_payload_or_its_error(
+    key: str, items: list, tail: bytes
+) -> None:
+    header = json.dumps({key: items}).encode()
+    for request in (parse_raw_request({"body": header}),
+                    parse_raw_request({"body": header + tail}, len(header))):  # fmt: skip
+        assert request.payloads
+        for payload in request.payloads:
+            assert isinstance(payload, bytes | np.ndarray | InferenceError)
