@@ -65,7 +65,7 @@ class B4Handler:
     def preprocess(self, data: list[Any], context: Any, protocol: Protocol) -> list[ParsedRequest]:
         """The requests of this batch with their images: ``.npy`` bytes, KServe requests in the
         body, or (under an envelope) the instances or inputs of one KServe request."""
-        if protocol != "raw":
+        if protocol != "raw":  # one KServe request, opened by TorchServe's envelope
             return [ParsedRequest([payload_of(item, protocol) for item in data], form=protocol)]
         return [
             parse_raw_request(item, header_length(context.get_all_request_header(index)))

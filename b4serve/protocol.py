@@ -232,14 +232,13 @@ def _is_torchserve_request(item: Any) -> bool:
     )
 
 
-def payload_of(item: Any, protocol: Protocol) -> object:
-    """``.npy`` bytes or an ndarray for one item; an :class:`InferenceError` if it is unusable.
+def payload_of(item: Any, protocol: Literal["v1", "v2"]) -> object:
+    """``.npy`` bytes or an ndarray for one KServe instance or input; an
+    :class:`InferenceError` if it is unusable. (Raw requests: :func:`parse_raw_request`.)
 
     Errors are returned, not raised, so the caller can fail that item alone.
     """
     try:
-        if protocol == "raw":
-            return _raw_body(item)
         if protocol == "v2":
             return _v2_payload(item)
         return _v1_payload(item)

@@ -11,7 +11,7 @@ import torch
 from b4serve.codec import encode_npy
 from b4serve.errors import InvalidInput
 from b4serve.pipeline import Classifier, Outcome, replies
-from b4serve.protocol import ParsedRequest, payload_of
+from b4serve.protocol import ParsedRequest, parse_raw_request
 from b4serve.runtime import micro_batch_size
 
 CPU = torch.device("cpu")
@@ -79,9 +79,9 @@ def test_plain_baseline_model_gets_contiguous_nchw_batches(config, toy_model, rn
 
 
 def test_raw_request_body_takes_data_then_body() -> None:
-    assert payload_of({"data": b"a", "body": b"b"}, "raw") == b"a"
-    assert payload_of({"body": bytearray(b"b")}, "raw") == bytearray(b"b")
-    assert payload_of({"other": 1}, "raw") is None
+    assert parse_raw_request({"data": b"a", "body": b"b"}).payloads == [b"a"]
+    assert parse_raw_request({"body": bytearray(b"b")}).payloads == [bytearray(b"b")]
+    assert parse_raw_request({"other": 1}).payloads == [None]
     assert Outcome(error=InvalidInput("x")).status == 400
 
 

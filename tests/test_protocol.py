@@ -101,9 +101,7 @@ def test_requests_built_for_each_protocol_decode_back_to_the_image(protocol) -> 
         assert content_type == "application/octet-stream"
         np.testing.assert_array_equal(decode_npy(body, 10**6), IMAGE)
         return
-    request = json.loads(body)
-    item = request["instances"][0] if protocol == "v1" else request["inputs"][0]
-    payload = payload_of(item, protocol)
+    (payload,) = parse_raw_request({"body": body}).payloads
     decoded = payload if isinstance(payload, np.ndarray) else decode_npy(payload, 10**6)
     np.testing.assert_array_equal(decoded, IMAGE)
 
