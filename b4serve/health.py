@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import requests
 
-from b4serve.endpoints import Endpoints
+from b4serve.endpoints import REPO_ROOT, Endpoints
 from b4serve.keys import KeyFile, KeyFileError
 from b4serve.manage import ManagementAPI
 from b4serve.telemetry import parse_prometheus, request_counts
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _default_log_dir() -> Path:
-    run_dir = Path(os.environ.get("B4_RUN_DIR") or Path(__file__).resolve().parents[1] / ".run")
+    run_dir = Path(os.environ.get("B4_RUN_DIR") or REPO_ROOT / ".run")  # as scripts/env.sh
     return Path(os.environ.get("B4_LOG_DIR") or run_dir / "logs")
 
 
