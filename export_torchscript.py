@@ -75,6 +75,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         demo=loaded.demo,
         micro_batch=args.micro_batch,
         threads=args.threads,
+        malloc_keep_mb=args.malloc_keep_mb,
         optimize=not args.no_optimize,
         runtime=args.runtime,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
@@ -121,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="intra-op threads per worker (default 0: torch's default, one per core)",
+    )
+    parser.add_argument(
+        "--malloc-keep-mb",
+        type=int,
+        default=512,
+        help="freed memory each worker keeps for reuse, MiB (default 512; 0: glibc's default)",
     )
     parser.add_argument(
         "--runtime",

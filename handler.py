@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
+from b4serve.allocator import keep_freed_memory
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome, Reply, replies
 from b4serve.protocol import (
@@ -48,6 +49,7 @@ class B4Handler:
         device = select_device(properties.get("gpu_id"))
         if config.threads:  # several workers on one CPU: split the cores between them
             torch.set_num_threads(config.threads)
+        reusing = keep_freed_memory(config.malloc_keep_mb)  # before the model's first forward
         serialized = model_dir / context.manifest["model"]["serializedFile"]
         model = load_model(serialized, config.runtime, device, optimize=config.optimize)
         self.classifier = Classifier(model, config, device)
@@ -57,8 +59,9 @@ class B4Handler:
         self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
-            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads",
+            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, malloc keeps %s",
             label, config.arch, config.num_classes, config.runtime, device, torch.get_num_threads(),
+            f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default",
         )  # fmt: skip
         self.initialized = True
 

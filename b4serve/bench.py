@@ -57,10 +57,12 @@ class ServedConfig:
     workers: int = 1
     runtime: str = "torchscript"
     threads: int = 0  # per worker; 0: one per core
+    malloc_keep_mb: int = ModelConfig.malloc_keep_mb  # 0: glibc's defaults
 
     def deploy_env(self) -> dict[str, str]:
         return {
             "B4_THREADS": str(self.threads),
+            "B4_MALLOC_KEEP_MB": str(self.malloc_keep_mb),
             "B4_RUNTIME": self.runtime,
             "B4_OPTIMIZE": "1" if self.optimize else "0",
             "B4_MICRO_BATCH": str(self.micro_batch),
@@ -70,8 +72,9 @@ class ServedConfig:
         }
 
 
-# The seed: plain scripted model, whole server batch in one forward, 4 / 1000 ms, one worker.
-SEED = ServedConfig("seed baseline", False, 4, 4, 1000)
+# The seed: plain scripted model, whole server batch in one forward, 4 / 1000 ms, one worker,
+# glibc's malloc as it comes.
+SEED = ServedConfig("seed baseline", False, 4, 4, 1000, malloc_keep_mb=0)
 # Ours, with the defaults scripts/deploy.sh registers.
 DEFAULT = ServedConfig(
     "ours (deploy defaults)",

@@ -52,6 +52,9 @@ class ModelConfig:
     # Intra-op threads per worker. 0: torch's default (one per core). With N workers on a CPU,
     # cores / N keeps them from fighting over the cores.
     threads: int = 0
+    # Freed memory each worker's malloc keeps for reuse, in MiB (b4serve.allocator): forwards
+    # reuse pages instead of faulting in new ones. 0 keeps glibc's defaults (the seed's).
+    malloc_keep_mb: int = 512
     # Freeze and use channels_last. False reproduces the seed's plain TorchScript (a baseline).
     optimize: bool = True
     # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
@@ -71,6 +74,8 @@ class ModelConfig:
             raise ValueError(
                 f"micro_batch and threads must be >= 0: {self.micro_batch}, {self.threads}"
             )
+        if not 0 <= self.malloc_keep_mb < 2048:  # mallopt takes a C int of bytes
+            raise ValueError(f"malloc_keep_mb must be in [0, 2047]: {self.malloc_keep_mb}")
 
     @classmethod
     def for_arch(
@@ -84,6 +89,7 @@ class ModelConfig:
         demo: bool = False,
         micro_batch: int = 0,
         threads: int = 0,
+        malloc_keep_mb: int = 512,
         optimize: bool = True,
         runtime: str = "torchscript",
         extra: dict[str, str] | None = None,
@@ -102,6 +108,7 @@ class ModelConfig:
             demo=demo,
             micro_batch=micro_batch,
             threads=threads,
+            malloc_keep_mb=malloc_keep_mb,
             optimize=optimize,
             runtime=runtime,
             extra=dict(extra or {}),
@@ -137,6 +144,7 @@ class ModelConfig:
             demo=bool(meta.get("demo", False)),
             micro_batch=int(meta.get("micro_batch", 0)),
             threads=int(meta.get("threads", 0)),
+            malloc_keep_mb=int(meta.get("malloc_keep_mb", 512)),
             optimize=bool(meta.get("optimize", True)),
             runtime=str(meta.get("runtime", "torchscript")),
             extra=dict(meta.get("extra", {})),

@@ -9,6 +9,7 @@
 # Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
 #   file; default: the checkpoint's), B4_MICRO_BATCH (images per forward; default 1 on CPU,
 #   the whole batch on GPU), B4_THREADS (intra-op threads per worker; default: one per core),
+#   B4_MALLOC_KEEP_MB (512: freed memory each worker keeps for reuse; 0: glibc's default),
 #   B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline),
 #   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
 #   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
@@ -45,6 +46,7 @@ export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
 [ -n "${B4_MICRO_BATCH:-}" ] && export_args+=(--micro-batch "$B4_MICRO_BATCH")
 [ -n "${B4_THREADS:-}" ] && export_args+=(--threads "$B4_THREADS")
+[ -n "${B4_MALLOC_KEEP_MB:-}" ] && export_args+=(--malloc-keep-mb "$B4_MALLOC_KEEP_MB")
 [ "${B4_OPTIMIZE:-1}" = 0 ] && export_args+=(--no-optimize)
 runtime="${B4_RUNTIME:-torchscript}"
 case "$runtime" in

@@ -23,8 +23,9 @@ def server_properties() -> dict[str, str]:
 
 def test_model_config_round_trips_through_its_two_files(tmp_path: Path) -> None:
     config = ModelConfig.for_arch(
-        "efficientnet_b4", 3, ["cat", "dog", "eel"], demo=True, micro_batch=2, threads=1
-    )
+        "efficientnet_b4", 3, ["cat", "dog", "eel"], demo=True, micro_batch=2, threads=1,
+        malloc_keep_mb=64,
+    )  # fmt: skip
     written = config.save(tmp_path)
     assert sorted(p.name for p in written) == ["index_to_name.json", "model_meta.json"]
     assert ModelConfig.load(tmp_path) == config
@@ -38,6 +39,8 @@ def test_model_config_refuses_inconsistent_values() -> None:
         ModelConfig.for_arch("resnet50", 3)
     with pytest.raises(ValueError, match="threads must be >= 0"):
         ModelConfig.for_arch("efficientnet_b4", 3, threads=-1)
+    with pytest.raises(ValueError, match="malloc_keep_mb must be in"):
+        ModelConfig.for_arch("efficientnet_b4", 3, malloc_keep_mb=2048)
 
 
 def test_max_request_size_is_the_largest_body_the_decoder_accepts() -> None:
