@@ -25,7 +25,7 @@ from b4serve.protocol import (
     parse_raw_request,
     payload_of,
 )
-from b4serve.runtime import load_model, select_device
+from b4serve.runtime import OneDnnFused, load_model, select_device
 from b4serve.telemetry import METRICS, batch_observations
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class B4Handler:
             torch.set_num_threads(config.threads)
         reusing = keep_freed_memory(config.malloc_keep_mb)  # before the model's first forward
         serialized = model_dir / context.manifest["model"]["serializedFile"]
-        model = load_model(serialized, config.runtime, device, optimize=config.optimize)
+        model = load_model(serialized, config, device)
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
         self.model_name = context.model_name
@@ -59,8 +59,10 @@ class B4Handler:
         self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
-            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, malloc keeps %s",
+            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, oneDNN fusion %s, "
+            "malloc keeps %s",
             label, config.arch, config.num_classes, config.runtime, device, torch.get_num_threads(),
+            "on" if isinstance(model, OneDnnFused) else "off",
             f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default",
         )  # fmt: skip
         self.initialized = True

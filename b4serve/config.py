@@ -57,6 +57,9 @@ class ModelConfig:
     malloc_keep_mb: int = 512
     # Freeze and use channels_last. False reproduces the seed's plain TorchScript (a baseline).
     optimize: bool = True
+    # With optimize, on the CPU: oneDNN Graph fuses convolutions with their activations
+    # (b4serve.runtime.load_torchscript): faster, for more memory.
+    onednn_fusion: bool = True
     # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
     runtime: str = "torchscript"
     extra: dict[str, str] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class ModelConfig:
         threads: int = 0,
         malloc_keep_mb: int = 512,
         optimize: bool = True,
+        onednn_fusion: bool = True,
         runtime: str = "torchscript",
         extra: dict[str, str] | None = None,
     ) -> ModelConfig:
@@ -110,6 +114,7 @@ class ModelConfig:
             threads=threads,
             malloc_keep_mb=malloc_keep_mb,
             optimize=optimize,
+            onednn_fusion=onednn_fusion,
             runtime=runtime,
             extra=dict(extra or {}),
         )
@@ -146,6 +151,7 @@ class ModelConfig:
             threads=int(meta.get("threads", 0)),
             malloc_keep_mb=int(meta.get("malloc_keep_mb", 512)),
             optimize=bool(meta.get("optimize", True)),
+            onednn_fusion=bool(meta.get("onednn_fusion", True)),
             runtime=str(meta.get("runtime", "torchscript")),
             extra=dict(meta.get("extra", {})),
         )

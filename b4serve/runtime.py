@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
+from b4serve.config import ModelConfig
+
 __all__ = [
     "RUNTIMES",
     "Model",
+    "OneDnnFused",
     "OnnxRuntimeModel",
     "load_model",
     "load_torchscript",
@@ -31,19 +34,44 @@ def select_device(gpu_id: int | None) -> torch.device:
 
 
 def load_torchscript(
-    path: str | Path, device: torch.device, *, optimize: bool = True
-) -> torch.jit.ScriptModule:
-    """Load ``path`` on ``device`` in eval mode, ``channels_last`` and frozen when ``optimize``.
+    path: str | Path, device: torch.device, *, optimize: bool = True, fuse: bool = True
+) -> Model:
+    """Load ``path`` on ``device`` in eval mode; ``optimize``: ``channels_last`` and frozen, and
+    on the CPU with ``fuse``, run with oneDNN Graph fusion.
 
     Freezing inlines the weights as constants so the JIT can fold batch norms into convolutions;
     ``channels_last`` lets oneDNN convolutions on the CPU skip layout conversions. Measured on a
-    2-core CPU, the two together run B4 about 3x faster than the plain scripted model.
+    2-core CPU, the two together run B4 about 3x faster than the plain scripted model. oneDNN
+    Graph then fuses each convolution with its activation (SiLU) and the squeeze-excitation
+    arithmetic: about 15% faster again, for about 300 MiB more resident memory (the fused kernels
+    keep their own prepacked weights). It compiles on a shape's first calls (see
+    :meth:`b4serve.pipeline.Classifier.warm_up`).
     """
     model = torch.jit.load(str(path), map_location=device).eval()
     if not optimize:
         return model
-    model = model.to(memory_format=torch.channels_last)
-    return torch.jit.freeze(model)
+    model = torch.jit.freeze(model.to(memory_format=torch.channels_last))
+    return OneDnnFused(model) if fuse and device.type == "cpu" else model
+
+
+class OneDnnFused:
+    """A frozen TorchScript module whose calls run with oneDNN Graph fusion on.
+
+    Fusion is a process-wide JIT switch, and it breaks graphs that are not frozen (a scripted
+    module with its weights as attributes fails with "bad optional access"), so it is on only
+    for the duration of this module's own calls.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
+        self.module = module
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        was_on = torch.jit.onednn_fusion_enabled()
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            return self.module(images)
+        finally:
+            torch.jit.enable_onednn_fusion(was_on)
 
 
 def micro_batch_size(configured: int, device: torch.device) -> int | None:
@@ -71,12 +99,11 @@ class OnnxRuntimeModel:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def load_model(
-    path: str | Path, runtime: str, device: torch.device, *, optimize: bool = True
-) -> Model:
-    """The archive's model, ready to call: TorchScript on ``device``, or ONNX Runtime on the CPU."""
-    if runtime == "onnxruntime":
+def load_model(path: str | Path, config: ModelConfig, device: torch.device) -> Model:
+    """The archive's model, ready to call as ``config`` says: TorchScript on ``device``, or
+    ONNX Runtime on the CPU."""
+    if config.runtime == "onnxruntime":
         return OnnxRuntimeModel(path)
-    if runtime != "torchscript":
-        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
-    return load_torchscript(path, device, optimize=optimize)
+    if config.runtime != "torchscript":
+        raise ValueError(f"unknown runtime {config.runtime!r}; known: {', '.join(RUNTIMES)}")
+    return load_torchscript(path, device, optimize=config.optimize, fuse=config.onednn_fusion)

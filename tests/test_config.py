@@ -24,7 +24,7 @@ def server_properties() -> dict[str, str]:
 def test_model_config_round_trips_through_its_two_files(tmp_path: Path) -> None:
     config = ModelConfig.for_arch(
         "efficientnet_b4", 3, ["cat", "dog", "eel"], demo=True, micro_batch=2, threads=1,
-        malloc_keep_mb=64,
+        malloc_keep_mb=64, onednn_fusion=False,
     )  # fmt: skip
     written = config.save(tmp_path)
     assert sorted(p.name for p in written) == ["index_to_name.json", "model_meta.json"]

@@ -47,7 +47,7 @@ def reference(server: Server) -> Classifier:
     build = Path(server.env["B4_CACHE_DIR"]) / "build" / serving_version(server)
     device = torch.device("cpu")
     config = ModelConfig.load(build / "extra")
-    model = load_model(build / RUNTIMES[config.runtime], config.runtime, device)
+    model = load_model(build / RUNTIMES[config.runtime], config, device)
     return Classifier(model, config, device)
 
 
