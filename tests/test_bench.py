@@ -1,19 +1,25 @@
 """The benchmark's report from rows: ratios, and the ceilings that bound each target."""
 
+import numpy as np
+
 from b4serve.bench import DEFAULT, ONNX, SEED, TWO_WORKERS, Row, compute_ratios, markdown
 
 
 def rows() -> list[Row]:
     return [
-        Row("in-process", "ours: one request", "1 image", 10, 4.0, [0.4] * 10),
         Row("in-process", "seed: plain scripted", "micro-batch 1", 10, 10.0),
-        Row("in-process", "ours: frozen, channels_last", "micro-batch 1", 20, 10.0),
+        Row("in-process", "ours: frozen, channels_last, oneDNN fusion", "micro-batch 1", 20, 10.0),
+        Row("in-process", "ours: frozen, channels_last, no fusion", "micro-batch 8", 15, 10.0),
         Row("in-process", "ours: onnxruntime fp32", "micro-batch 1", 30, 10.0),
         Row("end to end", SEED.name, "8 clients", 10, 10.0),
         Row("end to end", DEFAULT.name, "1 clients", 18, 10.0, [0.5] * 18),
         Row("end to end", DEFAULT.name, "32 clients", 19, 10.0),
         Row("end to end", TWO_WORKERS.name, "8 clients", 20, 10.0),
         Row("end to end", ONNX.name, "8 clients", 28, 10.0),
+        Row("side by side", f"{DEFAULT.name}: served", "1 client", 10, 5.0, [0.5] * 9 + [0.9]),
+        Row("side by side", f"{DEFAULT.name}: in-process", "1 image", 10, 4.0, [0.4] * 9 + [0.8]),
+        Row("side by side", f"{DEFAULT.name}: served", "8 clients", 64, 32.0),
+        Row("side by side", f"{DEFAULT.name}: in-process", "micro-batch 1", 64, 30.0),
     ]
 
 
@@ -22,7 +28,18 @@ def test_ratios_compare_like_with_like() -> None:
     assert ratios["torchscript: end to end / in-process best"] == 1.9 / 2.0
     assert ratios["onnxruntime end to end / seed end to end"] == 2.8
     assert ratios["2 workers x 1 thread / 1 worker x 2 threads, end to end best"] == 2.0 / 1.9
-    assert ratios["ours 1-client p99 / in-process single-image median"] == 0.5 / 0.4
+    # side by side: each served row against the in-process row measured alternately with it
+    assert ratios["torchscript: end to end / in-process, alternating side by side"] == 30 / 32
+    assert "onnxruntime: end to end / in-process, alternating side by side" not in ratios
+    p99_served = float(np.percentile([0.5] * 9 + [0.9], 99))
+    p99_in_process = float(np.percentile([0.4] * 9 + [0.8], 99))
+    assert ratios["ours 1-client p99 / in-process single-image median, side by side"] == (
+        p99_served / 0.4
+    )
+    assert ratios["ours 1-client p99 / in-process single-image p99, side by side"] == (
+        p99_served / p99_in_process
+    )
+    assert ratios["ours 1-client p50 / in-process single-image p50, side by side"] == 0.5 / 0.4
 
 
 def test_report_says_which_targets_this_hardware_can_reach() -> None:
