@@ -11,7 +11,7 @@
 #   the whole batch on GPU), B4_THREADS (intra-op threads per worker; default: one per core),
 #   B4_MALLOC_KEEP_MB (512: freed memory each worker keeps for reuse; 0: glibc's default),
 #   B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline), B4_ONEDNN_FUSION (1; 0
-#   serves without oneDNN Graph fusion on the CPU: about 15% slower, 300 MiB smaller),
+#   serves without oneDNN Graph fusion on the CPU: about 14% slower, 390 MiB smaller),
 #   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
 #   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
 #   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
