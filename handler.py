@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from b4serve.allocator import keep_freed_memory
+from b4serve.allocator import freeze_long_lived_objects, keep_freed_memory
 from b4serve.config import ModelConfig
 from b4serve.pipeline import Classifier, Outcome, Reply, replies
 from b4serve.protocol import (
@@ -54,16 +54,17 @@ class B4Handler:
         model = load_model(serialized, config, device)
         self.classifier = Classifier(model, config, device)
         self.classifier.warm_up()
+        frozen = freeze_long_lived_objects()  # all loaded: full GC passes skip it from now on
         self.model_name = context.model_name
         self.model_version = str(context.manifest["model"].get("modelVersion", ""))
         self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
             "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, oneDNN fusion %s, "
-            "malloc keeps %s",
+            "malloc keeps %s, %d objects exempt from GC",
             label, config.arch, config.num_classes, config.runtime, device, torch.get_num_threads(),
             "on" if isinstance(model, OneDnnFused) else "off",
-            f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default",
+            f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default", frozen,
         )  # fmt: skip
         self.initialized = True
 

@@ -1,4 +1,6 @@
-"""Keep freed memory for reuse: glibc's defaults make every forward pass page-fault anew.
+"""A worker's memory, set up for serving: freed memory reused, long-lived objects left alone.
+
+glibc's defaults make every forward pass page-fault anew.
 
 B4's activations at 380x380 run to tens of MB per tensor. glibc's malloc serves blocks that large
 with a fresh ``mmap`` and returns them with ``munmap`` when freed, so each forward touches a
@@ -13,9 +15,10 @@ this needs no extra package.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["freeze_long_lived_objects", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +44,16 @@ def keep_freed_memory(keep_mb: int) -> bool:
     took = libc.mallopt(_M_MMAP_MAX, 0) == 1
     took &= libc.mallopt(_M_TRIM_THRESHOLD, keep_mb << 20) == 1
     return took
+
+
+def freeze_long_lived_objects() -> int:
+    """Exempt every object alive now from Python's garbage collector; returns how many.
+
+    Call once the model is loaded and warmed up: torch and TorchServe leave some 170k objects
+    that live as long as the worker, and each full collection scanned them all, measured at
+    70-150 ms on 2 cores, added to whichever request set it off. Garbage made since is still
+    collected; what is frozen is never freed, so collect first.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -28,7 +28,7 @@ import psutil
 import requests
 import torch
 
-from b4serve.allocator import keep_freed_memory
+from b4serve.allocator import freeze_long_lived_objects, keep_freed_memory
 from b4serve.client import predict_many
 from b4serve.codec import encode_npy
 from b4serve.config import ModelConfig
@@ -205,6 +205,7 @@ def served_classifier(server: Server, served: ServedConfig) -> Classifier:
     cpu = torch.device("cpu")
     classifier = Classifier(load_model(build / RUNTIMES[config.runtime], config, cpu), config, cpu)
     classifier.warm_up()
+    freeze_long_lived_objects()  # as the handler does
     return classifier
 
 
