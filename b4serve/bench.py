@@ -36,7 +36,7 @@ from b4serve.demo import ensure_demo_checkpoint
 from b4serve.manage import Registration
 from b4serve.pipeline import WARM_UP_CALLS, Classifier
 from b4serve.preprocess import Preprocessor, stack_channels_last
-from b4serve.runtime import RUNTIMES, OnnxRuntimeModel, load_model, load_torchscript
+from b4serve.runtime import OnnxRuntimeModel, load_torchscript
 from b4serve.sandbox import DEMO_CACHE, Server, server_env
 from b4serve.tta import tta_probabilities
 
@@ -199,11 +199,8 @@ def bench_in_process(
 
 
 def served_classifier(server: Server, served: ServedConfig) -> Classifier:
-    """The served version's own build, loaded in this process as its worker loads it."""
-    build = Path(server.env["B4_CACHE_DIR"]) / "build" / version_of(served)
-    config = ModelConfig.load(build / "extra")
-    cpu = torch.device("cpu")
-    classifier = Classifier(load_model(build / RUNTIMES[config.runtime], config, cpu), config, cpu)
+    """The served version's own build, loaded and warmed up in this process as its worker does."""
+    classifier = server.classifier(version_of(served))
     classifier.warm_up()
     freeze_long_lived_objects()  # as the handler does
     return classifier

@@ -15,8 +15,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from b4serve.config import ModelConfig
 from b4serve.endpoints import Endpoints
 from b4serve.keys import KeyFile
+from b4serve.pipeline import Classifier
+from b4serve.runtime import RUNTIMES, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
@@ -57,6 +62,13 @@ class Server:
     @property
     def log_dir(self) -> Path:
         return Path(self.env["B4_LOG_DIR"])
+
+    def classifier(self, version: str) -> Classifier:
+        """``version``'s exported build, loaded in this process the way its worker loads it."""
+        build = Path(self.env["B4_CACHE_DIR"]) / "build" / version
+        config = ModelConfig.load(build / "extra")
+        cpu = torch.device("cpu")
+        return Classifier(load_model(build / RUNTIMES[config.runtime], config, cpu), config, cpu)
 
     def deploy(
         self, *args: str, timeout: float = 900, **env: str

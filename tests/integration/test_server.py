@@ -24,11 +24,9 @@ from hostile_corpus import ACCEPTED_VARIANTS, HOSTILE
 
 from b4serve.client import RetryPolicy, predict_many
 from b4serve.codec import encode_npy
-from b4serve.config import ModelConfig
 from b4serve.demo import generate_images
 from b4serve.manage import ManagementAPI
 from b4serve.pipeline import Classifier
-from b4serve.runtime import RUNTIMES, load_model
 from b4serve.sandbox import Server
 
 pytestmark = pytest.mark.integration
@@ -44,11 +42,7 @@ def serving_version(server: Server) -> str:
 
 def reference(server: Server) -> Classifier:
     """The served version's exported model and config, run in-process the way the handler does."""
-    build = Path(server.env["B4_CACHE_DIR"]) / "build" / serving_version(server)
-    device = torch.device("cpu")
-    config = ModelConfig.load(build / "extra")
-    model = load_model(build / RUNTIMES[config.runtime], config, device)
-    return Classifier(model, config, device)
+    return server.classifier(serving_version(server))
 
 
 def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
