@@ -36,13 +36,15 @@ from b4serve.demo import ensure_demo_checkpoint
 from b4serve.manage import Registration
 from b4serve.pipeline import WARM_UP_CALLS, Classifier
 from b4serve.preprocess import Preprocessor, stack_channels_last
-from b4serve.runtime import OnnxRuntimeModel, load_torchscript
+from b4serve.runtime import Model, OnnxRuntimeModel, load_torchscript
 from b4serve.sandbox import DEMO_CACHE, Server, server_env
 from b4serve.tta import tta_probabilities
 
 __all__ = ["ServedConfig", "main"]
 
 SIZE = 380
+# Every row is measured in this many rounds, interleaved with all the others (see main()).
+ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,12 @@ class Row:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    def add(self, other: Row) -> None:
+        """Count ``other``'s images, time and latencies in this row (another round of it)."""
+        self.images += other.images
+        self.seconds += other.seconds
+        self.latencies_s += other.latencies_s
+
     def percentile(self, q: float) -> float | None:
         if not self.latencies_s:
             return None
@@ -152,50 +160,54 @@ def timed(run: Callable[[], int], min_seconds: float, min_runs: int = 3) -> tupl
     return images, time.perf_counter() - started
 
 
-def bench_in_process(
-    build: Path, config: ModelConfig, micro_batches: Sequence[int], seconds: float
-) -> list[Row]:
-    """TTA forward throughput of the seed's plain model and of our runtimes, per micro-batch."""
-    rows = []
-    preprocess = Preprocessor(config)
-    images = [preprocess(image) for image in demo_images(max(micro_batches))]
-    cpu = torch.device("cpu")
-    variants = (
-        (
-            "seed: plain scripted",
-            False,
-            lambda: load_torchscript(build / "model.pt", cpu, optimize=False),
-        ),
-        (
-            "ours: frozen, channels_last, oneDNN fusion",
-            True,
-            lambda: load_torchscript(build / "model.pt", cpu, fuse=True),
-        ),
-        (
-            "ours: frozen, channels_last, no fusion",
-            True,
-            lambda: load_torchscript(build / "model.pt", cpu, fuse=False),
-        ),
-        ("ours: onnxruntime fp32", True, lambda: OnnxRuntimeModel(build / "model.onnx")),
-    )
-    for name, optimize, load in variants:
-        model = load()
-        for size in micro_batches:
-            batch = stack_channels_last(images[:size])
-            if not optimize:
-                batch = batch.contiguous()
+@dataclass
+class InProcess:
+    """One runtime forwarding in this process: the ceiling of the served configuration it is
+    measured beside, per micro-batch size."""
 
-            def forward(batch: torch.Tensor = batch, model=model, size: int = size) -> int:
-                tta_probabilities(model, batch)
-                return size
+    name: str
+    beside: ServedConfig
+    model: Model
+    images: list[torch.Tensor]
+    nchw: bool = False  # the seed fed plain NCHW tensors
+    warm: set[int] = field(default_factory=set)  # micro-batch sizes compiled already
 
-            with torch.inference_mode():
-                for _ in range(WARM_UP_CALLS):  # the JIT profiles and compiles
+    def measure(self, size: int, seconds: float) -> Row:
+        """TTA forwards of ``size`` images for at least ``seconds``."""
+        batch = stack_channels_last((self.images * size)[:size])
+        if self.nchw:
+            batch = batch.contiguous()
+
+        def forward() -> int:
+            tta_probabilities(self.model, batch)
+            return size
+
+        with torch.inference_mode():
+            if size not in self.warm:  # the JIT profiles and compiles each new shape
+                for _ in range(WARM_UP_CALLS):
                     forward()
-                done, took = timed(forward, seconds)
-            rows.append(Row("in-process", name, f"micro-batch {size}", done, took))
-            print(f"  {name} micro-batch {size}: {done / took:.2f} img/s", file=sys.stderr)
-    return rows
+                self.warm.add(size)
+            done, took = timed(forward, seconds)
+        print(f"  {self.name} micro-batch {size}: {done / took:.2f} img/s", file=sys.stderr)
+        return Row("in-process", self.name, f"micro-batch {size}", done, took)
+
+
+def in_process_runtimes(build: Path, config: ModelConfig) -> list[InProcess]:
+    """The seed's plain model and each of our runtimes, from one build holding both model.pt
+    and model.onnx, each paired with the served configuration that runs it."""
+    preprocess = Preprocessor(config)
+    images = [preprocess(image) for image in demo_images(8)]
+    cpu = torch.device("cpu")
+    model_pt = build / "model.pt"
+    return [
+        InProcess("seed: plain scripted", SEED, load_torchscript(model_pt, cpu, optimize=False),
+                  images, nchw=True),
+        InProcess("ours: frozen, channels_last, oneDNN fusion", DEFAULT,
+                  load_torchscript(model_pt, cpu, fuse=True), images),
+        InProcess("ours: frozen, channels_last, no fusion", DEFAULT,
+                  load_torchscript(model_pt, cpu, fuse=False), images),
+        InProcess("ours: onnxruntime fp32", ONNX, OnnxRuntimeModel(build / "model.onnx"), images),
+    ]  # fmt: skip
 
 
 def served_classifier(server: Server, served: ServedConfig) -> Classifier:
@@ -234,34 +246,6 @@ def bench_lone_requests(
         Row("side by side", "served", "1 client", count, sum(served), served),
         Row("side by side", "in-process", "1 image", count, sum(in_process), in_process),
     )
-
-
-def bench_alternating(
-    server: Server, bodies: list[bytes], classifier: Classifier, concurrency: int, rounds: int
-) -> tuple[Row, Row]:
-    """Throughput served at ``concurrency`` clients next to the in-process ceiling, alternating.
-
-    Each round sends ``2 * concurrency`` requests through the server, then forwards as many
-    images in this process the fastest way (the worker's micro-batch, TTA, no decode), so slow
-    and fast spells of the machine fall on both alike.
-    """
-    per_round = 2 * concurrency
-    step = classifier.micro_batch or per_round
-    images = [classifier.decode(body) for body in bodies]
-    batch = stack_channels_last((images * step)[:step])
-    served = Row("side by side", "served", f"{concurrency} clients", 0, 0.0)
-    in_process = Row("side by side", "in-process", f"micro-batch {step}", 0, 0.0)
-    for _ in range(rounds):
-        row = bench_http(server, bodies, concurrency, per_round)
-        served.images += row.images
-        served.seconds += row.seconds
-        with torch.inference_mode():
-            started = time.perf_counter()
-            for _ in range(per_round // step):
-                tta_probabilities(classifier.model, batch)
-            in_process.seconds += time.perf_counter() - started
-        in_process.images += per_round // step * step
-    return served, in_process
 
 
 def bench_http(server: Server, bodies: list[bytes], concurrency: int, requests_total: int) -> Row:
@@ -343,43 +327,24 @@ def version_of(served: ServedConfig) -> str:
     return "bench-" + "".join(ch if ch.isalnum() else "-" for ch in served.name)[:40]
 
 
-def bench_served(
-    server: Server, served: ServedConfig, checkpoint: Path, plan: dict[str, int]
-) -> tuple[list[Row], dict[str, float]]:
-    """Deploy ``served`` as its own version, then measure each concurrency in ``plan``."""
+def deploy_served(server: Server, served: ServedConfig, checkpoint: Path) -> None:
+    """Deploy ``served`` as its own version on its own server, and send it a few requests."""
     server.deploy(
         "--checkpoint", str(checkpoint), "--trust-checkpoint", "--version", version_of(served),
         **served.deploy_env(),
     )  # fmt: skip
-    bodies = [encode_npy(image) for image in demo_images(16)]
-    bench_http(server, bodies, 2, 8)  # warm-up: connections, and the worker sees real inputs
-    rows = []
-    for concurrency in (1, 8, 32):
-        row = bench_http(server, bodies, concurrency, plan[f"c{concurrency}"])
-        row.config = served.name
+    # warm-up: connections, and the worker sees real inputs
+    bench_http(server, [encode_npy(image) for image in demo_images(2)], 2, 8)
+
+
+def add_row(rows: list[Row], row: Row) -> None:
+    """Add ``row`` to the row of the same section, configuration and setting, or append it."""
+    key = (row.section, row.config, row.setting)
+    found = next((r for r in rows if (r.section, r.config, r.setting) == key), None)
+    if found is None:
         rows.append(row)
-        print(f"  {served.name} {row.setting}: {row.images_per_s:.2f} img/s", file=sys.stderr)
-    if plan.get("client"):
-        row = bench_client_job(server, plan["client"])
-        row.config = served.name
-        rows.append(row)
-    memory = server_memory_mb(server)  # before this process loads its own copy
-    if plan.get("lone") or plan.get("rounds"):
-        classifier = served_classifier(server, served)
-        pairs = []
-        if plan.get("lone"):
-            pairs.append(bench_lone_requests(server, bodies, classifier, plan["lone"]))
-        if plan.get("rounds"):
-            pairs.append(bench_alternating(server, bodies, classifier, 8, plan["rounds"]))
-        for pair in pairs:
-            for row in pair:
-                row.config = f"{served.name}: {row.config}"
-                rows.append(row)
-                print(
-                    f"  {row.config} {row.setting}: {row.images_per_s:.2f} img/s", file=sys.stderr
-                )
-        del classifier
-    return rows, memory
+    else:
+        found.add(row)
 
 
 def machine() -> str:
@@ -405,11 +370,13 @@ def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict,
         f"Command: `{info['command']}` ({info['minutes']:.1f} minutes).",
         "Demo EfficientNet-B4, 380x380 uint8 inputs, horizontal-flip TTA (each image counted once",
         "though it runs twice). Shared, noisy machine: compare ratios within this run only.",
-        "In-process rows run with the workers' allocator setting (b4serve.allocator); the seed's",
-        "server keeps glibc's defaults, as the seed did. Side-by-side rows alternate served and",
-        "in-process work of the same build (one lone request, then the same body classified",
-        "in-process; or rounds of 16 requests at 8 clients, then 16 images forwarded in-process),",
-        "so both meet the same spells of a noisy machine.",
+        "Side by side: every configuration's server runs for the whole benchmark, and the rows",
+        f"are measured in {ROUNDS} rounds; each round serves every configuration at 1, 8 and 32",
+        "clients and right after each forwards the same runtime in-process (the other servers",
+        "idle), so slow and fast spells of the machine fall on all rows alike. Each row adds up",
+        "its rounds. The lone-request rows alternate each request with the same body classified",
+        "in-process. In-process rows run with the workers' allocator setting (b4serve.allocator);",
+        "the seed's server keeps glibc's defaults, as the seed did.",
         "",
         "| section | configuration | setting | images | img/s | p50 ms | p95 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -481,16 +448,10 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
             float("nan"),
         )
 
-    def side_by_side(served: ServedConfig, setting: str) -> tuple[Row | None, Row | None]:
-        """The served row and the in-process row measured alternately with it."""
-        found = [r for r in rows if r.section == "side by side"]
-        served_row = next(
-            (r for r in found if r.config == f"{served.name}: served" and r.setting == setting),
-            None,
-        )
-        in_process = [r for r in found if r.config == f"{served.name}: in-process"]
-        want = "1 image" if setting == "1 client" else "micro-batch"
-        return served_row, next((r for r in in_process if r.setting.startswith(want)), None)
+    def side_by_side(config: str, setting: str) -> Row | None:
+        """A row of the lone-request pair: served and in-process, request by request."""
+        key = ("side by side", f"{DEFAULT.name}: {config}", setting)
+        return next((r for r in rows if (r.section, r.config, r.setting) == key), None)
 
     ours_e2e = best("end to end", DEFAULT.name)
     onnx_e2e = best("end to end", ONNX.name)
@@ -501,13 +462,6 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
         "torchscript: end to end / in-process best": (ours_e2e / ours_inproc, ">= 0.9"),
         "onnxruntime: end to end / in-process best": (onnx_e2e / onnx_inproc, ">= 0.9"),
     }
-    for label, served in (("torchscript", DEFAULT), ("onnxruntime", ONNX)):
-        served_row, in_process = side_by_side(served, "8 clients")
-        if served_row and in_process:
-            ratios[f"{label}: end to end / in-process, alternating side by side"] = (
-                served_row.images_per_s / in_process.images_per_s,
-                ">= 0.9",
-            )
     ratios |= {
         "torchscript end to end / seed end to end": (ours_e2e / seed_e2e, ">= 3"),
         "onnxruntime end to end / seed end to end": (onnx_e2e / seed_e2e, ">= 6"),
@@ -528,7 +482,7 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
             "(context)",
         ),
     }
-    lone, single = side_by_side(DEFAULT, "1 client")
+    lone, single = side_by_side("served", "1 client"), side_by_side("in-process", "1 image")
     if lone and single:
         for label, q, target in (
             ("p99 / in-process single-image median", 50, "<= 1.5"),
@@ -563,45 +517,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = args.quick
     scale = 0.1 if quick else 1.0
 
-    def plan(
-        c1: int, c8: int, c32: int, client: int = 0, lone: int = 0, rounds: int = 0
-    ) -> dict[str, int]:
-        counts = {"c1": c1, "c8": c8, "c32": c32, "client": client, "lone": lone, "rounds": rounds}
-        return {key: max(2, int(n * scale)) if n else 0 for key, n in counts.items()}
+    def plan(c1: int, c8: int, c32: int, client: int = 0, lone: int = 0) -> dict[str, int]:
+        """Requests per round at each concurrency (totals given), and in the one-off jobs."""
+        totals = {"c1": c1, "c8": c8, "c32": c32}
+        per_round = {key: max(1, int(n * scale) // ROUNDS) for key, n in totals.items()}
+        once = {"client": client, "lone": lone}
+        return per_round | {key: max(2, int(n * scale)) if n else 0 for key, n in once.items()}
 
-    # Bounded by request counts; the 1,000-image client job runs on the fastest runtime. Ours
-    # also run side by side with in-process: 100 lone requests (so p99 is not just the slowest
-    # one), and 4 alternating rounds at 8 clients.
+    # Bounded by request counts. The 1,000-image client job runs on the fastest runtime; 100
+    # lone requests on ours, so p99 is not just the slowest one.
     served = [
-        (SEED, plan(10, 24, 48)),
-        (DEFAULT, plan(30, 64, 96, lone=100, rounds=4)),
+        (SEED, plan(10, 24, 64)),
+        (DEFAULT, plan(30, 64, 96, lone=100)),
         (TWO_WORKERS, plan(30, 64, 96)),
-        (ONNX, plan(30, 64, 96, client=args.client_images, rounds=4)),
+        (ONNX, plan(30, 64, 96, client=args.client_images)),
     ]
+    micro = (1, 2) if quick else (1, 2, 4, 8)
+    seconds = (1.0 if quick else args.seconds) / ROUNDS
     # this process's in-process runs use the allocator setting the workers use
     keep_freed_memory(ModelConfig.malloc_keep_mb)
     checkpoint = ensure_demo_checkpoint(DEMO_CACHE)
+    bodies = [encode_npy(image) for image in demo_images(16)]
     rows: list[Row] = []
     memory: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="b4bench-") as scratch:
-        server = Server(env=server_env(Path(scratch)), root=Path(scratch))
-        builds = Path(server.env["B4_CACHE_DIR"]) / "build"
+        servers: dict[str, Server] = {}
         try:
+            for config_served, _ in served:
+                print(f"deploying: {config_served.name}", file=sys.stderr)
+                root = Path(scratch) / version_of(config_served)
+                root.mkdir()
+                servers[config_served.name] = Server(env=server_env(root), root=root)
+                deploy_served(servers[config_served.name], config_served, checkpoint)
+            # the ONNX build holds both model.pt and model.onnx of the same weights
+            onnx_server = servers[ONNX.name]
+            build = Path(onnx_server.env["B4_CACHE_DIR"]) / "build" / version_of(ONNX)
+            runtimes = in_process_runtimes(build, ModelConfig.load(build / "extra"))
+            freeze_long_lived_objects()  # as the workers do
+            # Rounds: each serves every configuration at 1, 8 and 32 clients, then forwards the
+            # same runtime in this process (the other servers idle), so slow and fast spells of
+            # a shared machine fall on all rows alike.
+            for number in range(ROUNDS):
+                print(f"round {number + 1} of {ROUNDS}", file=sys.stderr)
+                for config_served, requests_plan in served:
+                    server = servers[config_served.name]
+                    for concurrency in (1, 8, 32):
+                        count = requests_plan[f"c{concurrency}"]
+                        row = bench_http(server, bodies, concurrency, count)
+                        row.config = config_served.name
+                        print(
+                            f"  {row.config} {row.setting}: {row.images_per_s:.2f} img/s",
+                            file=sys.stderr,
+                        )
+                        add_row(rows, row)
+                    for runtime in runtimes:
+                        if runtime.beside is config_served:
+                            for size in micro:
+                                add_row(rows, runtime.measure(size, seconds))
+            del runtimes
             for config_served, requests_plan in served:
-                print(f"end to end: {config_served.name}", file=sys.stderr)
-                served_rows, memory[config_served.name] = bench_served(
-                    server, config_served, checkpoint, requests_plan
-                )
-                rows += served_rows
+                server = servers[config_served.name]
+                memory[config_served.name] = server_memory_mb(server)  # at steady state
+                if requests_plan["client"]:
+                    row = bench_client_job(server, requests_plan["client"])
+                    row.config = config_served.name
+                    rows.append(row)
+                if requests_plan["lone"]:
+                    classifier = served_classifier(server, config_served)
+                    for row in bench_lone_requests(
+                        server, bodies, classifier, requests_plan["lone"]
+                    ):
+                        row.config = f"{config_served.name}: {row.config}"
+                        rows.append(row)
+                    del classifier
         finally:
-            server.stop()
-        # the ONNX build holds both model.pt and model.onnx of the same weights
-        build = builds / version_of(ONNX)
-        config = ModelConfig.load(build / "extra")
-        # in-process after the server is gone, so the two never compete for the cores
-        print("in-process", file=sys.stderr)
-        micro = (1, 2) if quick else (1, 2, 4, 8)
-        rows = bench_in_process(build, config, micro, 1.0 if quick else args.seconds) + rows
+            for server in servers.values():
+                server.stop()
         memory["plain in-process script"] = {"python": plain_script_memory_mb(build / "model.pt")}
     ratios = compute_ratios(rows)
     info = {

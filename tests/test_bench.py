@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from b4serve.bench import DEFAULT, ONNX, SEED, TWO_WORKERS, Row, compute_ratios, markdown
+from b4serve.bench import DEFAULT, ONNX, SEED, TWO_WORKERS, Row, add_row, compute_ratios, markdown
 
 
 def rows() -> list[Row]:
@@ -18,8 +18,6 @@ def rows() -> list[Row]:
         Row("end to end", ONNX.name, "8 clients", 28, 10.0),
         Row("side by side", f"{DEFAULT.name}: served", "1 client", 10, 5.0, [0.5] * 9 + [0.9]),
         Row("side by side", f"{DEFAULT.name}: in-process", "1 image", 10, 4.0, [0.4] * 9 + [0.8]),
-        Row("side by side", f"{DEFAULT.name}: served", "8 clients", 64, 32.0),
-        Row("side by side", f"{DEFAULT.name}: in-process", "micro-batch 1", 64, 30.0),
     ]
 
 
@@ -28,9 +26,7 @@ def test_ratios_compare_like_with_like() -> None:
     assert ratios["torchscript: end to end / in-process best"] == 1.9 / 2.0
     assert ratios["onnxruntime end to end / seed end to end"] == 2.8
     assert ratios["2 workers x 1 thread / 1 worker x 2 threads, end to end best"] == 2.0 / 1.9
-    # side by side: each served row against the in-process row measured alternately with it
-    assert ratios["torchscript: end to end / in-process, alternating side by side"] == 30 / 32
-    assert "onnxruntime: end to end / in-process, alternating side by side" not in ratios
+    # lone requests: each against the same body classified in-process right after it
     p99_served = float(np.percentile([0.5] * 9 + [0.9], 99))
     p99_in_process = float(np.percentile([0.4] * 9 + [0.8], 99))
     assert ratios["ours 1-client p99 / in-process single-image median, side by side"] == (
@@ -48,3 +44,18 @@ def test_report_says_which_targets_this_hardware_can_reach() -> None:
     assert "| torchscript >= 3x seed end to end | 3.00 | 2.00 | no |" in report
     assert "| fastest runtime >= 6x seed end to end | 6.00 | 3.00 | no |" in report
     assert "| >= 1,000 TTA images/minute | 16.67 | 3.00 | no |" in report
+
+
+def test_rounds_of_a_row_add_up_and_other_rows_stay_apart() -> None:
+    rows: list[Row] = []
+    add_row(rows, Row("end to end", DEFAULT.name, "8 clients", 16, 8.0, [1.0] * 16))
+    add_row(rows, Row("end to end", SEED.name, "8 clients", 8, 8.0))
+    add_row(rows, Row("end to end", DEFAULT.name, "8 clients", 16, 4.0, [0.5] * 16))
+    add_row(rows, Row("in-process", DEFAULT.name, "8 clients", 8, 2.0))
+    assert [(r.section, r.config, r.images, r.seconds) for r in rows] == [
+        ("end to end", DEFAULT.name, 32, 12.0),
+        ("end to end", SEED.name, 8, 8.0),
+        ("in-process", DEFAULT.name, 8, 2.0),
+    ]
+    assert rows[0].images_per_s == 32 / 12.0
+    assert sorted(rows[0].latencies_s) == [0.5] * 16 + [1.0] * 16
