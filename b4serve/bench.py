@@ -37,7 +37,7 @@ from b4serve.manage import Registration
 from b4serve.pipeline import WARM_UP_CALLS, Classifier
 from b4serve.preprocess import Preprocessor, stack_channels_last
 from b4serve.runtime import Model, OnnxRuntimeModel, load_torchscript
-from b4serve.sandbox import DEMO_CACHE, Server, server_env
+from b4serve.sandbox import DEMO_CACHE, Server, exit_on_sigterm, server_env
 from b4serve.tta import tta_probabilities
 
 __all__ = ["ServedConfig", "main"]
@@ -513,6 +513,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     began = time.monotonic()
     quick = args.quick
     scale = 0.1 if quick else 1.0

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
 
 
-__all__ = ["Server", "free_ports", "server_env"]
+__all__ = ["Server", "exit_on_sigterm", "free_ports", "server_env"]
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit this process through its ``finally`` blocks, which stop its throwaway
+    servers: by default SIGTERM ends Python on the spot and leaves them running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def free_ports(count: int) -> list[int]:

@@ -240,7 +240,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from b4serve.sandbox import Server, server_env  # only for the throwaway server
+    from b4serve.sandbox import Server, exit_on_sigterm, server_env  # only for the throwaway
 
     args = _parse_args(argv)
 
@@ -256,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.use_running:
         report = soak(Endpoints.from_env())
     else:
+        exit_on_sigterm()
         with tempfile.TemporaryDirectory(prefix="b4soak-") as root:
             server = Server(server_env(Path(root), args.token_expiration_min), Path(root))
             try:
