@@ -41,11 +41,12 @@ def load_torchscript(
 
     Freezing inlines the weights as constants so the JIT can fold batch norms into convolutions;
     ``channels_last`` lets oneDNN convolutions on the CPU skip layout conversions. Measured on a
-    2-core CPU, the two together run B4 about 3x faster than the plain scripted model. oneDNN
+    2-core CPU in four benchmark runs, the two together ran B4 1.5x to 1.8x as fast as the plain
+    scripted model at micro-batch 8, and about as fast at micro-batch 1 (0.95x to 1.1x). oneDNN
     Graph then fuses each convolution with its activation (SiLU) and the squeeze-excitation
-    arithmetic: 14% faster again in the worker, measured side by side, for about 390 MiB more
-    resident memory (the fused kernels keep their own prepacked weights). It compiles on a
-    shape's first calls (see
+    arithmetic: 14% faster in the worker and 6% in-process, measured side by side, for about
+    390 MiB more resident memory (the fused kernels keep their own prepacked weights). It
+    compiles on a shape's first calls (see
     :meth:`b4serve.pipeline.Classifier.warm_up`).
     """
     model = torch.jit.load(str(path), map_location=device).eval()

@@ -2,12 +2,12 @@
 # Benchmark everything side by side in one run and write the table.
 #
 # Usage: scripts/bench.sh [--quick] [--seconds S]
-#   --quick      a few requests per configuration (a smoke test, about 5 minutes)
-#   --seconds S  length of each in-process measurement (default 8)
+#   --quick      a few requests per configuration (a smoke test, about 6 minutes)
+#   --seconds S  length of each in-process measurement, over all rounds (default 8)
 # Writes docs/PERFORMANCE.md and docs/performance.json (--quick: into $B4_CACHE_DIR/bench).
 # Starts its own throwaway TorchServe on free loopback ports; a server you run is left alone,
-# but it competes for the cores: stop it first for figures worth comparing. Takes ~12 minutes
-# on 2 cores.
+# but it competes for the cores: stop it first for figures worth comparing. Takes about 20
+# minutes on 2 cores, with four servers up at once (about 6 GiB).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
