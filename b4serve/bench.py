@@ -337,6 +337,39 @@ def deploy_served(server: Server, served: ServedConfig, checkpoint: Path) -> Non
     bench_http(server, [encode_npy(image) for image in demo_images(2)], 2, 8)
 
 
+def measure_in_rounds(
+    servers: dict[str, Server],
+    served: Sequence[tuple[ServedConfig, dict[str, int]]],
+    bodies: list[bytes],
+    runtimes: Sequence[InProcess],
+    micro_batches: Sequence[int],
+    seconds: float,
+) -> list[Row]:
+    """Every served and in-process row, measured in ``ROUNDS`` interleaved rounds.
+
+    Each round serves every configuration at 1, 8 and 32 clients, then forwards the runtimes
+    paired with it in this process (the other servers idle), so slow and fast spells of a shared
+    machine fall on all rows alike; each row adds up its rounds.
+    """
+    rows: list[Row] = []
+    for number in range(ROUNDS):
+        print(f"round {number + 1} of {ROUNDS}", file=sys.stderr)
+        for config_served, requests_plan in served:
+            server = servers[config_served.name]
+            for concurrency in (1, 8, 32):
+                row = bench_http(server, bodies, concurrency, requests_plan[f"c{concurrency}"])
+                row.config = config_served.name
+                print(
+                    f"  {row.config} {row.setting}: {row.images_per_s:.2f} img/s", file=sys.stderr
+                )
+                add_row(rows, row)
+            for runtime in runtimes:
+                if runtime.beside is config_served:
+                    for size in micro_batches:
+                        add_row(rows, runtime.measure(size, seconds))
+    return rows
+
+
 def add_row(rows: list[Row], row: Row) -> None:
     """Add ``row`` to the row of the same section, configuration and setting, or append it."""
     key = (row.section, row.config, row.setting)
@@ -555,26 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build = Path(onnx_server.env["B4_CACHE_DIR"]) / "build" / version_of(ONNX)
             runtimes = in_process_runtimes(build, ModelConfig.load(build / "extra"))
             freeze_long_lived_objects()  # as the workers do
-            # Rounds: each serves every configuration at 1, 8 and 32 clients, then forwards the
-            # same runtime in this process (the other servers idle), so slow and fast spells of
-            # a shared machine fall on all rows alike.
-            for number in range(ROUNDS):
-                print(f"round {number + 1} of {ROUNDS}", file=sys.stderr)
-                for config_served, requests_plan in served:
-                    server = servers[config_served.name]
-                    for concurrency in (1, 8, 32):
-                        count = requests_plan[f"c{concurrency}"]
-                        row = bench_http(server, bodies, concurrency, count)
-                        row.config = config_served.name
-                        print(
-                            f"  {row.config} {row.setting}: {row.images_per_s:.2f} img/s",
-                            file=sys.stderr,
-                        )
-                        add_row(rows, row)
-                    for runtime in runtimes:
-                        if runtime.beside is config_served:
-                            for size in micro:
-                                add_row(rows, runtime.measure(size, seconds))
+            rows += measure_in_rounds(servers, served, bodies, runtimes, micro, seconds)
             del runtimes
             for config_served, requests_plan in served:
                 server = servers[config_served.name]

@@ -1,0 +1,41 @@
+"""The benchmark's rounds against the real server: served and in-process rows side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from b4serve import bench
+from b4serve.codec import encode_npy
+from b4serve.manage import ManagementAPI
+from b4serve.sandbox import Server
+
+pytestmark = pytest.mark.integration
+
+
+def test_rounds_interleave_served_and_in_process_rows_and_add_them_up(server: Server) -> None:
+    version = ManagementAPI(server.endpoints, server.keys).default_version("b4")
+    assert version is not None
+    classifier = server.classifier(version)  # the served build, loaded here
+    bodies = [encode_npy(image) for image in bench.demo_images(2)]
+    images = [classifier.decode(body) for body in bodies]
+    model = classifier.model
+    beside_ours = bench.InProcess("in-process, beside ours", bench.DEFAULT, model, images)
+    beside_seed = bench.InProcess("in-process, beside the seed", bench.SEED, model, images)
+    plan = {"c1": 1, "c8": 2, "c32": 1}
+
+    rows = bench.measure_in_rounds(
+        {bench.DEFAULT.name: server}, [(bench.DEFAULT, plan)], bodies,
+        [beside_ours, beside_seed], micro_batches=(1,), seconds=0.0,
+    )  # fmt: skip
+
+    # served rows, then the runtime paired with that configuration; the seed's is not served here
+    assert [(r.section, r.config, r.setting) for r in rows] == [
+        ("end to end", bench.DEFAULT.name, "1 clients"),
+        ("end to end", bench.DEFAULT.name, "8 clients"),
+        ("end to end", bench.DEFAULT.name, "32 clients"),
+        ("in-process", "in-process, beside ours", "micro-batch 1"),
+    ]
+    # each row adds up its rounds: the plan's requests per round, and 3 forwards per round
+    assert [r.images for r in rows] == [bench.ROUNDS * n for n in (1, 2, 1, 3)]
+    assert all(len(r.latencies_s) == r.images and r.seconds > 0 for r in rows[:3])
+    assert beside_seed.warm == set()  # never measured
