@@ -28,7 +28,10 @@ from b4serve.protocol import Protocol, encode_request, probabilities_of
 
 __all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
 
-_FAILURE_MARKERS = ("Traceback", "Error", "died", "Load model failed")
+_FAILURE_MARKERS = ("Traceback", "Error", "died", "Load model failed", "Failed to load model")
+# Lines that say a worker failed: the worker's own "Failed to load model" comes first, and the
+# frontend may stop the worker before it writes "Backend worker process died".
+_DEATH_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
 
 
 class DeployError(Exception):
@@ -174,9 +177,7 @@ class LogWatch:
         with open(self.path, errors="replace") as stream:
             stream.seek(self.offset)
             lines = stream.read().splitlines()
-        died = any(
-            "Backend worker process died" in line or "Load model failed" in line for line in lines
-        )
+        died = any(marker in line for line in lines for marker in _DEATH_MARKERS)
         if not died:
             return []
         return [line for line in lines if any(m in line for m in _FAILURE_MARKERS)][-limit:]

@@ -49,3 +49,20 @@ def test_settle_gives_up_after_its_bound_when_nothing_died(tmp_path: Path) -> No
     started = time.monotonic()
     assert watch.settle(within_s=0.5) == []
     assert 0.4 < time.monotonic() - started < 3.0
+
+
+def test_a_failed_load_counts_when_the_worker_is_stopped_before_it_says_it_died(
+    tmp_path: Path,
+) -> None:
+    # as logged in CI: the frontend stopped the worker right after its load failed
+    (tmp_path / "model_log.log").write_text("")
+    watch = LogWatch(tmp_path)
+    with open(tmp_path / "model_log.log", "a") as stream:
+        stream.write(
+            "Failed to load model b4, exception cannot load: weights for another model\n"
+            "MODEL_LOG - Traceback (most recent call last):\n"
+            "MODEL_LOG -     raise RuntimeError('cannot load: weights for another model')\n"
+        )
+    failures = watch.failures()
+    assert any("Failed to load model b4" in line for line in failures)
+    assert any("raise RuntimeError" in line for line in failures)
