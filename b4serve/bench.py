@@ -125,6 +125,11 @@ class Row:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What the row measured: rows with the same key are rounds of one measurement."""
+        return self.section, self.config, self.setting
+
     def add(self, other: Row) -> None:
         """Count ``other``'s images, time and latencies in this row (another round of it)."""
         self.images += other.images
@@ -372,8 +377,7 @@ def measure_in_rounds(
 
 def add_row(rows: list[Row], row: Row) -> None:
     """Add ``row`` to the row of the same section, configuration and setting, or append it."""
-    key = (row.section, row.config, row.setting)
-    found = next((r for r in rows if (r.section, r.config, r.setting) == key), None)
+    found = next((r for r in rows if r.key == row.key), None)
     if found is None:
         rows.append(row)
     else:
@@ -501,7 +505,7 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
     def side_by_side(config: str, setting: str) -> Row | None:
         """A row of the lone-request pair: served and in-process, request by request."""
         key = ("side by side", f"{DEFAULT.name}: {config}", setting)
-        return next((r for r in rows if (r.section, r.config, r.setting) == key), None)
+        return next((r for r in rows if r.key == key), None)
 
     ours_e2e = best("end to end", DEFAULT.name)
     onnx_e2e = best("end to end", ONNX.name)

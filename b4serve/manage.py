@@ -28,10 +28,10 @@ from b4serve.protocol import Protocol, encode_request, probabilities_of
 
 __all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
 
-_FAILURE_MARKERS = ("Traceback", "Error", "died", "Load model failed", "Failed to load model")
 # Lines that say a worker failed: the worker's own "Failed to load model" comes first, and the
 # frontend may stop the worker before it writes "Backend worker process died".
 _DEATH_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
+_FAILURE_MARKERS = ("Traceback", "Error", "died", *_DEATH_MARKERS)
 
 
 class DeployError(Exception):
