@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,10 @@ from b4serve.tta import tta_probabilities
 __all__ = ["ServedConfig", "main"]
 
 SIZE = 380
-# Every row is measured in this many rounds, interleaved with all the others (see main()).
-ROUNDS = 2
+# Every row is measured in this many rounds by default, interleaved with all the others
+# (see measure_in_rounds); the report gives each ratio per round too, to show its spread.
+ROUNDS = 3
+SECONDS = 8.0  # each in-process row's length, over all rounds
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class Row:
     images: int
     seconds: float
     latencies_s: list[float] = field(default_factory=list, repr=False)
+    # in-process rows: the served configuration whose ceiling this row measures
+    ceiling_of: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -194,7 +198,9 @@ class InProcess:
                 self.warm.add(size)
             done, took = timed(forward, seconds)
         print(f"  {self.name} micro-batch {size}: {done / took:.2f} img/s", file=sys.stderr)
-        return Row("in-process", self.name, f"micro-batch {size}", done, took)
+        return Row(
+            "in-process", self.name, f"micro-batch {size}", done, took, ceiling_of=self.beside.name
+        )
 
 
 def in_process_runtimes(build: Path, config: ModelConfig) -> list[InProcess]:
@@ -332,14 +338,16 @@ def version_of(served: ServedConfig) -> str:
     return "bench-" + "".join(ch if ch.isalnum() else "-" for ch in served.name)[:40]
 
 
-def deploy_served(server: Server, served: ServedConfig, checkpoint: Path) -> None:
-    """Deploy ``served`` as its own version on its own server, and send it a few requests."""
+def deploy_served(
+    server: Server, served: ServedConfig, checkpoint: Path, bodies: list[bytes]
+) -> None:
+    """Deploy ``served`` as its own version on its own server, and send it a few of ``bodies``
+    (warm-up: connections open, and the worker has seen real inputs)."""
     server.deploy(
         "--checkpoint", str(checkpoint), "--trust-checkpoint", "--version", version_of(served),
         **served.deploy_env(),
     )  # fmt: skip
-    # warm-up: connections, and the worker sees real inputs
-    bench_http(server, [encode_npy(image) for image in demo_images(2)], 2, 8)
+    bench_http(server, bodies, 2, 8)
 
 
 def measure_in_rounds(
@@ -349,16 +357,19 @@ def measure_in_rounds(
     runtimes: Sequence[InProcess],
     micro_batches: Sequence[int],
     seconds: float,
-) -> list[Row]:
-    """Every served and in-process row, measured in ``ROUNDS`` interleaved rounds.
+    rounds: int = ROUNDS,
+) -> list[list[Row]]:
+    """Every served and in-process row, measured in ``rounds`` interleaved rounds; the rows of
+    each round (:func:`merge_rounds` adds them up).
 
     Each round serves every configuration at 1, 8 and 32 clients, then forwards the runtimes
     paired with it in this process (the other servers idle), so slow and fast spells of a shared
-    machine fall on all rows alike; each row adds up its rounds.
+    machine fall on all rows alike.
     """
-    rows: list[Row] = []
-    for number in range(ROUNDS):
-        print(f"round {number + 1} of {ROUNDS}", file=sys.stderr)
+    measured: list[list[Row]] = []
+    for number in range(rounds):
+        print(f"round {number + 1} of {rounds}", file=sys.stderr)
+        rows: list[Row] = []
         for config_served, requests_plan in served:
             server = servers[config_served.name]
             for concurrency in (1, 8, 32):
@@ -367,12 +378,21 @@ def measure_in_rounds(
                 print(
                     f"  {row.config} {row.setting}: {row.images_per_s:.2f} img/s", file=sys.stderr
                 )
-                add_row(rows, row)
+                rows.append(row)
             for runtime in runtimes:
                 if runtime.beside is config_served:
-                    for size in micro_batches:
-                        add_row(rows, runtime.measure(size, seconds))
-    return rows
+                    rows += [runtime.measure(size, seconds) for size in micro_batches]
+        measured.append(rows)
+    return measured
+
+
+def merge_rounds(rounds: Sequence[Sequence[Row]]) -> list[Row]:
+    """One row per measurement, adding up its rounds; the rounds' own rows stay as they were."""
+    merged: list[Row] = []
+    for rows in rounds:
+        for row in rows:
+            add_row(merged, replace(row, latencies_s=list(row.latencies_s)))
+    return merged
 
 
 def add_row(rows: list[Row], row: Row) -> None:
@@ -399,7 +419,14 @@ def machine() -> str:
     )
 
 
-def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict, info: dict) -> str:
+def markdown(
+    rows: list[Row],
+    memory: dict[str, dict[str, float]],
+    ratios: dict[str, tuple[float, str]],
+    info: dict,
+    ratios_per_round: Sequence[dict[str, tuple[float, str]]] = (),
+) -> str:
+    rounds = info.get("rounds", ROUNDS)
     lines = [
         "# Performance",
         "",
@@ -408,12 +435,13 @@ def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict,
         "Demo EfficientNet-B4, 380x380 uint8 inputs, horizontal-flip TTA (each image counted once",
         "though it runs twice). Shared, noisy machine: compare ratios within this run only.",
         "Side by side: every configuration's server runs for the whole benchmark, and the rows",
-        f"are measured in {ROUNDS} rounds; each round serves every configuration at 1, 8 and 32",
+        f"are measured in {rounds} rounds; each round serves every configuration at 1, 8 and 32",
         "clients and right after each forwards the same runtime in-process (the other servers",
         "idle), so slow and fast spells of the machine fall on all rows alike. Each row adds up",
-        "its rounds. The lone-request rows alternate each request with the same body classified",
-        "in-process. In-process rows run with the workers' allocator setting (b4serve.allocator);",
-        "the seed's server keeps glibc's defaults, as the seed did.",
+        "its rounds, and each ratio is given per round too, for its spread. The lone-request",
+        "rows alternate each request with the same body classified in-process. In-process rows",
+        "run with the workers' allocator setting (b4serve.allocator); the seed's server keeps",
+        "glibc's defaults, as the seed did.",
         "",
         "| section | configuration | setting | images | img/s | p50 ms | p95 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -433,9 +461,17 @@ def markdown(rows: list[Row], memory: dict[str, dict[str, float]], ratios: dict,
     for config, processes in memory.items():
         for process, mb in processes.items():
             lines.append(f"| {config} | {process} | {mb:.0f} |")
-    lines += ["", "## Ratios", "", "| ratio | value | target |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Ratios",
+        "",
+        "| ratio | value | per round | target |",
+        "|---|---|---|---|",
+    ]
     for name, (value, target) in ratios.items():
-        lines.append(f"| {name} | {value:.2f} | {target} |")
+        spread = [r[name][0] for r in ratios_per_round if name in r]
+        per_round = ", ".join(f"{v:.2f}" for v in spread)
+        lines.append(f"| {name} | {value:.2f} | {per_round} | {target} |")
     lines += ["", "## What this hardware allows", "", *ceilings(rows)]
     return "\n".join(lines) + "\n"
 
@@ -444,16 +480,9 @@ def ceilings(rows: list[Row]) -> list[str]:
     """The best any serving setup could reach here: a served model cannot beat its own
     in-process forward speed, so each throughput target is compared with that ceiling, and with
     the share of it the served path reached in this run."""
-
-    def best(section: str, prefix: str) -> float:
-        return best_rate(rows, section, prefix)
-
-    seed_e2e = best("end to end", SEED.name)
-    runtimes = {
-        "torchscript": ("ours: frozen", DEFAULT),
-        "onnxruntime": ("ours: onnxruntime", ONNX),
-    }
-    fastest = max(runtimes, key=lambda name: best("in-process", runtimes[name][0]))
+    seed_e2e = best_served(rows, SEED)
+    runtimes = {"torchscript": DEFAULT, "onnxruntime": ONNX}
+    fastest = max(runtimes, key=lambda name: best_ceiling(rows, runtimes[name]))
     lines = [
         "Upper bounds from this run's in-process ceilings (end to end can only be slower): the",
         "share of its runtime's ceiling each target needs served, next to the share served here.",
@@ -467,10 +496,10 @@ def ceilings(rows: list[Row]) -> list[str]:
         (f"fastest runtime ({fastest}) >= 6x seed end to end", fastest, 6.0 * seed_e2e),
         (f">= 1,000 TTA images/minute ({fastest})", fastest, 1000 / 60),
     ):
-        prefix, served = runtimes[runtime]
-        ceiling = best("in-process", prefix)
+        served = runtimes[runtime]
+        ceiling = best_ceiling(rows, served)
         share_needed = needs / ceiling
-        share_served = best("end to end", served.name) / ceiling
+        share_served = best_served(rows, served) / ceiling
         if share_needed > 1:
             reachable = "no: above the ceiling"
         elif share_needed > share_served:
@@ -484,18 +513,21 @@ def ceilings(rows: list[Row]) -> list[str]:
     return lines
 
 
-def best_rate(rows: list[Row], section: str, config_prefix: str) -> float:
-    """The highest throughput of ``section`` rows whose configuration starts with the prefix."""
+def best_served(rows: Sequence[Row], served: ServedConfig) -> float:
+    """The highest end-to-end throughput of ``served``, at any number of clients."""
+    rates = [r.images_per_s for r in rows if r.section == "end to end" and r.config == served.name]
+    return max(rates, default=float("nan"))
+
+
+def best_ceiling(rows: Sequence[Row], served: ServedConfig) -> float:
+    """The highest in-process throughput of the runtimes measured as ``served``'s ceiling."""
     rates = [
-        r.images_per_s for r in rows if r.section == section and r.config.startswith(config_prefix)
+        r.images_per_s for r in rows if r.section == "in-process" and r.ceiling_of == served.name
     ]
     return max(rates, default=float("nan"))
 
 
-def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
-    def best(section: str, config_prefix: str) -> float:
-        return best_rate(rows, section, config_prefix)
-
+def compute_ratios(rows: Sequence[Row]) -> dict[str, tuple[float, str]]:
     def rate(config: str, setting: str) -> float:
         return next(
             (r.images_per_s for r in rows if r.config == config and r.setting == setting),
@@ -507,20 +539,16 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
         key = ("side by side", f"{DEFAULT.name}: {config}", setting)
         return next((r for r in rows if r.key == key), None)
 
-    ours_e2e = best("end to end", DEFAULT.name)
-    onnx_e2e = best("end to end", ONNX.name)
-    seed_e2e = best("end to end", SEED.name)
-    ours_inproc = best("in-process", "ours: frozen")
-    onnx_inproc = best("in-process", "ours: onnxruntime")
+    ours_e2e, onnx_e2e = best_served(rows, DEFAULT), best_served(rows, ONNX)
+    seed_e2e = best_served(rows, SEED)
+    ours_inproc, onnx_inproc = best_ceiling(rows, DEFAULT), best_ceiling(rows, ONNX)
     ratios = {
         "torchscript: end to end / in-process best": (ours_e2e / ours_inproc, ">= 0.9"),
         "onnxruntime: end to end / in-process best": (onnx_e2e / onnx_inproc, ">= 0.9"),
-    }
-    ratios |= {
         "torchscript end to end / seed end to end": (ours_e2e / seed_e2e, ">= 3"),
         "onnxruntime end to end / seed end to end": (onnx_e2e / seed_e2e, ">= 6"),
         "torchscript in-process best / seed in-process best": (
-            ours_inproc / best("in-process", "seed"),
+            ours_inproc / best_ceiling(rows, SEED),
             "(context)",
         ),
         "fastest end to end, TTA images per minute": (
@@ -528,7 +556,7 @@ def compute_ratios(rows: list[Row]) -> dict[str, tuple[float, str]]:
             ">= 1000",
         ),
         "2 workers x 1 thread / 1 worker x 2 threads, end to end best": (
-            best("end to end", TWO_WORKERS.name) / ours_e2e,
+            best_served(rows, TWO_WORKERS) / ours_e2e,
             "(context: > 1 favours workers)",
         ),
         "ours 1-client throughput / 32-client": (
@@ -557,8 +585,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m b4serve.bench", description=__doc__)
     parser.add_argument("--output", type=Path, help="markdown table (e.g. docs/PERFORMANCE.md)")
     parser.add_argument("--json", type=Path, help="all rows as JSON")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per in-process measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=SECONDS, help="per in-process measurement, all rounds"
+    )
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="rounds the requests and seconds are split into"
+    )
     parser.add_argument(
         "--client-images", type=int, default=1000, help="images in the bundled-client job"
     )
@@ -571,24 +604,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     quick = args.quick
     scale = 0.1 if quick else 1.0
+    rounds = max(1, args.rounds)
 
     def plan(c1: int, c8: int, c32: int, client: int = 0, lone: int = 0) -> dict[str, int]:
         """Requests per round at each concurrency (totals given), and in the one-off jobs."""
         totals = {"c1": c1, "c8": c8, "c32": c32}
-        per_round = {key: max(1, int(n * scale) // ROUNDS) for key, n in totals.items()}
+        per_round = {key: max(1, int(n * scale) // rounds) for key, n in totals.items()}
         once = {"client": client, "lone": lone}
         return per_round | {key: max(2, int(n * scale)) if n else 0 for key, n in once.items()}
 
-    # Bounded by request counts. The 1,000-image client job runs on the fastest runtime; 100
-    # lone requests on ours, so p99 is not just the slowest one.
+    # Bounded by request counts, 32 clients' row with 32 requests per round at least (of 3).
+    # The 1,000-image client job runs on the fastest runtime; 100 lone requests on ours, so
+    # p99 is not just the slowest one.
     served = [
-        (SEED, plan(10, 24, 64)),
+        (SEED, plan(10, 24, 96)),
         (DEFAULT, plan(30, 64, 96, lone=100)),
         (TWO_WORKERS, plan(30, 64, 96)),
         (ONNX, plan(30, 64, 96, client=args.client_images)),
     ]
     micro = (1, 2) if quick else (1, 2, 4, 8)
-    seconds = (1.0 if quick else args.seconds) / ROUNDS
+    seconds = (1.0 if quick else args.seconds) / rounds
     # this process's in-process runs use the allocator setting the workers use
     keep_freed_memory(ModelConfig.malloc_keep_mb)
     checkpoint = ensure_demo_checkpoint(DEMO_CACHE)
@@ -603,13 +638,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 root = Path(scratch) / version_of(config_served)
                 root.mkdir()
                 servers[config_served.name] = Server(env=server_env(root), root=root)
-                deploy_served(servers[config_served.name], config_served, checkpoint)
+                deploy_served(servers[config_served.name], config_served, checkpoint, bodies[:2])
             # the ONNX build holds both model.pt and model.onnx of the same weights
             onnx_server = servers[ONNX.name]
             build = Path(onnx_server.env["B4_CACHE_DIR"]) / "build" / version_of(ONNX)
             runtimes = in_process_runtimes(build, ModelConfig.load(build / "extra"))
             freeze_long_lived_objects()  # as the workers do
-            rows += measure_in_rounds(servers, served, bodies, runtimes, micro, seconds)
+            measured = measure_in_rounds(servers, served, bodies, runtimes, micro, seconds, rounds)
+            rows += merge_rounds(measured)
             del runtimes
             for config_served, requests_plan in served:
                 server = servers[config_served.name]
@@ -631,14 +667,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.stop()
         memory["plain in-process script"] = {"python": plain_script_memory_mb(build / "model.pt")}
     ratios = compute_ratios(rows)
+    ratios_per_round = [compute_ratios(round_rows) for round_rows in measured]
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine(),
-        "command": "scripts/bench.sh" + (" --quick" if quick else ""),
+        "command": "scripts/bench.sh"
+        + (" --quick" if quick else "")
+        + (f" --rounds {rounds}" if rounds != ROUNDS else "")
+        + (f" --seconds {args.seconds:g}" if args.seconds != SECONDS else ""),
         "minutes": (time.monotonic() - began) / 60,
+        "rounds": rounds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    table = markdown(rows, memory, ratios, info)
+    table = markdown(rows, memory, ratios, info, ratios_per_round)
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -649,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [r.summary() for r in rows],
             "memory_mb": memory,
             "ratios": {k: v[0] for k, v in ratios.items()},
+            "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in ratios_per_round],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0

@@ -1,5 +1,7 @@
 """The benchmark's report from rows: ratios, and the ceilings that bound each target."""
 
+from dataclasses import replace
+
 import numpy as np
 
 from b4serve.bench import (
@@ -12,15 +14,20 @@ from b4serve.bench import (
     ceilings,
     compute_ratios,
     markdown,
+    merge_rounds,
 )
+
+
+def in_process(config: str, setting: str, images: int, ceiling_of: str) -> Row:
+    return Row("in-process", config, setting, images, 10.0, ceiling_of=ceiling_of)
 
 
 def rows() -> list[Row]:
     return [
-        Row("in-process", "seed: plain scripted", "micro-batch 1", 10, 10.0),
-        Row("in-process", "ours: frozen, channels_last, oneDNN fusion", "micro-batch 1", 20, 10.0),
-        Row("in-process", "ours: frozen, channels_last, no fusion", "micro-batch 8", 15, 10.0),
-        Row("in-process", "ours: onnxruntime fp32", "micro-batch 1", 30, 10.0),
+        in_process("seed: plain scripted", "micro-batch 1", 10, SEED.name),
+        in_process("fused", "micro-batch 1", 20, DEFAULT.name),
+        in_process("unfused", "micro-batch 8", 15, DEFAULT.name),
+        in_process("onnxruntime", "micro-batch 1", 30, ONNX.name),
         Row("end to end", SEED.name, "8 clients", 10, 10.0),
         Row("end to end", DEFAULT.name, "1 clients", 18, 10.0, [0.5] * 18),
         Row("end to end", DEFAULT.name, "32 clients", 19, 10.0),
@@ -90,3 +97,29 @@ def test_rounds_of_a_row_add_up_and_other_rows_stay_apart() -> None:
     ]
     assert rows[0].images_per_s == 32 / 12.0
     assert sorted(rows[0].latencies_s) == [0.5] * 16 + [1.0] * 16
+
+
+def test_each_ratio_is_reported_per_round_beside_the_whole_run() -> None:
+    slow = [r for r in rows() if r.section != "side by side"]
+    fast = [replace(r, seconds=r.seconds / 2) for r in slow]
+    fast[1] = replace(fast[1], seconds=20.0)  # ours in-process slower in round 2: 1.0 img/s
+    merged = merge_rounds([slow, fast])
+    # rounds add up, and merging leaves each round's rows as they were
+    assert [(r.images, r.seconds) for r in merged][:2] == [(20, 15.0), (40, 30.0)]
+    assert [r.seconds for r in slow][:2] == [10.0, 10.0]
+    per_round = [compute_ratios(slow), compute_ratios(fast)]
+    merged += [r for r in rows() if r.section == "side by side"]  # one-off, outside the rounds
+    info = {"date": "d", "machine": "m", "command": "c", "minutes": 1.0, "rounds": 2}
+    report = markdown(merged, {}, compute_ratios(merged), info, per_round)
+    # round 1: 1.9 / 2.0 (fused); round 2: 3.8 / 3.0 (unfused); whole run: 38 / 30 images
+    assert "| torchscript: end to end / in-process best | 1.27 | 0.95, 1.27 | >= 0.9 |" in report
+    assert "| torchscript end to end / seed end to end | 1.90 | 1.90, 1.90 | >= 3 |" in report
+    # the lone requests ran once, after the rounds
+    p99_ratio = compute_ratios(merged)[
+        "ours 1-client p99 / in-process single-image median, side by side"
+    ][0]
+    assert (
+        f"| ours 1-client p99 / in-process single-image median, side by side | {p99_ratio:.2f} "
+        "|  | <= 1.5 |"
+    ) in report
+    assert "measured in 2 rounds" in report

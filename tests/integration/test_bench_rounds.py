@@ -23,19 +23,25 @@ def test_rounds_interleave_served_and_in_process_rows_and_add_them_up(server: Se
     beside_seed = bench.InProcess("in-process, beside the seed", bench.SEED, model, images)
     plan = {"c1": 1, "c8": 2, "c32": 1}
 
-    rows = bench.measure_in_rounds(
+    rounds = bench.measure_in_rounds(
         {bench.DEFAULT.name: server}, [(bench.DEFAULT, plan)], bodies,
-        [beside_ours, beside_seed], micro_batches=(1,), seconds=0.0,
+        [beside_ours, beside_seed], micro_batches=(1,), seconds=0.0, rounds=2,
     )  # fmt: skip
 
-    # served rows, then the runtime paired with that configuration; the seed's is not served here
-    assert [(r.section, r.config, r.setting) for r in rows] == [
-        ("end to end", bench.DEFAULT.name, "1 clients"),
-        ("end to end", bench.DEFAULT.name, "8 clients"),
-        ("end to end", bench.DEFAULT.name, "32 clients"),
-        ("in-process", "in-process, beside ours", "micro-batch 1"),
-    ]
-    # each row adds up its rounds: the plan's requests per round, and 3 forwards per round
-    assert [r.images for r in rows] == [bench.ROUNDS * n for n in (1, 2, 1, 3)]
-    assert all(len(r.latencies_s) == r.images and r.seconds > 0 for r in rows[:3])
+    # each round: served rows, then the runtime paired with that configuration; the seed's is
+    # not served here
+    assert len(rounds) == 2
+    for rows in rounds:
+        assert [(r.section, r.config, r.setting) for r in rows] == [
+            ("end to end", bench.DEFAULT.name, "1 clients"),
+            ("end to end", bench.DEFAULT.name, "8 clients"),
+            ("end to end", bench.DEFAULT.name, "32 clients"),
+            ("in-process", "in-process, beside ours", "micro-batch 1"),
+        ]
+        # the plan's requests per round, and 3 forwards (timed() runs at least 3)
+        assert [r.images for r in rows] == [1, 2, 1, 3]
+        assert all(len(r.latencies_s) == r.images and r.seconds > 0 for r in rows[:3])
+        assert rows[3].ceiling_of == bench.DEFAULT.name
+    merged = bench.merge_rounds(rounds)
+    assert [r.images for r in merged] == [2, 4, 2, 6]
     assert beside_seed.warm == set()  # never measured
