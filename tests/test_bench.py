@@ -13,6 +13,7 @@ from b4serve.bench import (
     add_row,
     ceilings,
     compute_ratios,
+    latency_floor,
     markdown,
     merge_rounds,
 )
@@ -123,3 +124,33 @@ def test_each_ratio_is_reported_per_round_beside_the_whole_run() -> None:
         "|  | <= 1.5 |"
     ) in report
     assert "measured in 2 rounds" in report
+
+
+def test_lone_request_target_is_judged_against_the_machines_own_tail() -> None:
+    def verdict(served: list[float], in_process: list[float]) -> str:
+        found = [
+            Row("side by side", f"{DEFAULT.name}: served", "1 client", 100, 1.0, served),
+            Row("side by side", f"{DEFAULT.name}: in-process", "1 image", 100, 1.0, in_process),
+        ]
+        return latency_floor(found)[-1].split(" | ")[-1].rstrip(" |")
+
+    steady = [0.3] * 100
+    assert verdict([0.31] * 100, steady) == "yes"
+    # the same steady in-process work; serving added a tail of its own
+    assert verdict([0.31] * 95 + [0.6] * 5, steady) == (
+        "at the limit: the machine's own tail and what serving adds cross it"
+    )
+    # the in-process work itself ran 2x its median in the slowest 5%
+    assert verdict([0.31] * 100, [0.3] * 95 + [0.6] * 5) == "no: the machine's own tail is above it"
+    assert latency_floor(rows()[:-2]) == []  # no lone requests measured: nothing to judge
+
+
+def test_report_gives_the_lone_request_floor_in_milliseconds() -> None:
+    line = latency_floor(rows())[-1]
+    # in-process: 9 at 0.4 s and one at 0.8 s; served p99 from 9 at 0.5 s and one at 0.9 s
+    floor = float(np.percentile([0.4] * 9 + [0.8], 99))
+    served = float(np.percentile([0.5] * 9 + [0.9], 99))
+    assert line == (
+        f"| 1-client p99 <= 1.5x in-process median | 600 | {floor * 1e3:.0f} | {floor / 0.4:.2f} "
+        f"| {served / floor:.2f} | no: the machine's own tail is above it |"
+    )
