@@ -46,7 +46,10 @@ SIZE = 380
 # Every row is measured in this many rounds by default, interleaved with all the others
 # (see measure_in_rounds); the report gives each ratio per round too, to show its spread.
 ROUNDS = 3
-SECONDS = 8.0  # each in-process row's length, over all rounds
+# Each in-process row's length, over all rounds. The ceiling is the best of several rows, and
+# the best of short, noisy rows is biased up by whichever got a lucky spell: 8 s rows put the
+# ONNX Runtime ceiling 7% above its other micro-batches in one run.
+SECONDS = 24.0
 
 # The targets on a 2-core CPU, one home for the ratios and the tables of what the machine allows.
 SERVED_SHARE = 0.9  # end to end / in-process best of the same runtime, at least
@@ -668,14 +671,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         once = {"client": client, "lone": lone}
         return per_round | {key: max(2, int(n * scale)) if n else 0 for key, n in once.items()}
 
-    # Bounded by request counts, 32 clients' row with 32 requests per round at least (of 3).
+    # Bounded by request counts, 8 and 32 clients' rows with 32 requests per round (of 3).
     # The 1,000-image client job runs on the fastest runtime; 200 lone requests on ours, so
     # p99 is not just the slowest one.
     served = [
         (SEED, plan(10, 24, 96)),
-        (DEFAULT, plan(30, 64, 96, lone=200)),
-        (TWO_WORKERS, plan(30, 64, 96)),
-        (ONNX, plan(30, 64, 96, client=args.client_images)),
+        (DEFAULT, plan(30, 96, 96, lone=200)),
+        (TWO_WORKERS, plan(30, 96, 96)),
+        (ONNX, plan(30, 96, 96, client=args.client_images)),
     ]
     micro = (1, 2) if quick else (1, 2, 4, 8)
     seconds = (1.0 if quick else args.seconds) / rounds

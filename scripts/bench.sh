@@ -5,7 +5,7 @@
 #   --quick      a few requests per configuration (a smoke test, about 6 minutes)
 #   --rounds N   rounds the measurements are split into and interleaved (default 3); the
 #                report gives each ratio per round, for its spread
-#   --seconds S  length of each in-process measurement, over all rounds (default 8)
+#   --seconds S  length of each in-process measurement, over all rounds (default 24)
 # Writes docs/PERFORMANCE.md and docs/performance.json (--quick: into $B4_CACHE_DIR/bench).
 # Starts its own throwaway TorchServe on free loopback ports; a server you run is left alone,
 # but it competes for the cores: stop it first for figures worth comparing. Takes about 20
