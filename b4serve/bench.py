@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import subprocess
@@ -150,9 +151,10 @@ class Row:
         self.seconds += other.seconds
         self.latencies_s += other.latencies_s
 
-    def percentile(self, q: float) -> float | None:
+    def percentile(self, q: float) -> float:
+        """The ``q``-th latency percentile in seconds; NaN for a row without latencies."""
         if not self.latencies_s:
-            return None
+            return float("nan")
         return float(np.percentile(self.latencies_s, q))
 
     def summary(self) -> dict[str, object]:
@@ -160,7 +162,7 @@ class Row:
         data["images_per_s"] = round(self.images_per_s, 3)
         for q in (50, 95, 99):
             value = self.percentile(q)
-            data[f"p{q}_ms"] = None if value is None else round(value * 1e3, 1)
+            data[f"p{q}_ms"] = None if math.isnan(value) else round(value * 1e3, 1)  # JSON null
         return data
 
 
@@ -541,8 +543,8 @@ def latency_floor(rows: Sequence[Row]) -> list[str]:
     served, single = lone_request_rows(rows)
     if not (served and single):
         return []
-    median, floor = single.percentile(50) or float("nan"), single.percentile(99) or float("nan")
-    needs, p99 = LONE_P99_X_MEDIAN * median, served.percentile(99) or float("nan")
+    median, floor, p99 = single.percentile(50), single.percentile(99), served.percentile(99)
+    needs = LONE_P99_X_MEDIAN * median
     if floor > needs:
         reachable = "no: the machine's own tail is above it"
     elif p99 > needs:
@@ -629,11 +631,11 @@ def compute_ratios(rows: Sequence[Row]) -> dict[str, tuple[float, str]]:
             ("p99 / in-process single-image p99", 99, "(context: the machine's own tail)"),
         ):
             ratios[f"ours 1-client {label}, side by side"] = (
-                (lone.percentile(99) or float("nan")) / (single.percentile(q) or float("nan")),
+                lone.percentile(99) / single.percentile(q),
                 target,
             )
         ratios["ours 1-client p50 / in-process single-image p50, side by side"] = (
-            (lone.percentile(50) or float("nan")) / (single.percentile(50) or float("nan")),
+            lone.percentile(50) / single.percentile(50),
             "(context: what serving adds)",
         )
     return ratios

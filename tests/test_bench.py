@@ -154,3 +154,14 @@ def test_report_gives_the_lone_request_floor_in_milliseconds() -> None:
         f"| 1-client p99 <= 1.5x in-process median | 600 | {floor * 1e3:.0f} | {floor / 0.4:.2f} "
         f"| {served / floor:.2f} | no: the machine's own tail is above it |"
     )
+
+
+def test_rows_without_latencies_have_no_percentiles_in_json_or_table() -> None:
+    throughput_only = in_process("fused", "micro-batch 1", 20, DEFAULT.name)
+    timed = Row("end to end", DEFAULT.name, "1 clients", 2, 1.0, [0.25, 0.75])
+    assert throughput_only.summary()["p50_ms"] is None  # null in the JSON, never NaN
+    assert timed.summary()["p50_ms"] == 500.0
+    table = markdown(
+        [throughput_only], {}, {}, {"date": "d", "machine": "m", "command": "c", "minutes": 1.0}
+    )
+    assert "| in-process | fused | micro-batch 1 | 20 | 2.00 |  |  |  |" in table
