@@ -44,6 +44,7 @@ def test_ratios_compare_like_with_like() -> None:
     assert ratios["torchscript: end to end / in-process best"] == 1.9 / 2.0
     assert ratios["onnxruntime end to end / seed end to end"] == 2.8
     assert ratios["2 workers x 1 thread / 1 worker x 2 threads, end to end best"] == 2.0 / 1.9
+    assert ratios["torchscript, 2 workers x 1 thread, end to end / seed end to end"] == 2.0
     # lone requests: each against the same body classified in-process right after it
     p99_served = float(np.percentile([0.5] * 9 + [0.9], 99))
     p99_in_process = float(np.percentile([0.4] * 9 + [0.8], 99))
