@@ -8,7 +8,7 @@
 #   --seconds S  length of each in-process measurement, over all rounds (default 24)
 # Writes docs/PERFORMANCE.md and docs/performance.json (--quick: into $B4_CACHE_DIR/bench).
 # Starts its own throwaway TorchServe on free loopback ports; a server you run is left alone,
-# but it competes for the cores: stop it first for figures worth comparing. Takes about 20
+# but it competes for the cores: stop it first for figures worth comparing. Takes about 28
 # minutes on 2 cores, with four servers up at once (about 6 GiB).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
