@@ -41,7 +41,7 @@ def load_torchscript(
 
     Freezing inlines the weights as constants so the JIT can fold batch norms into convolutions;
     ``channels_last`` lets oneDNN convolutions on the CPU skip layout conversions. Measured on a
-    2-core CPU in the benchmark runs, the two together ran B4 1.5x to 1.9x as fast as the plain
+    2-core CPU in the benchmark runs, the two together ran B4 1.35x to 1.9x as fast as the plain
     scripted model at micro-batch 8, and about as fast at micro-batch 1 (0.95x to 1.1x). oneDNN
     Graph then fuses each convolution with its activation (SiLU) and the squeeze-excitation
     arithmetic: 14% faster in the worker and 6% in-process, measured side by side, for about
