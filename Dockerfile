@@ -41,11 +41,11 @@ COPY b4serve/ ./b4serve/
 # The archive, built beforehand by scripts/build_mar.sh into the model store.
 ARG MAR
 COPY model-store/${MAR} ./model-store/
-# Register it at start with b4serve.manage.Registration's batch settings (their one home), as
+# Register it at start with b4serve.ops.manage.Registration's batch settings (their one home), as
 # deploy.sh does through the management API: TorchServe reads `load_models` and `models`.
 RUN test -n "$MAR" || { echo "error: --build-arg MAR=b4-<version>.mar is required" >&2; exit 1; } \
     && python -c "import json, re, sys; \
-from b4serve.manage import Registration; \
+from b4serve.ops.manage import Registration; \
 mar = sys.argv[1]; name = re.fullmatch(r'b4-([A-Za-z0-9._-]+)[.]mar', mar); \
 name or sys.exit('error: MAR must be b4-<version>.mar, as build_mar.sh names it: ' + mar); \
 version = name.group(1); r = Registration(); \
@@ -59,7 +59,7 @@ USER 1000
 WORKDIR /home/model-server
 # Inference on every interface of the container; management on its loopback only (never
 # published); metrics for Prometheus. Read by TorchServe (enable_envvars_config=true) and by
-# b4serve.manage in the health check.
+# b4serve.ops.manage in the health check.
 ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
     TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
@@ -76,7 +76,7 @@ EXPOSE 8080 8082
 # TorchServe 0.12 wants a token even on /ping: it reads the key file the server wrote and renews
 # an expired key, as clients do.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
-    CMD ["bash", "-c", "cd /opt/b4 && python -m b4serve.health --log-dir \"$LOG_LOCATION\" > /dev/null"]
+    CMD ["bash", "-c", "cd /opt/b4 && python -m b4serve.ops.health --log-dir \"$LOG_LOCATION\" > /dev/null"]
 
 # --ncs: no snapshots; the image's config is the registration, every start the same.
 CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/opt/b4/config.properties", "--model-store", "/opt/b4/model-store", "--log-config", "/opt/b4/log4j.properties"]

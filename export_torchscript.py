@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from b4serve.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.config import DEFAULT_MAX_PIXELS, ModelConfig
-from b4serve.models import ARCHS
-from b4serve.onnx_export import export_onnx
-from b4serve.runtime import RUNTIMES
+from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from b4serve.ops.onnx_export import export_onnx
+from b4serve.serving.archs import ARCHS
+from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
+from b4serve.serving.runtime import RUNTIMES
 
 PARITY_TOLERANCE = 1e-5
 

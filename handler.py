@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from b4serve.allocator import freeze_long_lived_objects, keep_freed_memory
-from b4serve.config import ModelConfig
-from b4serve.pipeline import Classifier, Outcome, Reply, replies
-from b4serve.protocol import (
+from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memory
+from b4serve.serving.config import ModelConfig
+from b4serve.serving.pipeline import Classifier, Outcome, Reply, replies
+from b4serve.serving.protocol import (
     ParsedRequest,
     Protocol,
     detect_protocol,
@@ -25,8 +25,8 @@ from b4serve.protocol import (
     parse_raw_request,
     payload_of,
 )
-from b4serve.runtime import OneDnnFused, load_model, select_device
-from b4serve.telemetry import METRICS, batch_observations
+from b4serve.serving.runtime import OneDnnFused, load_model, select_device
+from b4serve.serving.telemetry import METRICS, batch_observations
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ class B4Handler:
         self.classifier: Classifier | None = None
         self.model_name = "b4"
         self.model_version = ""
-        self.metrics: dict[str, Any] = {}  # b4serve.telemetry spec name -> TorchServe metric
+        self.metrics: dict[
+            str, Any
+        ] = {}  # b4serve.serving.telemetry spec name -> TorchServe metric
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
@@ -129,7 +131,7 @@ class B4Handler:
 
 
 def register_metrics(context: Any) -> dict[str, Any]:
-    """Our metrics (b4serve.telemetry) in TorchServe's metrics cache; none without one."""
+    """Our metrics (b4serve.serving.telemetry) in TorchServe's metrics cache; none without one."""
     cache = getattr(context, "metrics", None)
     if cache is None:
         return {}

@@ -12,11 +12,11 @@ import sys
 
 import atheris
 import numpy  # noqa: F401 - imported first so that only b4serve is instrumented
-import torch  # noqa: F401 - (b4serve.config imports it through the model factory)
+import torch  # noqa: F401 - (b4serve.serving.config imports it through the model factory)
 
 with atheris.instrument_imports():
-    from b4serve.codec import decode_npy
-    from b4serve.errors import InferenceError
+    from b4serve.serving.codec import decode_npy
+    from b4serve.serving.errors import InferenceError
 
 MAX_PIXELS = 64 * 64
 

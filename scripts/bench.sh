@@ -19,4 +19,4 @@ out="$B4_ROOT/docs"
 for arg in "$@"; do [ "$arg" = --quick ] && out="$B4_CACHE_DIR/bench"; done
 mkdir -p "$out"
 cd "$B4_ROOT"
-"$PY" -m b4serve.bench --output "$out/PERFORMANCE.md" --json "$out/performance.json" "$@"
+"$PY" -m b4serve.lab.bench --output "$out/PERFORMANCE.md" --json "$out/performance.json" "$@"

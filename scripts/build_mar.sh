@@ -41,7 +41,7 @@ fi
 
 build="$B4_CACHE_DIR/build/$version"
 rm -rf "$build"
-mkdir -p "$build/extra/b4serve" "$build/tmp" "$B4_MODEL_STORE"
+mkdir -p "$build/extra/b4serve/serving" "$build/tmp" "$B4_MODEL_STORE"
 export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
   --num-classes "${B4_NUM_CLASSES:-6}" --output "$build/model.pt" --meta-dir "$build/extra")
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
@@ -61,8 +61,10 @@ export_args+=(--runtime "$runtime")
 log "exporting $checkpoint to TorchScript"
 "$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
 
-# The handler imports b4serve from the unpacked archive; only the sources travel.
-cp "$B4_ROOT"/b4serve/*.py "$build/extra/b4serve/"
+# The handler imports b4serve from the unpacked archive: the serving core's sources alone travel
+# (never ops/ or lab/; tests/deploy/test_kserve_manifests.py reads the archive's file list).
+cp "$B4_ROOT"/b4serve/__init__.py "$build/extra/b4serve/"
+cp "$B4_ROOT"/b4serve/serving/*.py "$build/extra/b4serve/serving/"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.
 TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAME" \
   --version "$version" --serialized-file "$build/$serialized" --handler "$B4_ROOT/handler.py" \

@@ -6,7 +6,7 @@
 #                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
 #   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
-# Registration (env; defaults in b4serve/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
+# Registration (env; defaults in b4serve/ops/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
 #   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (1 s: extra wait
 #   after an old version answered all it had taken); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
@@ -25,12 +25,12 @@ parse_model_args "$@"
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 
 "$B4_ROOT/scripts/bootstrap.sh"
-manage() { "$PY" -m b4serve.manage --log-dir "$B4_LOG_DIR" --timeout "$timeout" "$@"; }
+manage() { "$PY" -m b4serve.ops.manage --log-dir "$B4_LOG_DIR" --timeout "$timeout" "$@"; }
 
 if [ -z "$checkpoint" ]; then
   log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
-  checkpoint=$("$PY" -m b4serve.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
-  trust=1  # built on this machine by b4serve.demo, in the seed's whole-module format
+  checkpoint=$("$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
+  trust=1  # built on this machine by b4serve.lab.demo, in the seed's whole-module format
 fi
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
 [ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
@@ -80,7 +80,7 @@ else
   build_args=(--checkpoint "$checkpoint" --version "$version")
   [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
   mar=$("$B4_ROOT/scripts/build_mar.sh" "${build_args[@]}")
-  # Unset variables leave b4serve.manage.Registration's defaults in force: one home for them.
+  # Unset variables leave b4serve.ops.manage.Registration's defaults in force: one home for them.
   register_args=()
   [ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
   [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
@@ -94,7 +94,7 @@ cat <<DONE
 $B4_MODEL_NAME $version is serving at http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME
 Try it (the key is re-read each time: keys expire and get renewed):
   curl -s http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME \\
-    -H "Authorization: Bearer \$($PY -m b4serve.keys inference --key-file $B4_KEY_FILE \\
+    -H "Authorization: Bearer \$($PY -m b4serve.ops.keys inference --key-file $B4_KEY_FILE \\
       --management-url http://$B4_HOST:$B4_MANAGEMENT_PORT)" \\
     -H "Content-Type: application/octet-stream" --data-binary @image.npy
 Logs: $B4_LOG_DIR (ts_log.log, model_log.log, access_log.log)

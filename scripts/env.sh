@@ -1,5 +1,5 @@
 # Shared defaults for every script; each one can be overridden from the environment.
-# Sourced, not run. The Python side (b4serve/endpoints.py) reads the same B4_* names.
+# Sourced, not run. The Python side (b4serve/ops/endpoints.py) reads the same B4_* names.
 B4_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export B4_ROOT
 : "${VENV:=$B4_ROOT/.venv}"

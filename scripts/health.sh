@@ -12,4 +12,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 [ -x "$PY" ] || die "no virtual env at $VENV: run scripts/deploy.sh first"
-exec "$PY" -m b4serve.health --log-dir "$B4_LOG_DIR" "$@"
+exec "$PY" -m b4serve.ops.health --log-dir "$B4_LOG_DIR" "$@"

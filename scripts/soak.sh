@@ -14,4 +14,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
 "$B4_ROOT/scripts/bootstrap.sh"
-exec "$PY" -m b4serve.soak "$@"
+exec "$PY" -m b4serve.lab.soak "$@"

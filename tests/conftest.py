@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from b4serve.config import ModelConfig
+from b4serve.serving.config import ModelConfig
 
 CLASS_NAMES = ("a", "b", "c", "d", "e", "f")
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from b4serve.endpoints import Endpoints
+from b4serve.ops.endpoints import Endpoints
 
 INVALID_KEY = {
     "code": 400,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from b4serve.codec import encode_npy
+from b4serve.serving.codec import encode_npy
 
 __all__ = ["ACCEPTED_VARIANTS", "HOSTILE", "Case"]
 

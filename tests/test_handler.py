@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from b4serve.codec import encode_npy
-from b4serve.config import ModelConfig
-from b4serve.pipeline import Classifier
-from b4serve.protocol import encode_request, encode_v2_binary, probabilities_of
-from b4serve.runtime import load_torchscript
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.config import ModelConfig
+from b4serve.serving.pipeline import Classifier
+from b4serve.serving.protocol import encode_request, encode_v2_binary, probabilities_of
+from b4serve.serving.runtime import load_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
 

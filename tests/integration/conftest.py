@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from b4serve.sandbox import Server, server_env
+from b4serve.lab.sandbox import Server, server_env
 
 
 @pytest.fixture(scope="session")

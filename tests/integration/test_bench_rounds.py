@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from b4serve import bench
-from b4serve.codec import encode_npy
-from b4serve.manage import ManagementAPI
-from b4serve.sandbox import Server
+from b4serve.lab import bench
+from b4serve.lab.sandbox import Server
+from b4serve.ops.manage import ManagementAPI
+from b4serve.serving.codec import encode_npy
 
 pytestmark = pytest.mark.integration
 

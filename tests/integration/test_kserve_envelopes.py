@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import requests
 
-from b4serve.codec import encode_npy
-from b4serve.demo import generate_images
-from b4serve.protocol import encode_request, encode_v2_binary
-from b4serve.sandbox import Server, server_env
+from b4serve.lab.demo import generate_images
+from b4serve.lab.sandbox import Server, server_env
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.protocol import encode_request, encode_v2_binary
 
 pytestmark = pytest.mark.integration
 

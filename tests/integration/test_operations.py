@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import requests
 
-from b4serve.codec import encode_npy
-from b4serve.demo import generate_images
-from b4serve.sandbox import ROOT, Server, free_ports
-from b4serve.soak import run_soak
-from b4serve.telemetry import Sample, parse_prometheus, request_counts
+from b4serve.lab.demo import generate_images
+from b4serve.lab.sandbox import ROOT, Server, free_ports
+from b4serve.lab.soak import run_soak
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.telemetry import Sample, parse_prometheus, request_counts
 
 pytestmark = pytest.mark.integration
 

@@ -22,12 +22,12 @@ import requests
 import torch
 from hostile_corpus import ACCEPTED_VARIANTS, HOSTILE
 
-from b4serve.client import RetryPolicy, predict_many
-from b4serve.codec import encode_npy
-from b4serve.demo import generate_images
-from b4serve.manage import ManagementAPI
-from b4serve.pipeline import Classifier
-from b4serve.sandbox import Server
+from b4serve.lab.demo import generate_images
+from b4serve.lab.sandbox import Server
+from b4serve.ops.client import RetryPolicy, predict_many
+from b4serve.ops.manage import ManagementAPI
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.pipeline import Classifier
 
 pytestmark = pytest.mark.integration
 
@@ -245,7 +245,7 @@ def test_worker_dying_while_loading_fails_the_rollout_with_its_log(
     (tmp_path / "b4.mar").rename(store / "b4-broken.mar")
     started = time.monotonic()
     result = subprocess.run(
-        [str(Path(server.env["VENV"]) / "bin" / "python"), "-m", "b4serve.manage", "--log-dir",
+        [str(Path(server.env["VENV"]) / "bin" / "python"), "-m", "b4serve.ops.manage", "--log-dir",
          str(server.log_dir), "--timeout", "120", "rollout", "--mar", "b4-broken.mar",
          "--version", "broken"],
         env=server.env, capture_output=True, text=True, timeout=300,
@@ -341,7 +341,7 @@ def test_frontend_restart_between_two_halves_of_a_client_job_loses_nothing(
         np.save(paths[-1], array)
     output = tmp_path / "results.jsonl"
     python = str(Path(server.env["VENV"]) / "bin" / "python")
-    command = [python, "-m", "b4serve.client", *paths, "--output", str(output),
+    command = [python, "-m", "b4serve.ops.client", *paths, "--output", str(output),
                "--concurrency", "1", "--retries", "1", "--no-progress"]  # fmt: skip
 
     def lines_written() -> int:

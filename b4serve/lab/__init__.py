@@ -1,0 +1,1 @@
+"""The lab: benchmarks, soak, the demo-model builder and throwaway test servers."""

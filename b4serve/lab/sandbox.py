@@ -1,0 +1,133 @@
+"""A throwaway TorchServe (Java frontend + Python workers) deployed by scripts/deploy.sh.
+
+Each one gets free loopback ports, its own run dir, model store, log dir and TMPDIR, so it never
+touches a server the user runs. The integration tests and the benchmark use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from b4serve.ops.endpoints import Endpoints
+from b4serve.ops.keys import KeyFile
+from b4serve.serving.config import ModelConfig
+from b4serve.serving.pipeline import Classifier
+from b4serve.serving.runtime import RUNTIMES, load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
+
+
+__all__ = ["Server", "exit_on_sigterm", "free_ports", "server_env"]
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit this process through its ``finally`` blocks, which stop its throwaway
+    servers: by default SIGTERM ends Python on the spot and leaves them running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@dataclass
+class Server:
+    """Where a sandboxed server lives and how to talk to it."""
+
+    env: dict[str, str]
+    root: Path
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints.from_env(self.env)
+
+    @functools.cached_property
+    def keys(self) -> KeyFile:
+        """One KeyFile for every caller: its lock makes concurrent threads that find the key
+        expired renew it once. Separate instances would each renew, and each renewal voids the
+        key the others just got."""
+        return KeyFile.from_endpoints(self.endpoints)
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.env["B4_LOG_DIR"])
+
+    def classifier(self, version: str) -> Classifier:
+        """``version``'s exported build, loaded in this process the way its worker loads it."""
+        build = Path(self.env["B4_CACHE_DIR"]) / "build" / version
+        config = ModelConfig.load(build / "extra")
+        cpu = torch.device("cpu")
+        return Classifier(load_model(build / RUNTIMES[config.runtime], config, cpu), config, cpu)
+
+    def deploy(
+        self, *args: str, timeout: float = 900, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run scripts/deploy.sh with extra B4_* ``env``; raise with its output on failure."""
+        result = subprocess.run(
+            [str(ROOT / "scripts" / "deploy.sh"), *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"deploy.sh {args} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        """``torchserve --stop`` with this server's TMPDIR; SIGKILL if that did not work."""
+        subprocess.run(
+            [str(Path(self.env["VENV"]) / "bin" / "torchserve"), "--stop", "--foreground"],
+            env={**self.env, "TMPDIR": self.env["B4_TMPDIR"]},
+            cwd=self.env["B4_RUN_DIR"],
+            capture_output=True,
+            timeout=120,
+        )
+        pid_file = Path(self.env["B4_TMPDIR"]) / ".model_server.pid"
+        if pid_file.is_file():  # --stop failed: do not leave a server behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+def server_env(root: Path, token_expiration_min: float | None = None) -> dict[str, str]:
+    """Environment for scripts/deploy.sh: everything under ``root``, the demo cache shared."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    cache = root / "cache"
+    cache.mkdir(parents=True)
+    DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+    (cache / "demo").symlink_to(DEMO_CACHE)
+    return {
+        **os.environ,
+        "VENV": os.environ.get("VENV", str(ROOT / ".venv")),
+        "B4_HOST": "127.0.0.1",
+        "B4_INFERENCE_PORT": str(inference),
+        "B4_MANAGEMENT_PORT": str(management),
+        "B4_METRICS_PORT": str(metrics),
+        "B4_GRPC_INFERENCE_PORT": str(grpc_inference),
+        "B4_GRPC_MANAGEMENT_PORT": str(grpc_management),
+        "B4_RUN_DIR": str(root / "run"),
+        "B4_KEY_FILE": str(root / "run" / "key_file.json"),
+        "B4_LOG_DIR": str(root / "run" / "logs"),
+        "B4_TMPDIR": str(root / "tmp"),
+        "B4_MODEL_STORE": str(root / "model-store"),
+        "B4_CACHE_DIR": str(cache),
+        "B4_TOKEN_EXPIRATION_MIN": str(token_expiration_min or ""),
+    }

@@ -1,0 +1,473 @@
+"""Concurrent client for the served model: ordered results, retries, key renewal, progress.
+
+``predict_batch`` is the one-call API; ``iter_results`` and ``predict_many`` give one ``Result``
+per input, in input order, and never let one failed input abort the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TextIO
+
+import numpy as np
+import requests
+
+from b4serve.ops.endpoints import Endpoints
+from b4serve.ops.keys import KeyFile, KeyFileError, bearer, is_invalid_key_response
+
+__all__ = [
+    "ImageInput",
+    "PredictionError",
+    "Result",
+    "RetryPolicy",
+    "input_name",
+    "iter_results",
+    "main",
+    "npy_bytes",
+    "predict_batch",
+    "predict_many",
+]
+
+ImageInput = np.ndarray | str | os.PathLike
+
+# Without an explicit type TorchServe parses the body as form data and the handler gets no bytes.
+_CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
+# The request may not have reached a worker, or the answer was lost: sending it again is safe.
+_TRANSIENT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry an input that failed for a passing reason.
+
+    ``retries`` bounds the retries after connection errors, timeouts and ``retry_statuses``
+    (waiting ``backoff_s * 2**n``, capped, with jitter); ``key_renewals`` separately bounds how
+    often a rejected key is renewed and the request sent again.
+    """
+
+    retries: int = 4
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    key_renewals: int = 2
+    # 503: worker busy or restarting; 507: worker out of memory; 502/504: a proxy in between.
+    retry_statuses: frozenset[int] = frozenset({502, 503, 504, 507})
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.key_renewals < 0:
+            raise ValueError("retries and key_renewals must be >= 0")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("backoff_s and max_backoff_s must be >= 0")
+
+    def delay_s(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based): half fixed, half random."""
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome for one input: ``probabilities``, or ``error`` with status, type and message."""
+
+    index: int
+    input: str
+    probabilities: list[float] | None = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-lines record: input, index, attempts and probabilities or error."""
+        record: dict[str, Any] = {"input": self.input, "index": self.index}
+        if self.ok:
+            record["probabilities"] = self.probabilities
+        else:
+            record["error"] = self.error
+        record["attempts"] = self.attempts
+        return record
+
+    def describe_error(self) -> str:
+        """``[3] a.npy: 400 InvalidInput: ...`` for messages listing failures."""
+        error = self.error or {}
+        status = error.get("status") or "-"
+        return f"[{self.index}] {self.input}: {status} {error.get('type')}: {error.get('message')}"
+
+
+class PredictionError(RuntimeError):
+    """Some inputs of a batch failed; ``failures`` holds their results, ``results`` all of them."""
+
+    def __init__(self, results: list[Result]) -> None:
+        self.results = results
+        self.failures = [r for r in results if not r.ok]
+        shown = "; ".join(r.describe_error() for r in self.failures[:10])
+        more = f"; and {len(self.failures) - 10} more" if len(self.failures) > 10 else ""
+        indices = ", ".join(str(r.index) for r in self.failures)
+        super().__init__(
+            f"{len(self.failures)} of {len(results)} inputs failed (indices {indices}): "
+            f"{shown}{more}"
+        )
+
+
+def input_name(index: int, item: ImageInput) -> str:
+    """How an input is named in results: its path, or ``array[i]`` for an in-memory array."""
+    return f"array[{index}]" if isinstance(item, np.ndarray) else os.fspath(item)
+
+
+def npy_bytes(item: ImageInput) -> bytes:
+    """The request body: ``np.save`` bytes of an array, or a ``.npy`` file's bytes as they are."""
+    if isinstance(item, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, item, allow_pickle=False)
+        return buffer.getvalue()
+    return Path(item).read_bytes()
+
+
+def _error(status: int | None, kind: str, message: str) -> dict[str, Any]:
+    return {"status": status, "type": kind, "message": message}
+
+
+def _response_error(response: requests.Response) -> dict[str, Any]:
+    """The ``{"code", "type", "message"}`` body TorchServe and our handler send, else the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "message" in body:
+        return _error(response.status_code, str(body.get("type", "HTTPError")), body["message"])
+    return _error(response.status_code, "HTTPError", response.text.strip()[:500] or response.reason)
+
+
+def _probabilities(response: requests.Response) -> list[float]:
+    """The JSON list of class probabilities in a 200 answer; ``ValueError`` for anything else."""
+    body = response.json()
+    if not isinstance(body, list) or not body:
+        raise ValueError(f"expected a non-empty JSON list of probabilities, got {body!r:.200}")
+    if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in body):
+        raise ValueError(f"expected numbers, got {body!r:.200}")
+    return [float(p) for p in body]
+
+
+class _Sessions:
+    """One ``requests.Session`` per thread (sessions are not thread-safe), all closed at the end."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._lock:
+                self._all.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._all:
+                session.close()
+            self._all.clear()
+
+
+class _Progress:
+    """``done/total, img/s, ETA`` on one rewritten stderr line, redrawn every ``interval_s``."""
+
+    def __init__(self, total: int, stream: TextIO, interval_s: float = 0.25) -> None:
+        self.total = total
+        self.stream = stream
+        self.interval_s = interval_s
+        self.done = self.failed = 0
+        self._start = self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def advance(self, ok: bool) -> None:
+        with self._lock:
+            self.done += 1
+            self.failed += not ok
+            now = time.monotonic()
+            if now - self._last >= self.interval_s or self.done == self.total:
+                self._last = now
+                self._write(now)
+
+    def close(self) -> None:
+        with self._lock:
+            self._write(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _write(self, now: float) -> None:
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta != float("inf") else "?"
+        failed = f", {self.failed} failed" if self.failed else ""
+        self.stream.write(
+            f"\r{self.done}/{self.total}  {rate:.1f} img/s  ETA {eta_text}{failed}\x1b[K"
+        )
+        self.stream.flush()
+
+
+class _Attempt(NamedTuple):
+    """What one request gave, and what to do next: ``done``, ``retry`` or ``renew`` the key."""
+
+    probabilities: list[float] | None
+    error: dict[str, Any] | None
+    then: Literal["done", "retry", "renew"]
+
+
+@dataclass
+class _Predictor:
+    """Sends one input until it succeeds, fails for good, or runs out of retries."""
+
+    url: str
+    keys: KeyFile | None
+    retry: RetryPolicy
+    timeout_s: float
+    progress: _Progress | None = None
+    sessions: _Sessions = field(default_factory=_Sessions)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, index: int, item: ImageInput) -> Result:
+        result = self._predict(index, item)
+        if self.progress is not None:
+            self.progress.advance(result.ok)
+        return result
+
+    def _predict(self, index: int, item: ImageInput) -> Result:
+        name = input_name(index, item)
+        attempts = retries = renewals = 0
+        try:
+            body = npy_bytes(item)
+            while True:
+                attempts += 1
+                key = self.keys.key("inference") if self.keys else None
+                attempt = self._send(body, key)
+                if attempt.then == "renew" and self.keys and renewals < self.retry.key_renewals:
+                    renewals += 1  # a budget of its own: a renewed key is not a struggling server
+                    self.keys.renew("inference", stale_key=key or "")
+                    continue
+                if attempt.then != "retry" or retries == self.retry.retries:
+                    break
+                retries += 1
+                if self.stop.wait(self.retry.delay_s(retries)):
+                    break  # the job was abandoned: report the last error, do not retry
+        except (OSError, ValueError, KeyFileError) as exc:
+            # Unreadable file, unsavable array, key file gone: this input fails, the others go on.
+            error = _error(None, type(exc).__name__, str(exc))
+            return Result(index, name, error=error, attempts=attempts)
+        return Result(index, name, attempt.probabilities, attempt.error, attempts)
+
+    def _send(self, body: bytes, key: str | None) -> _Attempt:
+        headers = {**_CONTENT_TYPE, **(bearer(key) if key else {})}
+        try:
+            response = self.sessions.get().post(
+                self.url, data=body, headers=headers, timeout=self.timeout_s
+            )
+        except _TRANSIENT_ERRORS as exc:
+            return _Attempt(None, _error(None, type(exc).__name__, str(exc)), "retry")
+        if response.status_code == 200:
+            try:
+                return _Attempt(_probabilities(response), None, "done")
+            except ValueError as exc:
+                return _Attempt(None, _error(200, "UnexpectedResponse", str(exc)), "done")
+        error = _response_error(response)
+        if key and is_invalid_key_response(response):
+            return _Attempt(None, error, "renew")
+        if response.status_code in self.retry.retry_statuses or _worker_died(error):
+            return _Attempt(None, error, "retry")
+        return _Attempt(None, error, "done")
+
+
+def _worker_died(error: dict[str, object]) -> bool:
+    """TorchServe's 500 for a batch whose worker crashed or was stopped: safe to send again."""
+    return error.get("status") == 500 and "Worker died" in str(error.get("message", ""))
+
+
+def iter_results(
+    inputs: Sequence[ImageInput],
+    *,
+    endpoints: Endpoints | None = None,
+    concurrency: int = 8,
+    retry: RetryPolicy | None = None,
+    timeout_s: float = 60.0,
+    token_auth: bool = True,
+    progress: bool | None = None,
+) -> Iterator[Result]:
+    """Send every input to the model with up to ``concurrency`` requests in flight.
+
+    Yields one ``Result`` per input, in input order, as soon as all before it are done.
+    ``token_auth=False`` sends no key (server started with ``--disable-token-auth``); otherwise
+    a missing or unreadable key file raises ``KeyFileError`` before anything is sent.
+    ``progress=None`` shows progress on stderr only when stderr is a terminal.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    endpoints = endpoints or Endpoints.from_env()
+    keys = KeyFile.from_endpoints(endpoints) if token_auth else None
+    if keys is not None:
+        keys.key("inference")  # fail fast, once, rather than once per input
+    show = sys.stderr.isatty() if progress is None else progress
+    predictor = _Predictor(
+        url=endpoints.predictions_url,
+        keys=keys,
+        retry=retry or RetryPolicy(),
+        timeout_s=timeout_s,
+        progress=_Progress(len(inputs), sys.stderr) if show and inputs else None,
+    )
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="b4client")
+    try:
+        # map() keeps input order; each task reads or encodes its own input, so memory stays flat.
+        yield from executor.map(predictor, range(len(inputs)), inputs)
+    finally:
+        # On an early stop (Ctrl-C, caller breaks) drop what has not started, end retry waits.
+        predictor.stop.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+        predictor.sessions.close()
+        if predictor.progress is not None:
+            predictor.progress.close()
+
+
+def predict_many(inputs: Sequence[ImageInput], **kwargs: Any) -> list[Result]:
+    """All results of ``iter_results`` (same keyword arguments), in input order."""
+    return list(iter_results(inputs, **kwargs))
+
+
+def predict_batch(
+    images: Sequence[ImageInput],
+    *,
+    endpoints: Endpoints | None = None,
+    concurrency: int = 8,
+    **kwargs: Any,
+) -> list[list[float]]:
+    """Class probabilities for each image, in input order.
+
+    Raises ``PredictionError`` listing every failed index and why, after all inputs were tried.
+    Other keyword arguments are those of ``iter_results``.
+    """
+    results = predict_many(images, endpoints=endpoints, concurrency=concurrency, **kwargs)
+    if not all(r.ok for r in results):
+        raise PredictionError(results)
+    return [r.probabilities for r in results if r.probabilities is not None]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m b4serve.ops.client",
+        description="Classify .npy files with the served model; one JSON line per input.",
+    )
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.npy")
+    parser.add_argument("--output", "-o", type=Path, help="JSON-lines file (default: stdout)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip inputs --output already holds answers for; send the rest (failed ones too)",
+    )
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--retries", type=int, default=RetryPolicy.retries)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--url", help="inference API base URL (default: from $B4_HOST, ports)")
+    parser.add_argument("--management-url", help="for key renewal (default: from $B4_*)")
+    parser.add_argument("--key-file", type=Path, help="default: $B4_KEY_FILE")
+    parser.add_argument("--model-name", help="default: $B4_MODEL_NAME or b4")
+    parser.add_argument("--no-auth", action="store_true", help="server runs without token auth")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress line on stderr (default: when stderr is a terminal)",
+    )
+    return parser
+
+
+def _cli_endpoints(args: argparse.Namespace) -> Endpoints:
+    """``Endpoints.from_env()`` with the command line's overrides."""
+    env = Endpoints.from_env()
+    return Endpoints(
+        inference_url=args.url or env.inference_url,
+        management_url=args.management_url or env.management_url,
+        metrics_url=env.metrics_url,
+        key_file=args.key_file or env.key_file,
+        model_name=args.model_name or env.model_name,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: POST ``.npy`` files, write one JSON line per input in input order; 1 if any failed."""
+    args = _parser().parse_args(argv)
+    if args.resume and not args.output:
+        print("b4serve.ops.client: --resume needs --output", file=sys.stderr)
+        return 2
+    done = _answered(args.output) if args.resume else {}
+    todo = [(index, path) for index, path in enumerate(args.files) if str(path) not in done]
+    if args.output:
+        # Keep the answers of an earlier run (--resume), rewritten whole before appending: a
+        # crash at any point leaves a file that a further --resume continues from.
+        tmp = args.output.with_name(args.output.name + ".partial")
+        tmp.write_text("".join(done.values()), encoding="utf-8")
+        tmp.replace(args.output)
+    out = args.output.open("a", encoding="utf-8") if args.output else sys.stdout
+    if done:
+        print(f"b4serve.ops.client: resuming, {len(done)} inputs already answered", file=sys.stderr)
+    failed = 0
+    try:
+        results = iter_results(
+            [path for _, path in todo],
+            endpoints=_cli_endpoints(args),
+            concurrency=args.concurrency,
+            retry=RetryPolicy(retries=args.retries),
+            timeout_s=args.timeout,
+            token_auth=not args.no_auth,
+            progress=args.progress,
+        )
+        for result in results:
+            failed += not result.ok
+            result = dataclasses.replace(result, index=todo[result.index][0])  # CLI position
+            out.write(json.dumps(result.to_json()) + "\n")
+            out.flush()  # a long job's finished lines are visible (and kept) as it goes
+    except (KeyFileError, ValueError) as exc:
+        print(f"b4serve.ops.client: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        print(f"b4serve.ops.client: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _answered(output: Path) -> dict[str, str]:
+    """Input name -> JSON line, for the inputs an earlier run answered with probabilities."""
+    if not output.is_file():
+        return {}
+    answered = {}
+    for line in output.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: that input is sent again
+        if isinstance(record, dict) and record.get("probabilities") is not None:
+            answered[str(record["input"])] = line + "\n"
+    return answered
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,417 @@
+"""TorchServe management API: register, wait until ready, switch the default, retire old versions.
+
+Used by ``scripts/deploy.sh`` (``python -m b4serve.ops.manage rollout ...``). The rollout never
+leaves a moment where ``/predictions/<model>`` has no version behind it: the new version is
+registered and proven with a real prediction before it becomes the default, and only then are the
+others unregistered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from b4serve.ops.endpoints import Endpoints
+from b4serve.ops.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
+from b4serve.serving.protocol import Protocol, encode_request, probabilities_of
+
+__all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
+
+# Lines that say a worker failed: the worker's own "Failed to load model" comes first, and the
+# frontend may stop the worker before it writes "Backend worker process died".
+_DEATH_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
+_FAILURE_MARKERS = ("Traceback", "Error", "died", *_DEATH_MARKERS)
+
+
+class DeployError(Exception):
+    """A deployment step failed; the message says which and where to look."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Settings a model version is registered with; scripts/deploy.sh's defaults.
+
+    Up to ``batch_size`` requests share one trip to the worker. ``max_batch_delay_ms`` is how
+    long TorchServe holds a lone request waiting for company: under load the queue fills batches
+    with no waiting at all, so a short delay keeps light traffic fast and costs nothing busy.
+    (The seed's 1000 ms added up to a second to every request of a quiet server.)
+    """
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 5
+    initial_workers: int = 1
+    response_timeout_s: int = 120
+
+    def params(self, mar: str, model: str) -> dict[str, str | int]:
+        return {
+            "url": mar,
+            "model_name": model,
+            "batch_size": self.batch_size,
+            "max_batch_delay": self.max_batch_delay_ms,
+            "initial_workers": self.initial_workers,
+            "response_timeout": self.response_timeout_s,
+            "synchronous": "true",
+        }
+
+
+class ManagementAPI:
+    """Thin client of TorchServe's HTTP APIs that always sends a fresh key."""
+
+    def __init__(self, endpoints: Endpoints, keys: KeyFile, timeout_s: float = 30.0) -> None:
+        self.endpoints = endpoints
+        self.keys = keys
+        self.timeout_s = timeout_s
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: KeyKind = "management",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """One request with a valid key; a key refused as expired is renewed once and retried."""
+        api = self.endpoints
+        base = api.management_url if kind == "management" else api.inference_url
+        kwargs.setdefault("timeout", self.timeout_s)
+        for attempt in range(2):
+            auth = self.keys.auth_headers(kind)
+            response = requests.request(
+                method, base + path, headers={**(headers or {}), **auth}, **kwargs
+            )
+            if attempt == 0 and auth and is_invalid_key_response(response):
+                self.keys.renew(kind, auth["Authorization"].split()[-1])
+                continue
+            break
+        return response
+
+    def ping(self) -> bool:
+        """Whether the server answers ``/ping`` as Healthy (models may still be loading)."""
+        try:
+            response = self.call("GET", "/ping", kind="inference", timeout=5)
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+        return response.status_code == 200 and "Healthy" in response.text
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        """Every registered version of ``model`` as TorchServe describes it ([] if none)."""
+        response = self.call("GET", f"/models/{model}/all")
+        if response.status_code == 404:
+            return []
+        _raise_for(response, f"describe {model}")
+        return response.json()
+
+    def default_version(self, model: str) -> str | None:
+        """The version ``/predictions/<model>`` is served by, if any."""
+        response = self.call("GET", f"/models/{model}")
+        if response.status_code == 404:
+            return None
+        _raise_for(response, f"describe {model}")
+        return response.json()[0]["modelVersion"]
+
+    def describe(self, model: str, version: str) -> dict[str, Any] | None:
+        response = self.call("GET", f"/models/{model}/{version}")
+        if response.status_code == 404:
+            return None
+        _raise_for(response, f"describe {model} {version}")
+        return response.json()[0]
+
+    def predict(self, model: str, version: str | None) -> requests.Response:
+        """Send the smoke-test image to ``model`` (its ``version``, or the default)."""
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        body, content_type = smoke_request(self.endpoints.protocol)
+        headers = {"Content-Type": content_type}
+        return self.call("POST", path, kind="inference", data=body, headers=headers)
+
+    def smoke_test(self, model: str, version: str | None, what: str) -> list[float]:
+        """Predict the smoke-test image; its probabilities, or :class:`DeployError`."""
+        return check_prediction(self.predict(model, version), what, self.endpoints.protocol)
+
+    def register(self, mar: str, model: str, settings: Registration) -> requests.Response:
+        """Register ``mar`` as a version of ``model``; returns once its workers started (or not)."""
+        # synchronous registration waits for the workers: allow for loading and warm-up
+        return self.call("POST", "/models", params=settings.params(mar, model), timeout=None)
+
+    def set_default(self, model: str, version: str) -> None:
+        _raise_for(self.call("PUT", f"/models/{model}/{version}/set-default"), "set default")
+
+    def unregister(self, model: str, version: str) -> None:
+        response = self.call("DELETE", f"/models/{model}/{version}", timeout=None)
+        if response.status_code != 404:  # already gone is fine
+            _raise_for(response, f"unregister {model} {version}")
+
+
+def _raise_for(response: requests.Response, action: str) -> None:
+    if response.status_code >= 400:
+        raise DeployError(f"{action}: HTTP {response.status_code}: {response.text.strip()[:500]}")
+
+
+def ready_workers(description: dict[str, Any] | None) -> int:
+    """How many of a described version's workers are READY."""
+    workers = (description or {}).get("workers", [])
+    return sum(1 for worker in workers if worker.get("status") == "READY")
+
+
+class LogWatch:
+    """New lines of TorchServe's model log since a mark: why a worker died, in its own words."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.path = log_dir / "model_log.log" if log_dir else None
+        self.offset = self.path.stat().st_size if self.path and self.path.is_file() else 0
+
+    def failures(self, limit: int = 25) -> list[str]:
+        if self.path is None or not self.path.is_file():
+            return []
+        with open(self.path, errors="replace") as stream:
+            stream.seek(self.offset)
+            lines = stream.read().splitlines()
+        died = any(marker in line for line in lines for marker in _DEATH_MARKERS)
+        if not died:
+            return []
+        return [line for line in lines if any(m in line for m in _FAILURE_MARKERS)][-limit:]
+
+    def settle(self, within_s: float = 5.0) -> list[str]:
+        """The failures, waiting up to ``within_s`` for them: the log is written asynchronously,
+        so a failed registration can come back before the worker's last words reach the file."""
+        deadline = time.monotonic() + within_s
+        while not (failures := self.failures()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return failures
+
+
+def smoke_request(protocol: Protocol) -> tuple[bytes, str]:
+    """A small real image in ``protocol``: the handler resizes it, so any input size works."""
+    ramp = np.linspace(0, 255, 64 * 64 * 3, dtype=np.float64).astype(np.uint8)
+    return encode_request(ramp.reshape(64, 64, 3), protocol)
+
+
+def check_prediction(response: requests.Response, what: str, protocol: Protocol) -> list[float]:
+    """The probabilities of a good answer; raise naming ``what`` otherwise."""
+    if response.status_code != 200:
+        raise DeployError(f"{what}: HTTP {response.status_code}: {response.text.strip()[:500]}")
+    try:
+        (probabilities,) = probabilities_of(response.json(), protocol)
+    except (ValueError, KeyError, TypeError):
+        raise DeployError(f"{what}: not a {protocol} answer: {response.text[:200]}") from None
+    if not isinstance(probabilities, list) or abs(sum(probabilities) - 1.0) > 1e-3:
+        raise DeployError(f"{what}: not a probability list: {str(probabilities)[:200]}")
+    return probabilities
+
+
+def wait_ready(
+    api: ManagementAPI, model: str, version: str, watch: LogWatch, timeout_s: float
+) -> None:
+    """Block until ``version`` has a READY worker; fail fast with the log if a worker died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if ready_workers(api.describe(model, version)) > 0:
+            return
+        failures = watch.failures()
+        if failures:
+            raise DeployError(
+                f"a worker of {model} {version} died while loading; from {watch.path}:\n"
+                + "\n".join(failures)
+            )
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"{model} {version} has no READY worker after {timeout_s:.0f} s; see {watch.path}"
+            )
+        time.sleep(1.0)
+
+
+def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_s: float) -> None:
+    """Return once ``version`` has answered every request it had taken (it is no longer default).
+
+    TorchServe fails the batch a worker holds when its version is unregistered ("Worker died")
+    and shows no in-flight batch in describe-model. So: wait for the queue to empty, then send
+    one probe per worker to the version itself; a worker answers a probe only after the batch it
+    was running, so when the probes are back the old requests are too. ``grace_s`` covers the
+    rare probe that reached an idle worker while another was still busy.
+    """
+    description = api.describe(model, version) or {}
+    deadline = time.monotonic() + timeout_s
+    while description.get("jobQueueStatus", {}).get("pendingRequests", 0) > 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+        description = api.describe(model, version) or {}
+    probes = max(1, len(description.get("workers", [])))
+    with ThreadPoolExecutor(probes) as pool:
+        for _ in pool.map(lambda _: api.predict(model, version), range(probes)):
+            pass  # any answer will do: it only has to come after the batch in flight
+    time.sleep(grace_s)
+
+
+def retire(
+    api: ManagementAPI, model: str, versions: set[str], grace_s: float, timeout_s: float, say: Any
+) -> None:
+    """Drain and unregister ``versions`` (no longer the default)."""
+    for old in sorted(versions):
+        drain(api, model, old, grace_s, timeout_s)
+        api.unregister(model, old)
+        say(f"unregistered {model} {old}")
+
+
+def rollout(
+    api: ManagementAPI,
+    *,
+    mar: str,
+    model: str,
+    version: str,
+    settings: Registration,
+    timeout_s: float = 600.0,
+    drain_s: float = 1.0,
+    log_dir: Path | None = None,
+    say: Any = print,
+) -> str:
+    """Make ``version`` (archive ``mar`` in the model store) the one serving ``model``.
+
+    Returns ``"unchanged"`` when it already was, ``"deployed"`` otherwise. ``drain_s`` is the
+    time allowed, after an old version's queue empties, for its last batch to finish.
+    """
+    registered = {v["modelVersion"] for v in api.versions(model)}
+    default = api.default_version(model) if registered else None
+    if version == default and ready_workers(api.describe(model, version)) > 0:
+        api.smoke_test(model, None, f"{model} {version}")
+        say(f"{model} {version} is already deployed and answering: nothing to do")
+        retire(api, model, registered - {version}, drain_s, timeout_s, say)  # an earlier cut-off
+        return "unchanged"
+    watch = LogWatch(log_dir)
+    try:
+        _register_and_switch(api, mar, model, version, settings, registered, watch, timeout_s, say)
+    except DeployError:
+        if version not in registered:  # ours, never served: do not leave it crash-looping
+            api.unregister(model, version)
+            say(f"unregistered {model} {version}, which failed; serving: {default or 'none'}")
+        raise
+    retire(api, model, registered - {version}, drain_s, timeout_s, say)
+    api.smoke_test(model, None, f"/predictions/{model}")
+    return "deployed"
+
+
+def _register_and_switch(
+    api: ManagementAPI,
+    mar: str,
+    model: str,
+    version: str,
+    settings: Registration,
+    registered: set[str],
+    watch: LogWatch,
+    timeout_s: float,
+    say: Any,
+) -> None:
+    """Register ``version`` unless it is, wait until it answers, then make it the default."""
+    if version not in registered:
+        say(f"registering {mar} as {model} {version} ({settings})")
+        response = api.register(mar, model, settings)
+        if response.status_code == 409:
+            say(f"{model} {version} was registered meanwhile; reusing it")
+        elif response.status_code >= 400:
+            failures = watch.settle()
+            detail = ("; from the model log:\n" + "\n".join(failures)) if failures else ""
+            raise DeployError(
+                f"register {mar}: HTTP {response.status_code}: {response.text.strip()[:500]}"
+                + detail
+            )
+    wait_ready(api, model, version, watch, timeout_s)
+    api.smoke_test(model, version, f"{model} {version}")
+    api.set_default(model, version)
+    say(f"{model} {version} is the default version")
+
+
+def wait_for_ping(api: ManagementAPI, timeout_s: float, log_dir: Path | None) -> None:
+    """Block until the server answers ``/ping``; fail naming the log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while not _pings(api):
+        if time.monotonic() > deadline:
+            where = f"; see {log_dir}/ts_log.log and {log_dir}/console.log" if log_dir else ""
+            raise DeployError(f"TorchServe did not answer /ping within {timeout_s:.0f} s{where}")
+        time.sleep(0.5)
+
+
+def _pings(api: ManagementAPI) -> bool:
+    try:
+        return api.ping()
+    except KeyFileError:  # the server writes its key file a moment after it starts
+        return False
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m b4serve.ops.manage", description=__doc__)
+    parser.add_argument("--log-dir", type=Path, help="TorchServe's log dir, quoted on failure")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ping", help="exit 0 if the server answers /ping now")
+    commands.add_parser("wait-ping", help="wait until the server answers /ping")
+    status = commands.add_parser("status", help="print the registered versions as JSON")
+    status.add_argument("--deployed", metavar="VERSION", help="exit 0 only if VERSION serves")
+    deploy = commands.add_parser("rollout", help="register, prove, switch and retire")
+    deploy.add_argument("--mar", required=True, help="archive file name in the model store")
+    deploy.add_argument("--version", required=True)
+    deploy.add_argument("--batch-size", type=int, default=Registration.batch_size)
+    deploy.add_argument("--max-batch-delay", type=int, default=Registration.max_batch_delay_ms)
+    deploy.add_argument("--initial-workers", type=int, default=Registration.initial_workers)
+    deploy.add_argument("--response-timeout", type=int, default=Registration.response_timeout_s)
+    deploy.add_argument(
+        "--drain", type=float, default=1.0, help="extra seconds after an old version drained"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    endpoints = Endpoints.from_env()
+    api = ManagementAPI(endpoints, KeyFile.from_endpoints(endpoints))
+    model = endpoints.model_name
+    try:
+        if args.command == "ping":
+            return 0 if _pings(api) else 1
+        if args.command == "wait-ping":
+            wait_for_ping(api, args.timeout, args.log_dir)
+        elif args.command == "status":
+            versions = api.versions(model)
+            print(json.dumps(versions, indent=2))
+            if args.deployed:
+                serving = api.default_version(model) if versions else None
+                ready = ready_workers(api.describe(model, args.deployed)) if versions else 0
+                return 0 if serving == args.deployed and ready > 0 else 3
+        else:
+            settings = Registration(
+                args.batch_size, args.max_batch_delay, args.initial_workers, args.response_timeout
+            )
+            if endpoints.protocol != "raw" and settings.batch_size > 1:
+                # TorchServe's KServe envelopes answer only the first request of a server batch
+                print(f"[deploy] {endpoints.protocol} envelope: batch size 1, not "
+                      f"{settings.batch_size}", file=sys.stderr)  # fmt: skip
+                settings = dataclasses.replace(settings, batch_size=1)
+            rollout(
+                api,
+                mar=args.mar,
+                model=model,
+                version=args.version,
+                settings=settings,
+                timeout_s=args.timeout,
+                drain_s=args.drain,
+                log_dir=args.log_dir,
+                say=lambda message: print(f"[deploy] {message}", file=sys.stderr),
+            )
+    except (DeployError, KeyFileError, requests.RequestException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The serving data path as plain functions: bytes -> array -> tensor -> model -> JSON.
+
+Nothing here knows TorchServe; ``handler.py`` adapts its context and request list to
+:class:`Classifier`, and tests drive the same object in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from b4serve.serving.codec import check_array, decode_npy
+from b4serve.serving.config import ModelConfig
+from b4serve.serving.errors import InferenceError
+from b4serve.serving.preprocess import Preprocessor, stack_channels_last
+from b4serve.serving.protocol import ParsedRequest, Protocol, answer_of, raw_answer
+from b4serve.serving.runtime import Model, micro_batch_size
+from b4serve.serving.telemetry import BatchStats
+from b4serve.serving.tta import tta_probabilities
+
+__all__ = ["WARM_UP_CALLS", "Classifier", "Outcome", "Reply", "replies"]
+
+# Calls per input shape before TorchScript runs its optimised graph: the profiling executor
+# records shapes on the first, and with oneDNN fusion compiles on the next ones (measured: the
+# fourth call of a new shape is the first at full speed).
+WARM_UP_CALLS = 4
+
+
+@dataclass
+class Outcome:
+    """One request's answer: probabilities, or the error that request alone failed with."""
+
+    probabilities: list[float] | None = None
+    error: InferenceError | None = None
+
+    @property
+    def status(self) -> int:
+        return self.error.status if self.error else 200
+
+    def answer(self, protocol: Protocol = "raw") -> Any:
+        """What the handler returns for this request in ``protocol`` (JSON bytes when raw)."""
+        return answer_of(self.probabilities, self.error, protocol)
+
+
+@dataclass
+class Reply:
+    """What goes back for one TorchServe request: the body the handler returns for it (under a
+    KServe envelope, the list of per-image answers the envelope wraps) and its failed images."""
+
+    body: Any
+    failures: list[tuple[int, InferenceError]]  # (image index in the request, its error)
+    images: int = 1
+
+    @property
+    def error(self) -> InferenceError | None:
+        """The first failure: it sets the request's HTTP status."""
+        return self.failures[0][1] if self.failures else None
+
+
+def replies(
+    requests: Sequence[ParsedRequest],
+    outcomes: Sequence[Outcome],
+    protocol: Protocol,
+    model_name: str,
+    model_version: str,
+) -> list[Reply]:
+    """Group per-image outcomes back into one reply per request, in the caller's protocol."""
+    found: list[Reply] = []
+    position = 0
+    for request in requests:
+        mine = outcomes[position : position + len(request.payloads)]
+        position += len(request.payloads)
+        failures = [(i, o.error) for i, o in enumerate(mine) if o.error is not None]
+        if protocol != "raw":  # the envelope formats the answers itself
+            body: Any = [outcome.answer(protocol) for outcome in mine]
+        else:
+            results = [(o.probabilities, o.error) for o in mine]
+            body = raw_answer(request, results, model_name, model_version)
+        found.append(Reply(body, failures, len(mine)))
+    return found
+
+
+class Classifier:
+    """Classifies a batch of request bodies; each bad body fails alone."""
+
+    def __init__(self, model: Model, config: ModelConfig, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.preprocess = Preprocessor(config)
+        self.micro_batch = micro_batch_size(config.micro_batch, device)
+        self.last = BatchStats()  # what the latest classify() did, for logs and metrics
+
+    def decode(self, body: object) -> torch.Tensor:
+        """One request -> normalised HxWx3 tensor; raises :class:`InferenceError`.
+
+        ``body`` is ``.npy`` bytes, an array a KServe envelope carried, or the error the
+        protocol layer already found (:func:`b4serve.serving.protocol.payload_of`).
+        """
+        if isinstance(body, InferenceError):
+            raise body
+        if isinstance(body, np.ndarray):
+            return self.preprocess(check_array(body, self.config.max_pixels))
+        return self.preprocess(decode_npy(body, self.config.max_pixels))
+
+    @torch.inference_mode()
+    def predict(self, images: list[torch.Tensor], stats: BatchStats | None = None) -> torch.Tensor:
+        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch.
+
+        Each forward's size and time is added to ``stats`` when given.
+        """
+        step = self.micro_batch or len(images)
+        chunks = [images[i : i + step] for i in range(0, len(images), step)]
+        return torch.cat([self._forward(chunk, stats) for chunk in chunks])
+
+    def _forward(self, images: list[torch.Tensor], stats: BatchStats | None) -> torch.Tensor:
+        started = time.perf_counter()
+        batch = stack_channels_last(images).to(self.device, non_blocking=True)
+        if not self.config.optimize:  # the seed's baseline fed plain NCHW tensors
+            batch = batch.contiguous()
+        probabilities = tta_probabilities(self.model, batch).cpu()
+        if stats is not None:
+            stats.forwards.append((len(images), time.perf_counter() - started))
+        return probabilities
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
+        """Run a few forwards so the JIT profiles and compiles before the first request."""
+        size = self.config.input_size
+        # only the forward shapes requests will produce: with micro-batches, one per size
+        for count in sorted({min(c, self.micro_batch or c) for c in batch_sizes}):
+            for _ in range(WARM_UP_CALLS):
+                self.predict([torch.zeros(size, size, 3)] * count)
+
+    def classify(self, bodies: Sequence[object]) -> list[Outcome]:
+        """One :class:`Outcome` per body, in order."""
+        self.last = stats = BatchStats()
+        outcomes = [Outcome() for _ in bodies]
+        images: list[torch.Tensor] = []
+        positions: list[int] = []
+        for index, body in enumerate(bodies):
+            started = time.perf_counter()
+            try:
+                images.append(self.decode(body))
+                positions.append(index)
+                stats.errors.append(None)
+            except InferenceError as error:
+                outcomes[index].error = error
+                stats.errors.append(error.type)
+            stats.decode_seconds.append(time.perf_counter() - started)
+        if images:
+            for index, row in zip(positions, self.predict(images, stats).tolist(), strict=True):
+                outcomes[index].probabilities = row
+        return outcomes

@@ -1,0 +1,400 @@
+"""KServe's v1 and v2 inference protocols, as TorchServe's envelopes hand them to the handler.
+
+With ``service_envelope=kserve`` (v1) the handler receives the request's ``instances``; with
+``kservev2`` it receives the request's ``inputs`` (``{name, shape, datatype, data}``, BYTES data
+already reduced to its first element); with no envelope, TorchServe's own request dicts holding
+the raw ``.npy`` bytes. This module tells the three apart, turns each item into what
+:meth:`Classifier.decode` takes (``.npy`` bytes or an array) and each answer into what the
+envelope formats. It also builds requests and reads answers in each protocol, for deploy's smoke
+test and for clients.
+
+Accepted items:
+- v1 instance: ``{"data": "<base64 of .npy bytes>"}`` (or ``"b64"``), or the image itself as a
+  nested list (integers 0..255 as uint8, floats in [0, 1]).
+- v2 input: datatype UINT8, FP32 or FP64 with shape [H, W, 3] (or [H, W], [H, W, 1|4]), or
+  BYTES holding the base64 of ``.npy`` bytes.
+TorchServe's envelopes answer one request per server batch (they read only the first request),
+so a model behind one must be registered with ``batch_size=1``.
+
+Without an envelope the handler also takes KServe requests itself, one per TorchServe request,
+so they are batched like ``.npy`` bodies and fail alone (:func:`parse_raw_request`): a v1 or v2
+JSON body, or v2 with the binary-data extension (header ``Inference-Header-Content-Length``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.errors import (
+    InferenceError,
+    InvalidInput,
+    UnsupportedMediaType,
+    error_body,
+    error_fields,
+)
+
+__all__ = [
+    "BINARY_HEADER",
+    "ParsedRequest",
+    "Protocol",
+    "answer_of",
+    "detect_protocol",
+    "encode_request",
+    "encode_v2_binary",
+    "header_length",
+    "parse_raw_request",
+    "payload_of",
+    "probabilities_of",
+    "raw_answer",
+]
+
+Protocol = Literal["raw", "v1", "v2"]
+_V2_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
+# The v2 binary-data extension: the JSON header's length in bytes; the tensors' bytes follow it.
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+@dataclass
+class ParsedRequest:
+    """One TorchServe request: its images and the form of its answer.
+
+    ``form`` is ``npy`` (a raw ``.npy`` body, answered with the JSON probability list), ``v1`` or
+    ``v2`` (a KServe request, answered with a KServe response document: by the handler without
+    an envelope, by TorchServe's envelope otherwise).
+    """
+
+    payloads: list[object]  # .npy bytes, arrays, or the InferenceError an item failed with
+    form: Literal["npy", "v1", "v2"] = "npy"
+    names: list[str] = field(default_factory=list)  # v2 input names, for the outputs
+    request_id: str | None = None
+
+
+def header_length(headers: Mapping[str, str]) -> int | None:
+    """The binary-data extension's JSON header length, if the request declares one."""
+    for name, value in headers.items():
+        if name.lower() == BINARY_HEADER.lower():
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return -1  # present but not a number: parse_raw_request refuses it
+    return None
+
+
+def parse_raw_request(item: Any, binary_header_length: int | None = None) -> ParsedRequest:
+    """What one request without an envelope carries: ``.npy`` bytes, or a KServe request."""
+    body = _raw_body(item)
+    try:
+        if binary_header_length is not None:
+            return _v2_document(*_split_binary(body, binary_header_length))
+        if isinstance(body, bytes | bytearray) and body[:1] == b"{":
+            return _json_document(bytes(body))
+    except InferenceError as error:
+        return ParsedRequest([error])
+    return ParsedRequest([body])
+
+
+def _split_binary(body: object, length: int) -> tuple[dict[str, Any], memoryview]:
+    if not isinstance(body, bytes | bytearray) or not 0 < length <= len(body):
+        raise InvalidInput(f"{BINARY_HEADER} must be a length within the body, got {length}")
+    document = _load_json(bytes(body[:length]))
+    return document, memoryview(body)[length:]
+
+
+def _load_json(text: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnsupportedMediaType(f"body is neither .npy nor valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise UnsupportedMediaType("a JSON body must be a KServe v1 or v2 request object")
+    return document
+
+
+def _json_document(text: bytes) -> ParsedRequest:
+    document = _load_json(text)
+    if "inputs" in document:
+        return _v2_document(document, memoryview(b""))
+    if "instances" in document and isinstance(document["instances"], list):
+        instances = document["instances"]
+        return ParsedRequest([payload_of(i, "v1") for i in instances] or [_empty()], form="v1")
+    raise UnsupportedMediaType(
+        'a JSON body must be a KServe v1 request ({"instances": [...]}) or v2 request '
+        '({"inputs": [...]}); for .npy bytes send Content-Type: application/octet-stream'
+    )
+
+
+def _empty() -> InferenceError:
+    return InvalidInput("the request holds no image")
+
+
+def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        return ParsedRequest([_empty()], form="v2")
+    payloads: list[object] = []
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            payloads.append(InvalidInput("each v2 input must be an object"))
+            continue
+        try:
+            size = _binary_data_size(tensor)
+        except InvalidInput as error:
+            payloads.append(error)
+            continue
+        if size is None:  # JSON data
+            payloads.append(payload_of(tensor, "v2"))
+            continue
+        chunk = binary[offset : offset + size]
+        offset += size
+        payloads.append(_binary_tensor(tensor, chunk, size))
+    if offset < len(binary):  # (too little data is reported by the input it cut short)
+        extra = InvalidInput(f"{len(binary) - offset} bytes of binary data no input claims")
+        payloads = [extra] * len(payloads)
+    names = [str(t.get("name", f"input-{i}")) if isinstance(t, dict) else f"input-{i}"
+             for i, t in enumerate(inputs)]  # fmt: skip
+    request_id = document.get("id") if isinstance(document.get("id"), str) else None
+    return ParsedRequest(payloads, form="v2", names=names, request_id=request_id)
+
+
+def _binary_data_size(tensor: dict[str, Any]) -> int | None:
+    """The input's ``binary_data_size`` parameter: its byte count in the binary part, if any."""
+    parameters = tensor.get("parameters")
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {tensor.get('name')!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(
+            f"input {tensor.get('name')!r}: binary_data_size must be a byte count, got {size!r}"
+        )
+    return size
+
+
+def _binary_tensor(tensor: dict[str, Any], chunk: memoryview, size: int) -> object:
+    """One input's bytes under the binary-data extension: raw little-endian tensor, or BYTES
+    elements each preceded by its 4-byte little-endian length (the first one is the .npy)."""
+    name = tensor.get("name")
+    if len(chunk) < size:
+        return InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
+    datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
+    if datatype == "BYTES":
+        if size < 4:
+            return InvalidInput(f"input {name!r}: BYTES data needs a 4-byte length")
+        (length,) = struct.unpack_from("<I", chunk)
+        if length > size - 4:
+            return InvalidInput(
+                f"input {name!r}: BYTES element of {length} bytes overruns the data"
+            )
+        return bytes(chunk[4 : 4 + length])
+    if datatype not in _V2_DTYPES:
+        return _unsupported_datatype(name, datatype)
+    dtype = np.dtype(_V2_DTYPES[datatype]).newbyteorder("<")
+    try:
+        shape = tuple(int(side) for side in tensor.get("shape", ()))
+        if int(np.prod(shape)) * dtype.itemsize != size or min(shape, default=0) < 0:
+            raise ValueError(f"{size} bytes do not hold a {datatype} tensor of shape {list(shape)}")
+        return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+    except (TypeError, ValueError) as error:
+        return InvalidInput(f"input {name!r}: {error}")
+
+
+def detect_protocol(items: list[Any]) -> Protocol:
+    """Which protocol a handler's ``data`` came in (all items of one batch share it).
+
+    Without an envelope every item is TorchServe's dict of request parameters holding bytes
+    (``decode_input_request=false``); under ``kservev2`` each is a tensor dict; under ``kserve``
+    each is whatever the v1 instances held.
+    """
+    if any(_is_torchserve_request(item) for item in items) or not items:
+        return "raw"
+    first = items[0]
+    if isinstance(first, dict) and "datatype" in first and "shape" in first:
+        return "v2"
+    return "v1"
+
+
+def _is_torchserve_request(item: Any) -> bool:
+    return isinstance(item, dict) and (
+        "body" in item or any(isinstance(v, bytes | bytearray) for v in item.values())
+    )
+
+
+def payload_of(item: Any, protocol: Literal["v1", "v2"]) -> object:
+    """``.npy`` bytes or an ndarray for one KServe instance or input; an
+    :class:`InferenceError` if it is unusable. (Raw requests: :func:`parse_raw_request`.)
+
+    Errors are returned, not raised, so the caller can fail that item alone.
+    """
+    try:
+        if protocol == "v2":
+            return _v2_payload(item)
+        return _v1_payload(item)
+    except InferenceError as error:
+        return error
+
+
+def answer_of(
+    probabilities: list[float] | None, error: InferenceError | None, protocol: Protocol
+) -> Any:
+    """What the handler returns for one item: JSON bytes (raw), a list (v1), FP32 array (v2);
+    an error as ``{"code", "type", "message"}`` (bytes in raw mode)."""
+    if error is not None:
+        return error_body(error) if protocol == "raw" else error_fields(error)
+    if protocol == "raw":
+        return json.dumps(probabilities).encode()
+    if protocol == "v2":
+        return np.asarray(probabilities, dtype=np.float32)  # the envelope names it FP32
+    return probabilities
+
+
+def raw_answer(
+    request: ParsedRequest,
+    results: list[tuple[list[float] | None, InferenceError | None]],
+    model_name: str,
+    model_version: str,
+) -> bytes:
+    """The JSON body answering one request without an envelope, in the form it came in."""
+    if request.form == "npy":
+        ((probabilities, error),) = results
+        return answer_of(probabilities, error, "raw")
+    failed = next((error for _, error in results if error is not None), None)
+    if failed is not None:  # KServe's error object (v1 and v2), with our fields beside it
+        body = {"error": f"{failed.type}: {failed.message}", **error_fields(failed)}
+        return json.dumps(body).encode()
+    if request.form == "v1":
+        return json.dumps({"predictions": [p for p, _ in results]}).encode()
+    outputs = [
+        {"name": name, "datatype": "FP32", "shape": [len(p or [])], "data": p}
+        for name, (p, _) in zip(request.names, results, strict=True)
+    ]
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.request_id:
+        document["id"] = request.request_id
+    return json.dumps({**document, "outputs": outputs}).encode()
+
+
+def _raw_body(item: Any) -> object:
+    if isinstance(item, dict):
+        for key in ("data", "body"):
+            if item.get(key) is not None:
+                return item[key]
+        return None
+    return item
+
+
+def _v1_payload(instance: Any) -> object:
+    if isinstance(instance, dict):
+        for key in ("data", "b64", "body"):
+            if isinstance(instance.get(key), str | bytes | bytearray):
+                return _base64_npy(instance[key], f"instance field {key!r}")
+        raise InvalidInput(
+            'a v1 instance must be {"data": "<base64 of .npy bytes>"} or the image as a nested '
+            f"list; got an object with keys {sorted(instance)[:5]}"
+        )
+    if isinstance(instance, list):
+        return _json_image(instance)
+    if isinstance(instance, str):
+        return _base64_npy(instance, "instance")
+    kind = type(instance).__name__
+    raise InvalidInput(f"a v1 instance must be an object or a nested list, not {kind}")
+
+
+def _v2_payload(tensor: dict[str, Any]) -> object:
+    datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
+    data = tensor.get("data")
+    if datatype == "BYTES":
+        if isinstance(data, list) and data:
+            data = data[0]
+        if not isinstance(data, str | bytes | bytearray):
+            raise InvalidInput("a BYTES input must hold the base64 of .npy bytes as its element")
+        return _base64_npy(data, f"input {tensor.get('name')!r}")
+    if datatype not in _V2_DTYPES:
+        raise _unsupported_datatype(tensor.get("name"), datatype)
+    try:
+        array = np.asarray(data, dtype=_V2_DTYPES[datatype])
+        shape = tuple(int(side) for side in tensor.get("shape", ()))
+        if array.size != int(np.prod(shape)):
+            raise ValueError(f"{array.size} values for shape {list(shape)}")
+        return array.reshape(shape)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise InvalidInput(f"input {tensor.get('name')!r}: {error}") from None
+
+
+def _unsupported_datatype(name: object, datatype: object) -> InvalidInput:
+    return InvalidInput(
+        f"input {name!r} has datatype {datatype!r}; send {', '.join(_V2_DTYPES)} [H, W, 3] "
+        "or BYTES (.npy)"
+    )
+
+
+def _json_image(rows: list[Any]) -> np.ndarray:
+    try:
+        array = np.asarray(rows)
+    except ValueError as error:  # ragged
+        raise InvalidInput(f"the image is not a rectangular array: {error}") from None
+    if array.dtype.kind in "iu":
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise InvalidInput("integer pixels must be in 0..255 (uint8)")
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        return array.astype(np.float64)
+    raise InvalidInput(f"the image must hold numbers, got {array.dtype.kind!r} values")
+
+
+def _base64_npy(text: str | bytes | bytearray, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UnsupportedMediaType(
+            f"{where} is not base64 (of the bytes written by numpy.save)"
+        ) from None
+
+
+def encode_request(image: np.ndarray, protocol: Protocol, name: str = "image") -> tuple[bytes, str]:
+    """A request body and its content type carrying ``image`` in ``protocol``."""
+    if protocol == "raw":
+        return encode_npy(image), "application/octet-stream"
+    if protocol == "v1":
+        text = base64.b64encode(encode_npy(image)).decode()
+        return json.dumps({"instances": [{"data": text}]}).encode(), "application/json"
+    datatype = {np.dtype(v): k for k, v in _V2_DTYPES.items()}.get(image.dtype)
+    if datatype is None:
+        raise ValueError(f"no v2 datatype for {image.dtype}")
+    tensor = {"name": name, "shape": list(image.shape), "datatype": datatype,
+              "data": image.ravel().tolist()}  # fmt: skip
+    return json.dumps({"inputs": [tensor]}).encode(), "application/json"
+
+
+def encode_v2_binary(image: np.ndarray, name: str = "image") -> tuple[bytes, dict[str, str]]:
+    """A v2 request carrying ``image`` with the binary-data extension, and its headers."""
+    datatype = {np.dtype(v): k for k, v in _V2_DTYPES.items()}.get(image.dtype)
+    if datatype is None:
+        raise ValueError(f"no v2 datatype for {image.dtype}")
+    data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes()
+    tensor = {"name": name, "shape": list(image.shape), "datatype": datatype,
+              "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    headers = {"Content-Type": "application/octet-stream", BINARY_HEADER: str(len(header))}
+    return header + data, headers
+
+
+def probabilities_of(answer: Any, protocol: Protocol) -> list[list[float]]:
+    """The probability lists in a parsed JSON answer, one per image sent."""
+    if protocol == "raw":
+        return [answer]
+    if protocol == "v1":
+        return list(answer["predictions"])
+    return [output["data"] for output in answer["outputs"]]

@@ -1,0 +1,107 @@
+"""Classifier: per-request outcomes in order, micro-batches, and the JSON each outcome becomes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import torch
+
+from b4serve.serving.codec import encode_npy
+from b4serve.serving.errors import InvalidInput
+from b4serve.serving.pipeline import Classifier, Outcome, replies
+from b4serve.serving.protocol import ParsedRequest, parse_raw_request
+from b4serve.serving.runtime import micro_batch_size
+
+CPU = torch.device("cpu")
+
+
+class Recording(torch.nn.Module):
+    """Wraps a model and records the batch size of every forward pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.sizes: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(images.shape[0])
+        return self.model(images)
+
+
+def bodies(rng: np.random.Generator, count: int) -> list[bytes]:
+    return [encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def test_micro_batches_give_the_same_answers_as_one_forward(config, toy_model, rng) -> None:
+    requests = bodies(rng, 5)
+    whole = Recording(toy_model)
+    single = Recording(toy_model)
+    together = Classifier(whole, dataclasses.replace(config, micro_batch=8), CPU)
+    one_by_one = Classifier(single, dataclasses.replace(config, micro_batch=1), CPU)
+    expected = [o.probabilities for o in together.classify(requests)]
+    got = [o.probabilities for o in one_by_one.classify(requests)]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert whole.sizes == [10]  # 5 images + their mirrors, one pass
+    assert single.sizes == [2] * 5
+
+
+def test_micro_batch_default_is_one_image_on_cpu_and_all_on_gpu() -> None:
+    assert micro_batch_size(0, CPU) == 1
+    assert micro_batch_size(0, torch.device("cuda", 0)) is None
+    assert micro_batch_size(3, torch.device("cuda", 0)) == 3
+
+
+def test_outcomes_keep_request_order_with_errors_in_place(config, toy_model, rng) -> None:
+    good = bodies(rng, 2)
+    outcomes = Classifier(toy_model, config, CPU).classify([good[0], b"junk", good[1], b""])
+    assert [o.status for o in outcomes] == [200, 415, 200, 400]
+    assert outcomes[0].probabilities != outcomes[2].probabilities
+    assert json.loads(outcomes[0].answer()) == outcomes[0].probabilities
+    assert json.loads(outcomes[3].answer()) == {
+        "code": 400,
+        "type": "InvalidInput",
+        "message": "empty body: expected the bytes written by numpy.save",
+    }
+
+
+def test_plain_baseline_model_gets_contiguous_nchw_batches(config, toy_model, rng) -> None:
+    seen: list[bool] = []
+
+    def model(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.is_contiguous())
+        return toy_model(images)
+
+    baseline = dataclasses.replace(config, optimize=False, micro_batch=4)
+    Classifier(model, baseline, CPU).classify(bodies(rng, 2))
+    assert seen == [True]
+
+
+def test_raw_request_body_takes_data_then_body() -> None:
+    assert parse_raw_request({"data": b"a", "body": b"b"}).payloads == [b"a"]
+    assert parse_raw_request({"body": bytearray(b"b")}).payloads == [bytearray(b"b")]
+    assert parse_raw_request({"other": 1}).payloads == [None]
+    assert Outcome(error=InvalidInput("x")).status == 400
+
+
+def test_replies_regroup_images_into_their_requests() -> None:
+    requests = [
+        ParsedRequest([b"npy"]),
+        ParsedRequest([b"a", b"b"], form="v2", names=["a", "b"]),
+        ParsedRequest([b"bad"]),
+    ]
+    outcomes = [Outcome([0.5, 0.5]), Outcome([1.0, 0.0]), Outcome(error=InvalidInput("no")),
+                Outcome(error=InvalidInput("NaN"))]  # fmt: skip
+    first, second, third = replies(requests, outcomes, "raw", "b4", "7")
+    assert json.loads(first.body) == [0.5, 0.5] and first.error is None
+    assert second.failures == [(1, outcomes[2].error)] and second.images == 2
+    assert json.loads(second.body)["error"] == "InvalidInput: no"
+    assert third.error is outcomes[3].error
+
+
+def test_under_an_envelope_one_reply_holds_every_images_answer() -> None:
+    outcomes = [Outcome([0.25, 0.75]), Outcome(error=InvalidInput("x"))]
+    (reply,) = replies([ParsedRequest([b"a", b"b"], form="v1")], outcomes, "v1", "b4", "1")
+    assert reply.body[0] == [0.25, 0.75] and reply.body[1]["type"] == "InvalidInput"
+    assert reply.error is outcomes[1].error
