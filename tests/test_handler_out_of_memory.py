@@ -22,8 +22,8 @@ def test_out_of_memory_batch_gets_507_and_the_worker_serves_the_next(tmp_path, c
     service = load_service(model_dir, batch_size=4)
     good = [encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
 
-    replies = decode_replies(service.predict([request(0, good[0]), request(1, b"junk"),
-                                              request(2, good[1]), request(3, good[2])]))  # fmt: skip
+    batch = [request(0, good[0]), request(1, b"junk"), request(2, good[1]), request(3, good[2])]
+    replies = decode_replies(service.predict(batch))
     assert [r.status for r in replies] == [507, 415, 507, 507]
     assert {r.phrase for r in replies if r.status == 507} == {"Insufficient Storage"}
     body = json.loads(replies[0].body)
