@@ -314,7 +314,7 @@ def measure(
         report.mixed_batch = check_mixed_batch(service, config, handler_batch)
         count, elapsed = handler_rate(service, _good_bodies(config, handler_batch), seconds)
         report.handler["1"] = {"images_per_s": count / elapsed, "workers": 1.0}
-        print(f"[gpu_bench] handler, 1 worker: {count / elapsed:.0f} images/s", file=sys.stderr)
+        print(f"[gpu_bench] handler, 1 worker: {_rate(count / elapsed)} images/s", file=sys.stderr)
         del service
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -343,7 +343,7 @@ def _best(rows: dict[str, dict[str, float]]) -> str:
         ((s, r) for s, r in rows.items() if s != "warm_up"),
         key=lambda item: item[1]["images_per_s"],
     )
-    return f"best {row['images_per_s']:.0f} TTA images/s at forward size {size}"
+    return f"best {_rate(row['images_per_s'])} TTA images/s at forward size {size}"
 
 
 def markdown(report: Report, handler_batch: int) -> str:
@@ -391,7 +391,7 @@ def _in_process_section(report: Report) -> list[str]:
         for precision in precisions:
             row = report.in_process[precision].get(size)
             cells.append(
-                f"{row['images_per_s']:,.0f} ({row['ms_per_batch']:.1f} ms)" if row else "-"
+                f"{_rate(row['images_per_s'])} ({row['ms_per_batch']:.1f} ms)" if row else "-"
             )
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     warm = [f"{report.in_process[p]['warm_up']['seconds']:.1f} s" for p in precisions]
@@ -420,14 +420,14 @@ def _handler_section(report: Report, handler_batch: int) -> list[str]:
         f"## The handler through TorchServe's worker-side classes, batch {handler_batch}",
         "",
         f"No frontend: these leave out HTTP and the worker socket. In-process at {handler_batch} "
-        f"({served}): " + (f"{in_process:,.0f} TTA images/s." if in_process else "not measured."),
+        f"({served}): " + (f"{_rate(in_process)} TTA images/s." if in_process else "not measured."),
         "",
         "| worker processes on the GPU | images/s | / in-process |",
         "|---:|---:|---:|",
     ]
     for workers, figures in report.handler.items():
         share = f"{figures['images_per_s'] / in_process:.2f}" if in_process else "-"
-        lines.append(f"| {workers} | {figures['images_per_s']:,.0f} | {share} |")
+        lines.append(f"| {workers} | {_rate(figures['images_per_s'])} | {share} |")
     mixed = report.mixed_batch
     lines += [
         "",
@@ -454,7 +454,7 @@ def targets(report: Report, handler_batch: int) -> list[str]:
         best = max(r["images_per_s"] for s, r in fp16.items() if s != "warm_up")
         met = best >= BEST_TTA_IMAGES_PER_S
         found.append(f"- fp16 in-process at the best bucket >= {BEST_TTA_IMAGES_PER_S:,.0f} TTA "
-                     f"images/s: {best:,.0f}, {'met' if met else 'missed'}")  # fmt: skip
+                     f"images/s: {_rate(best)}, {'met' if met else 'missed'}")  # fmt: skip
     in_process = _in_process_rate(report, handler_batch)
     one = report.handler.get("1", {}).get("images_per_s")
     if in_process and one:
@@ -463,6 +463,10 @@ def targets(report: Report, handler_batch: int) -> list[str]:
                      f"{share:.2f}x, {'met' if share >= HANDLER_SHARE else 'missed'}")  # fmt: skip
     found.append(f"- fp16 parity at export: {report.model['gpu_parity_at_export']}")
     return found
+
+
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s:,.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
 
 
 def _yes(ok: bool) -> str:
