@@ -73,6 +73,7 @@ out="${OUT:-$work/out}"
 site="$work/site-packages"
 mkdir -p "$work" "$out"
 [ -d "$wheels" ] || die "no wheels folder $wheels: run scripts/gpu_check.sh --prepare-wheels $wheels where PyPI is reachable, and carry it along"
+wheels=$(cd "$wheels" && pwd) out=$(cd "$out" && pwd)  # the tests run from the repository root
 command -v "$python" >/dev/null || die "$python not found: set PYTHON to the interpreter with torch"
 failed=()
 started=$(date +%s)
