@@ -9,6 +9,7 @@ model is checked against the eager one before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -18,9 +19,15 @@ import torch
 from torch import nn
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from b4serve.ops.gpu_parity import load_check_images, parity_at_export
 from b4serve.ops.onnx_export import export_onnx
 from b4serve.serving.archs import ARCHS
-from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
+from b4serve.serving.config import (
+    DEFAULT_GPU_BUCKETS,
+    DEFAULT_MAX_PIXELS,
+    GPU_PRECISIONS,
+    ModelConfig,
+)
 from b4serve.serving.runtime import RUNTIMES
 
 PARITY_TOLERANCE = 1e-5
@@ -79,6 +86,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
         optimize=not args.no_optimize,
         onednn_fusion=not args.no_onednn_fusion,
         runtime=args.runtime,
+        gpu_precision=args.gpu_precision,
+        gpu_buckets=args.gpu_buckets,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
     scripted, difference = script_with_parity_check(loaded.model, config.input_size)
@@ -96,8 +105,25 @@ def export(args: argparse.Namespace) -> ModelConfig:
             f"exported ONNX to {onnx_path} (runs in float32 on ONNX Runtime); max abs probability "
             f"difference to eager {onnx_difference:.2e}, same top-1"
         )
+    images = load_check_images(args.check_images) if args.check_images else None
+    parity = parity_at_export(output, config, args.gpu_parity, images)
+    if parity is not None:  # recorded: the archive says how its GPU model was checked
+        print(f"GPU parity: {parity.summary()}")
+        config = dataclasses.replace(config, extra={**config.extra, "gpu_parity": parity.summary()})
+    elif args.gpu_parity == "auto" and config.optimize:
+        print(
+            f"GPU parity not checked: no CUDA device here (a GPU worker runs this model in "
+            f"{config.gpu_precision}; export on a GPU machine to check it)"
+        )
     config.save(args.meta_dir or output.parent)
     return config
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,2,4,8, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +171,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-onednn-fusion",
         action="store_true",
         help="serve without oneDNN Graph fusion on the CPU (about 14%% slower, 390 MiB smaller)",
+    )
+    parser.add_argument(
+        "--gpu-precision",
+        choices=GPU_PRECISIONS,
+        default=ModelConfig.gpu_precision,
+        help=f"weights and inputs on a GPU worker (default {ModelConfig.gpu_precision}; the CPU "
+        "always runs fp32)",
+    )
+    parser.add_argument(
+        "--gpu-buckets",
+        type=_sizes,
+        default=DEFAULT_GPU_BUCKETS,
+        help="forward sizes a GPU worker pads batches to, comma-separated (default "
+        f"{','.join(map(str, DEFAULT_GPU_BUCKETS))})",
+    )
+    parser.add_argument(
+        "--gpu-parity",
+        choices=("auto", "require", "off"),
+        default="auto",
+        help="check the GPU model on cuda:0 against fp32 on the CPU, refusing the export if "
+        "any top-1 differs or a probability moves by more than 1e-2 (auto: when a GPU is here)",
+    )
+    parser.add_argument(
+        "--check-images",
+        help="directory of .npy images for the GPU parity check (default: synthetic images)",
     )
     parser.add_argument(
         "--trust-checkpoint",

@@ -14,6 +14,10 @@
 #   serves without oneDNN Graph fusion on the CPU: about 14% slower, 390 MiB smaller),
 #   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
 #   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
+#   B4_GPU_PRECISION (fp16: weights and inputs on a GPU worker; bf16 or fp32), B4_GPU_PARITY
+#   (auto: the GPU model is checked against fp32 on the CPU when this machine has a GPU, and
+#   the export refused if they disagree; require or off), B4_CHECK_IMAGES (a directory of .npy
+#   images for that check; default: synthetic ones),
 #   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
@@ -50,6 +54,9 @@ export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
 [ -n "${B4_MALLOC_KEEP_MB:-}" ] && export_args+=(--malloc-keep-mb "$B4_MALLOC_KEEP_MB")
 [ "${B4_OPTIMIZE:-1}" = 0 ] && export_args+=(--no-optimize)
 [ "${B4_ONEDNN_FUSION:-1}" = 0 ] && export_args+=(--no-onednn-fusion)
+[ -n "${B4_GPU_PRECISION:-}" ] && export_args+=(--gpu-precision "$B4_GPU_PRECISION")
+[ -n "${B4_GPU_PARITY:-}" ] && export_args+=(--gpu-parity "$B4_GPU_PARITY")
+[ -n "${B4_CHECK_IMAGES:-}" ] && export_args+=(--check-images "$B4_CHECK_IMAGES")
 runtime="${B4_RUNTIME:-torchscript}"
 case "$runtime" in
   torchscript) serialized=model.pt ;;

@@ -9,6 +9,8 @@
 # Registration (env; defaults in b4serve/ops/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
 #   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (1 s: extra wait
 #   after an old version answered all it had taken); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
+#   When TorchServe will give workers GPUs (B4_GPUS; default: counted as TorchServe counts
+#   them): batch size 64, 5 ms, B4_WORKERS_PER_GPU (2) workers on each GPU.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
@@ -86,6 +88,8 @@ else
   [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
   [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
   [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
+  [ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
+  [ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
   manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-1}" \
     "${register_args[@]}"
 fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,15 +24,27 @@ import numpy as np
 import requests
 
 from b4serve.ops.endpoints import Endpoints
+from b4serve.ops.gpus import torchserve_gpus
 from b4serve.ops.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
+from b4serve.serving.config import DEFAULT_GPU_BUCKETS
 from b4serve.serving.protocol import Protocol, encode_request, probabilities_of
 
-__all__ = ["DeployError", "ManagementAPI", "Registration", "rollout"]
+__all__ = ["DeployError", "ManagementAPI", "Registration", "registration_for", "rollout"]
 
 # Lines that say a worker failed: the worker's own "Failed to load model" comes first, and the
 # frontend may stop the worker before it writes "Backend worker process died".
 _DEATH_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
 _FAILURE_MARKERS = ("Traceback", "Error", "died", *_DEATH_MARKERS)
+
+
+# On GPUs (Registration.for_gpus). A batch fills the largest forward bucket the archive warms
+# up, so one forward carries it whole; under load the queue fills it without waiting, and a
+# lone request waits at most the delay. Two workers per GPU let one decode its next batch and
+# talk to the frontend while the other's forward runs. Provisional until scripts/gpu_check.sh
+# has measured them on a GPU (docs/PERFORMANCE-GPU.md).
+GPU_BATCH_SIZE = DEFAULT_GPU_BUCKETS[-1]
+GPU_MAX_BATCH_DELAY_MS = 5
+GPU_WORKERS_PER_GPU = 2
 
 
 class DeployError(Exception):
@@ -52,6 +65,14 @@ class Registration:
     max_batch_delay_ms: int = 5
     initial_workers: int = 1
     response_timeout_s: int = 120
+
+    @classmethod
+    def for_gpus(cls, gpus: int, workers_per_gpu: int = GPU_WORKERS_PER_GPU) -> Registration:
+        """The defaults when TorchServe gives workers ``gpus`` GPUs (the CPU's with none): it
+        assigns workers to GPUs in turn, so ``workers_per_gpu`` land on each."""
+        if gpus < 1:
+            return cls()
+        return cls(GPU_BATCH_SIZE, GPU_MAX_BATCH_DELAY_MS, gpus * workers_per_gpu)
 
     def params(self, mar: str, model: str) -> dict[str, str | int]:
         return {
@@ -360,14 +381,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     deploy = commands.add_parser("rollout", help="register, prove, switch and retire")
     deploy.add_argument("--mar", required=True, help="archive file name in the model store")
     deploy.add_argument("--version", required=True)
-    deploy.add_argument("--batch-size", type=int, default=Registration.batch_size)
-    deploy.add_argument("--max-batch-delay", type=int, default=Registration.max_batch_delay_ms)
-    deploy.add_argument("--initial-workers", type=int, default=Registration.initial_workers)
-    deploy.add_argument("--response-timeout", type=int, default=Registration.response_timeout_s)
+    # unset: Registration.for_gpus's defaults for the GPUs TorchServe will use
+    deploy.add_argument("--batch-size", type=int)
+    deploy.add_argument("--max-batch-delay", type=int)
+    deploy.add_argument("--initial-workers", type=int)
+    deploy.add_argument("--response-timeout", type=int)
+    deploy.add_argument(
+        "--gpus", type=int, help="GPUs the server gives workers (default: counted as TorchServe "
+        "counts them: CUDA_VISIBLE_DEVICES or nvidia-smi, capped by number_of_gpu)",
+    )  # fmt: skip
+    deploy.add_argument("--workers-per-gpu", type=int, default=GPU_WORKERS_PER_GPU)
+    deploy.add_argument(
+        "--ts-config", type=Path, default=os.environ.get("B4_TS_CONFIG") or None,
+        help="the server's config.properties, read for number_of_gpu (env B4_TS_CONFIG)",
+    )  # fmt: skip
     deploy.add_argument(
         "--drain", type=float, default=1.0, help="extra seconds after an old version drained"
     )
     return parser.parse_args(argv)
+
+
+def registration_for(args: argparse.Namespace) -> Registration:
+    """The rollout's settings: those given, the rest defaults for the GPUs the server uses."""
+    gpus = args.gpus if args.gpus is not None else torchserve_gpus(args.ts_config)
+    defaults = Registration.for_gpus(gpus, args.workers_per_gpu)
+    given = {
+        "batch_size": args.batch_size,
+        "max_batch_delay_ms": args.max_batch_delay,
+        "initial_workers": args.initial_workers,
+        "response_timeout_s": args.response_timeout,
+    }
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,9 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ready = ready_workers(api.describe(model, args.deployed)) if versions else 0
                 return 0 if serving == args.deployed and ready > 0 else 3
         else:
-            settings = Registration(
-                args.batch_size, args.max_batch_delay, args.initial_workers, args.response_timeout
-            )
+            settings = registration_for(args)
             if endpoints.protocol != "raw" and settings.batch_size > 1:
                 # TorchServe's KServe envelopes answer only the first request of a server batch
                 print(f"[deploy] {endpoints.protocol} envelope: batch size 1, not "

@@ -13,10 +13,20 @@ from b4serve.serving.config import ModelConfig
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 from b4serve.serving.runtime import OnnxRuntimeModel
 
-__all__ = ["PROBABILITY_TOLERANCE", "export_onnx"]
+__all__ = ["PROBABILITY_TOLERANCE", "check_images", "export_onnx"]
 
 PROBABILITY_TOLERANCE = 1e-3
 _PARITY_IMAGES_PER_CLASS = 2
+_PARITY_SEED = 99
+
+
+def check_images(size: int) -> np.ndarray:
+    """The synthetic images exports are checked on (uint8, N x size x size x 3): two of each
+    demo class, never trained on."""
+    from b4serve.lab.demo import generate_images  # export-time only: synthetic parity inputs
+
+    images, _ = generate_images(_PARITY_IMAGES_PER_CLASS, seed=_PARITY_SEED, size=size)
+    return images
 
 
 def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
@@ -45,10 +55,8 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
 
 
 def _check_parity(model: nn.Module, onnx_model: OnnxRuntimeModel, config: ModelConfig) -> float:
-    from b4serve.lab.demo import generate_images  # export-time only: synthetic parity inputs
-
-    images, _ = generate_images(_PARITY_IMAGES_PER_CLASS, seed=99, size=config.input_size)
     preprocess = Preprocessor(config)
+    images = check_images(config.input_size)
     batch = stack_channels_last([preprocess(image) for image in images]).contiguous()
     with torch.inference_mode():
         expected = torch.softmax(model(batch), dim=1)

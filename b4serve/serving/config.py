@@ -10,7 +10,9 @@ from typing import Any, get_origin, get_type_hints
 from b4serve.serving.archs import arch_spec
 
 __all__ = [
+    "DEFAULT_GPU_BUCKETS",
     "DEFAULT_MAX_PIXELS",
+    "GPU_PRECISIONS",
     "LABELS_FILE",
     "MAX_HEADER_BYTES",
     "META_FILE",
@@ -25,6 +27,11 @@ LABELS_FILE = "index_to_name.json"  # TorchServe's conventional name for the cla
 DEFAULT_MAX_PIXELS = 2048 * 2048
 # np.save writes ~128-byte headers; anything far larger is hostile, refused before parsing.
 MAX_HEADER_BYTES = 4096
+# Weights and inputs on a GPU (b4serve.serving.gpu); the CPU always runs float32.
+GPU_PRECISIONS = ("fp16", "bf16", "fp32")
+# Forward sizes on a GPU: a batch is padded up to the next one, so each worker compiles and
+# autotunes a handful of shapes at warm-up instead of one per batch size it ever sees.
+DEFAULT_GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _WIDEST_ITEMSIZE = 8  # float64
 _MOST_CHANNELS = 4  # RGBA
 
@@ -63,6 +70,10 @@ class ModelConfig:
     onednn_fusion: bool = True
     # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
     runtime: str = "torchscript"
+    # On a GPU, with optimize: the precision of weights and inputs (probabilities come back as
+    # float32), and the forward sizes batches are padded to (b4serve.serving.gpu).
+    gpu_precision: str = "fp16"
+    gpu_buckets: tuple[int, ...] = DEFAULT_GPU_BUCKETS
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +89,13 @@ class ModelConfig:
             raise ValueError(
                 f"micro_batch and threads must be >= 0: {self.micro_batch}, {self.threads}"
             )
+        if self.gpu_precision not in GPU_PRECISIONS:
+            raise ValueError(
+                f"gpu_precision must be one of {', '.join(GPU_PRECISIONS)}: {self.gpu_precision!r}"
+            )
+        buckets = self.gpu_buckets
+        if not buckets or min(buckets) < 1 or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"gpu_buckets must be increasing sizes >= 1: {buckets}")
         if not 0 <= self.malloc_keep_mb < 2048:  # mallopt takes a C int of bytes
             raise ValueError(f"malloc_keep_mb must be in [0, 2047]: {self.malloc_keep_mb}")
 

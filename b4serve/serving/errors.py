@@ -7,6 +7,7 @@ import json
 __all__ = [
     "InferenceError",
     "InvalidInput",
+    "OutOfMemory",
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "error_body",
@@ -45,6 +46,13 @@ class UnsupportedMediaType(InferenceError):
 
     status = 415
     phrase = "Unsupported Media Type"
+
+
+class OutOfMemory(InferenceError):
+    """The device ran out of memory running the batch this request was in; the worker goes on."""
+
+    status = 507
+    phrase = "Insufficient Storage"
 
 
 def error_fields(error: InferenceError) -> dict[str, object]:

@@ -16,19 +16,23 @@ import torch
 
 from b4serve.serving.codec import check_array, decode_npy
 from b4serve.serving.config import ModelConfig
-from b4serve.serving.errors import InferenceError
+from b4serve.serving.errors import InferenceError, OutOfMemory
+from b4serve.serving.gpu import DeviceBatches, out_of_memory, release_device_memory
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 from b4serve.serving.protocol import ParsedRequest, Protocol, answer_of, raw_answer
 from b4serve.serving.runtime import Model, micro_batch_size
 from b4serve.serving.telemetry import BatchStats
 from b4serve.serving.tta import tta_probabilities
 
-__all__ = ["WARM_UP_CALLS", "Classifier", "Outcome", "Reply", "replies"]
+__all__ = ["WARM_UP_CALLS", "Classifier", "Decoded", "Outcome", "Reply", "replies"]
 
 # Calls per input shape before TorchScript runs its optimised graph: the profiling executor
 # records shapes on the first, and with oneDNN fusion compiles on the next ones (measured: the
 # fourth call of a new shape is the first at full speed).
 WARM_UP_CALLS = 4
+
+# A decoded image: a normalised HxWx3 tensor, or on the GPU path checked pixels to stage.
+Decoded = torch.Tensor | np.ndarray
 
 
 @dataclass
@@ -88,16 +92,28 @@ def replies(
 class Classifier:
     """Classifies a batch of request bodies; each bad body fails alone."""
 
-    def __init__(self, model: Model, config: ModelConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Model,
+        config: ModelConfig,
+        device: torch.device,
+        device_batches: DeviceBatches | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.preprocess = Preprocessor(config)
         self.micro_batch = micro_batch_size(config.micro_batch, device)
+        # On a GPU: uint8 batches normalised, flipped and classified on the device, by bucket
+        # (b4serve.serving.gpu). Tests pass one to run that path on the CPU.
+        if device_batches is None and device.type == "cuda":
+            device_batches = DeviceBatches(model, config, device)
+        self.device_batches = device_batches
         self.last = BatchStats()  # what the latest classify() did, for logs and metrics
 
-    def decode(self, body: object) -> torch.Tensor:
-        """One request -> normalised HxWx3 tensor; raises :class:`InferenceError`.
+    def decode(self, body: object) -> Decoded:
+        """One request -> normalised HxWx3 tensor (on the GPU path: checked pixels to stage);
+        raises :class:`InferenceError`.
 
         ``body`` is ``.npy`` bytes, an array a KServe envelope carried, or the error the
         protocol layer already found (:func:`b4serve.serving.protocol.payload_of`).
@@ -105,15 +121,22 @@ class Classifier:
         if isinstance(body, InferenceError):
             raise body
         if isinstance(body, np.ndarray):
-            return self.preprocess(check_array(body, self.config.max_pixels))
-        return self.preprocess(decode_npy(body, self.config.max_pixels))
+            array = check_array(body, self.config.max_pixels)
+        else:
+            array = decode_npy(body, self.config.max_pixels)
+        if self.device_batches is not None:
+            return self.device_batches.pixels(array)
+        return self.preprocess(array)
 
     @torch.inference_mode()
-    def predict(self, images: list[torch.Tensor], stats: BatchStats | None = None) -> torch.Tensor:
-        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch.
+    def predict(self, images: list[Decoded], stats: BatchStats | None = None) -> torch.Tensor:
+        """TTA probabilities (N x classes) for decoded images, one forward per micro-batch (on
+        the GPU path, per bucket).
 
         Each forward's size and time is added to ``stats`` when given.
         """
+        if self.device_batches is not None:
+            return self.device_batches.predict(images, stats)
         step = self.micro_batch or len(images)
         chunks = [images[i : i + step] for i in range(0, len(images), step)]
         return torch.cat([self._forward(chunk, stats) for chunk in chunks])
@@ -129,7 +152,12 @@ class Classifier:
         return probabilities
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
-        """Run a few forwards so the JIT profiles and compiles before the first request."""
+        """Run a few forwards so the JIT profiles and compiles before the first request (on
+        the GPU path: at every bucket size)."""
+        if self.device_batches is not None:
+            with torch.inference_mode():
+                self.device_batches.warm_up(WARM_UP_CALLS)
+            return
         size = self.config.input_size
         # only the forward shapes requests will produce: with micro-batches, one per size
         for count in sorted({min(c, self.micro_batch or c) for c in batch_sizes}):
@@ -140,7 +168,7 @@ class Classifier:
         """One :class:`Outcome` per body, in order."""
         self.last = stats = BatchStats()
         outcomes = [Outcome() for _ in bodies]
-        images: list[torch.Tensor] = []
+        images: list[Decoded] = []
         positions: list[int] = []
         for index, body in enumerate(bodies):
             started = time.perf_counter()
@@ -152,7 +180,27 @@ class Classifier:
                 outcomes[index].error = error
                 stats.errors.append(error.type)
             stats.decode_seconds.append(time.perf_counter() - started)
-        if images:
-            for index, row in zip(positions, self.predict(images, stats).tolist(), strict=True):
+        if not images:
+            return outcomes
+        found = self._rows(images, stats)
+        if isinstance(found, InferenceError):  # out of device memory: 507 for the whole batch
+            for index in positions:
+                outcomes[index].error = found
+                stats.errors[index] = found.type
+        else:
+            for index, row in zip(positions, found, strict=True):
                 outcomes[index].probabilities = row
         return outcomes
+
+    def _rows(self, images: list[Decoded], stats: BatchStats) -> list[list[float]] | OutOfMemory:
+        """The probabilities of ``images``, or the error they all get if the device ran out of
+        memory; then the worker frees the memory its allocator caches and goes on."""
+        try:
+            return self.predict(images, stats).tolist()
+        except (RuntimeError, torch.jit.Error) as error:  # what forwards fail with, OOM too
+            failure = out_of_memory(error, len(images))
+            if failure is None:
+                raise
+        # Freed here, not in the except block, whose traceback still holds the batch's tensors.
+        release_device_memory(self.device)
+        return failure

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.errors import InvalidInput
 
-__all__ = ["Preprocessor", "stack_channels_last"]
+__all__ = ["Preprocessor", "resize_hwc", "stack_channels_last", "validated_rgb"]
 
 
 class Preprocessor:
@@ -28,21 +28,26 @@ class Preprocessor:
 
     def __call__(self, array: np.ndarray) -> torch.Tensor:
         """Validate ``array`` (HxW or HxWxC, uint8 or float in [0, 1]) and return HxWx3."""
-        rgb = _to_rgb(array)
-        if rgb.dtype == np.uint8:
-            gain = self._gain[np.uint8]
-        else:
-            _check_unit_range(rgb)
-            gain = self._gain[np.floating]
+        rgb = validated_rgb(array)
+        gain = self._gain[np.uint8] if rgb.dtype == np.uint8 else self._gain[np.floating]
         image = torch.from_numpy(rgb.astype(np.float32, order="C"))  # the one copy we need
         if image.shape[:2] != (self.size, self.size):
-            image = _resize_hwc(image, self.size)
+            image = resize_hwc(image, self.size)
         return image.mul_(gain).add_(self._bias)
 
 
 def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
     """Stack HxWx3 tensors into an NCHW batch whose memory is NHWC (``channels_last``)."""
     return torch.stack(images).permute(0, 3, 1, 2)
+
+
+def validated_rgb(array: np.ndarray) -> np.ndarray:
+    """``array`` (HxW or HxWxC, uint8 or float in [0, 1]) as HxWx3 in native byte order, a view
+    where possible; raises :class:`InvalidInput` for any other shape or float values."""
+    rgb = _to_rgb(array)
+    if rgb.dtype != np.uint8:
+        _check_unit_range(rgb)
+    return rgb
 
 
 def _to_rgb(array: np.ndarray) -> np.ndarray:
@@ -68,7 +73,8 @@ def _check_unit_range(array: np.ndarray) -> None:
         )
 
 
-def _resize_hwc(image: torch.Tensor, size: int) -> torch.Tensor:
+def resize_hwc(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A float HxWxC image resized to ``size`` x ``size`` (bilinear, antialiased)."""
     nchw = image.permute(2, 0, 1).unsqueeze(0)
     # antialias keeps downscaling close to PIL's bilinear resize
     resized = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True)

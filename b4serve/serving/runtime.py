@@ -102,10 +102,14 @@ class OnnxRuntimeModel:
 
 
 def load_model(path: str | Path, config: ModelConfig, device: torch.device) -> Model:
-    """The archive's model, ready to call as ``config`` says: TorchScript on ``device``, or
-    ONNX Runtime on the CPU."""
+    """The archive's model, ready to call as ``config`` says: TorchScript on ``device`` (on a
+    GPU in ``config.gpu_precision``), or ONNX Runtime on the CPU."""
     if config.runtime == "onnxruntime":
         return OnnxRuntimeModel(path)
     if config.runtime != "torchscript":
         raise ValueError(f"unknown runtime {config.runtime!r}; known: {', '.join(RUNTIMES)}")
+    if device.type == "cuda" and config.optimize:  # half precision on a GPU (its own module)
+        from b4serve.serving.gpu import load_device_torchscript  # imports this module
+
+        return load_device_torchscript(path, device, config.gpu_precision)
     return load_torchscript(path, device, optimize=config.optimize, fuse=config.onednn_fusion)
