@@ -63,10 +63,16 @@ def demo_images(count_per_class: int, seed: int) -> tuple[list[np.ndarray], list
     return list(images), [int(label) for label in labels]
 
 
-def access_statuses(watch: LogWatch) -> list[int]:
-    """The statuses of the predictions the access log recorded since ``watch``'s mark."""
-    return [int(line.split(PREDICTIONS_LINE)[1].split()[0])
-            for line in watch.lines() if PREDICTIONS_LINE in line]  # fmt: skip
+def access_statuses(watch: LogWatch, at_least: int, within_s: float = 30.0) -> list[int]:
+    """The statuses of the predictions the access log recorded since ``watch``'s mark, once it
+    holds ``at_least`` of them (it is written asynchronously) or ``within_s`` has passed."""
+    deadline = time.monotonic() + within_s
+    while True:
+        statuses = [int(line.split(PREDICTIONS_LINE)[1].split()[0])
+                    for line in watch.lines() if PREDICTIONS_LINE in line]  # fmt: skip
+        if len(statuses) >= at_least or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,7 @@ def test_key_voided_while_the_client_holds_it_is_renewed_and_nothing_is_lost(
     refused = refusals_are_key_refusals_retried(wire)
     assert len(refused) >= 1  # the server did refuse the voided key
     assert sum(r.attempts - 1 for r in results) == len(refused)
-    statuses = access_statuses(access_log)
+    statuses = access_statuses(access_log, at_least=len(wire))
     assert sorted(statuses) == sorted(e.status for e in wire)  # nothing else was refused
     answered_once(model_log, results)
     records = [json.loads(json.dumps(r.to_json())) for r in results]  # the CLI's JSON lines
@@ -325,7 +331,7 @@ def test_redeploy_under_load_loses_no_request(
     # /predictions/b4) shows no other status than 200 and those 400s.
     refused = refusals_are_key_refusals_retried(wire)
     assert sum(r.attempts - 1 for r in results) == len(refused)
-    statuses = access_statuses(access_log)
+    statuses = access_statuses(access_log, at_least=len(wire))
     assert set(statuses) <= {200, 400}, statuses
     assert statuses.count(200) >= len(results) and statuses.count(400) >= len(refused)
     answered_once(model_log, results)  # no request was run twice, by either version
