@@ -27,7 +27,7 @@ import requests
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileError, bearer, is_invalid_key_response
-from b4serve.serving.request_ids import REQUEST_ID_HEADER
+from b4serve.serving.request_ids import REQUEST_ID_HEADER, is_request_id
 
 __all__ = [
     "ImageInput",
@@ -337,6 +337,10 @@ def iter_results(
         request_ids = [f"{job}-{index}" for index in range(len(inputs))]
     elif len(request_ids) != len(inputs):
         raise ValueError(f"{len(request_ids)} request ids for {len(inputs)} inputs")
+    elif not all(is_request_id(request_id) for request_id in request_ids):
+        raise ValueError(
+            "request ids must be 1 to 128 of A-Z a-z 0-9 . _ : - (the server logs them)"
+        )
     endpoints = endpoints or Endpoints.from_env()
     keys = KeyFile.from_endpoints(endpoints) if token_auth else None
     if keys is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "Handled",
     "handled_line",
     "handled_requests",
+    "is_request_id",
     "request_id_of",
 ]
 
@@ -41,11 +42,16 @@ class Handled:
     status: int
 
 
+def is_request_id(value: str) -> bool:
+    """Whether ``value`` can be a request id: 1 to 128 of ``A-Z a-z 0-9 . _ : -``."""
+    return _ID.fullmatch(value) is not None
+
+
 def request_id_of(headers: Mapping[str, object]) -> str | None:
     """The request's ``X-Client-Request-Id``, if it sent one that is a plain token."""
     for name, value in headers.items():
         if name.lower() == REQUEST_ID_HEADER.lower() and isinstance(value, str):
-            return value if _ID.fullmatch(value) else None
+            return value if is_request_id(value) else None
     return None
 
 

@@ -5,6 +5,7 @@ from b4serve.serving.request_ids import (
     Handled,
     handled_line,
     handled_requests,
+    is_request_id,
     request_id_of,
 )
 
@@ -17,6 +18,8 @@ def test_the_id_is_read_case_insensitively_and_only_as_a_plain_token() -> None:
     assert request_id_of({"body": {"content-type": "application/octet-stream"}}) is None
     for forged in ("a=200 b", "a\nhandled requests: x=200", "", "x" * 129, "é"):
         assert request_id_of({REQUEST_ID_HEADER: forged}) is None, forged
+        assert not is_request_id(forged)
+    assert is_request_id("x" * 128) and is_request_id("soak-3f9c01aa-warm-17")
 
 
 def test_batches_written_are_read_back_from_a_model_log() -> None:
