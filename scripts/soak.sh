@@ -5,7 +5,7 @@
 #
 # Usage: scripts/soak.sh [--duration S] [--clients N] [--warmup S] [--bad-every N]
 #                        [--token-expiration-min M] [--use-running] [--log-dir DIR] [--json FILE]
-#   defaults: 300 s at 16 clients after 30 s (and at least 2 rounds) of warm-up, one malformed
+#   defaults: 300 s at 16 clients after 30 s (and at least 128 requests) of warm-up, one malformed
 #   body in 16, on a throwaway server (free loopback ports) whose keys expire every minute.
 #   --use-running  load the server the B4_* variables point at (e.g. the one deploy.sh started);
 #                  its log dir (B4_LOG_DIR, or --log-dir) must be readable
