@@ -2,11 +2,14 @@
 #
 #   scripts/build_mar.sh --checkpoint model.pth        # prints b4-<version>.mar
 #   docker build --build-arg MAR=b4-<version>.mar -t b4serve:<version> .
-#   docker run --rm -p 8080:8080 -p 8082:8082 b4serve:<version>
+#   docker network create b4-metrics                   # only this container and Prometheus
+#   docker run --rm --network b4-metrics -p 8080:8080 b4serve:<version>
 #
 # The archive is baked in: one image per model version, so a rollout is an image tag. Token
 # authorization stays on (deploy/docker.md says how clients get a key); the management API only
-# listens inside the container. Under KServe, see deploy/kserve/ instead.
+# listens inside the container. The metrics API takes no token, so only Prometheus may reach
+# it: it is neither exposed nor published, only reachable on a network that only Prometheus
+# shares with the container. Under KServe, see deploy/kserve/ instead.
 FROM python:3.11-slim-bookworm
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -58,7 +61,8 @@ print('load_models=' + mar); print('models=' + json.dumps({'b4': {version: entry
 USER 1000
 WORKDIR /home/model-server
 # Inference on every interface of the container; management on its loopback only (never
-# published); metrics for Prometheus. Read by TorchServe (enable_envvars_config=true) and by
+# published); metrics on the container's interfaces for Prometheus on the container's network
+# (never published: it takes no token). Read by TorchServe (enable_envvars_config=true) and by
 # b4serve.ops.manage in the health check.
 ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
@@ -70,7 +74,7 @@ ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     B4_KEY_FILE=/home/model-server/key_file.json \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs
-EXPOSE 8080 8082
+EXPOSE 8080
 
 # scripts/health.sh's check: /ping answers and the default version has a READY worker.
 # TorchServe 0.12 wants a token even on /ping: it reads the key file the server wrote and renews

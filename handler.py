@@ -25,6 +25,7 @@ from b4serve.serving.protocol import (
     parse_raw_request,
     payload_of,
 )
+from b4serve.serving.request_ids import Handled, handled_line, request_id_of
 from b4serve.serving.runtime import OneDnnFused, load_model, select_device
 from b4serve.serving.telemetry import METRICS, batch_observations
 
@@ -113,7 +114,9 @@ class B4Handler:
         if self.classifier is not None:
             self.report(len(outcomes))
         found = replies(requests, outcomes, protocol, self.model_name, self.model_version)
-        return self.postprocess(found, context, protocol)
+        answers = self.postprocess(found, context, protocol)
+        log.info("%s", handled_line(handled(found, context)))  # what the server answered, by id
+        return answers
 
     def report(self, images: int) -> None:
         """Log the latest batch in a line and add it to the Prometheus metrics."""
@@ -128,6 +131,18 @@ class B4Handler:
             metric = self.metrics.get(observation.metric.name)
             if metric is not None:
                 metric.add_or_update(observation.value, list(observation.dimensions))
+
+
+def handled(found: list[Reply], context: Any) -> list[Handled]:
+    """Each answered request's client id (``X-Client-Request-Id``) and status, in batch order.
+
+    Under a KServe envelope the batch is one request, whose headers are the first request's.
+    """
+    return [
+        Handled(request_id_of(context.get_all_request_header(index)),
+                reply.error.status if reply.error else 200)
+        for index, reply in enumerate(found)
+    ]  # fmt: skip
 
 
 def register_metrics(context: Any) -> dict[str, Any]:

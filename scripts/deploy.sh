@@ -31,8 +31,8 @@ manage() { "$PY" -m b4serve.ops.manage --log-dir "$B4_LOG_DIR" --timeout "$timeo
 
 if [ -z "$checkpoint" ]; then
   log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
+  # a state dict: it loads without unpickling, so no --trust-checkpoint
   checkpoint=$("$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
-  trust=1  # built on this machine by b4serve.lab.demo, in the seed's whole-module format
 fi
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
 [ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)

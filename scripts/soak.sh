@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Load and soak test: N clients for a bounded time against real TorchServe; reports requests
-# sent, lost, duplicated, wrong, worker restarts, worker memory growth and key turnover.
+# sent, lost and duplicated (counted from the server's own log, by request id), wrong, worker
+# restarts, worker and frontend memory growth, and key turnover (renewals the server recorded).
 #
 # Usage: scripts/soak.sh [--duration S] [--clients N] [--warmup S] [--bad-every N]
-#                        [--token-expiration-min M] [--use-running] [--json FILE]
-#   defaults: 300 s at 16 clients after 30 s of warm-up, one malformed body in 16, on a
-#   throwaway server (free loopback ports) whose keys expire every minute, so they turn over.
-#   --use-running  load the server the B4_* variables point at (e.g. the one deploy.sh started)
-# Exit status 1 when anything was lost, duplicated or wrong, a worker restarted, worker memory
-# grew by 5% or more, or (throwaway server, runs over 90 s) the keys never turned over.
+#                        [--token-expiration-min M] [--use-running] [--log-dir DIR] [--json FILE]
+#   defaults: 300 s at 16 clients after 30 s (and at least 128 requests) of warm-up, one malformed
+#   body in 16, on a throwaway server (free loopback ports) whose keys expire every minute.
+#   --use-running  load the server the B4_* variables point at (e.g. the one deploy.sh started);
+#                  its log dir (B4_LOG_DIR, or --log-dir) must be readable
+# Exit status 1 when anything was lost, duplicated or wrong, a worker restarted, worker or
+# frontend memory grew by 5% or more, or (throwaway server, runs over 90 s) the keys never
+# turned over.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac

@@ -22,6 +22,7 @@ from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.protocol import encode_request, encode_v2_binary, probabilities_of
+from b4serve.serving.request_ids import Handled, handled_requests
 from b4serve.serving.runtime import load_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,3 +255,23 @@ def test_kserve_requests_without_an_envelope_share_a_batch_and_fail_alone(servic
                           v1["predictions"][0]):  # fmt: skip
         np.testing.assert_allclose(probabilities, expected, atol=1e-6)
     assert bad["type"] == "InvalidInput" and "'INT64'" in bad["error"]
+
+
+def test_each_batch_logs_the_client_id_and_status_of_every_request(service, rng, caplog) -> None:
+    good = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+    def with_id(request: dict, request_id: str) -> dict:
+        return {
+            **request,
+            "headers": [{"name": b"X-Client-Request-Id", "value": request_id.encode()}],
+        }
+
+    batch = [with_id(_request(0, good), "job-0"), _request(1, good),
+             with_id(_request(2, b"nope"), "job-2")]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        statuses = [r["status"] for r in _decode_response(service.predict(batch))]
+    lines = [r.getMessage() for r in caplog.records]
+    assert statuses == [200, 200, 415]
+    assert handled_requests(lines) == [
+        [Handled("job-0", 200), Handled(None, 200), Handled("job-2", 415)]
+    ]

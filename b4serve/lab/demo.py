@@ -19,6 +19,7 @@ import pickle
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ class DemoRecipe:
     head_steps: int = 50
     batch_size: int = 8  # fastest of 4/8/16/24 measured on the 2-core build machine
     min_accuracy: float = 0.90
-    version: int = 1
+    version: int = 2  # 2: saved as a state dict (1 pickled the whole module)
 
     def as_dict(self) -> dict[str, int | float | str]:
         """The recipe as a plain dict, the form stored in the checkpoint."""
@@ -284,14 +285,19 @@ def build_demo_model(recipe: DemoRecipe) -> DemoBuild:
 
 
 def save_checkpoint(path: Path, build: DemoBuild, recipe: DemoRecipe) -> Path:
-    """Write the checkpoint atomically (temp file + rename): never a half-written ``path``."""
+    """Write the checkpoint atomically (temp file + rename): never a half-written ``path``.
+
+    It holds tensors and plain values only, so it loads with ``weights_only=True``: deploy and
+    every test server read it without unpickling code (no ``--trust-checkpoint``).
+    """
     checkpoint = {
-        "model": build.model,
+        "state_dict": build.model.state_dict(),
         "class_names": list(DEMO_CLASSES),
         "demo": True,
         "recipe": recipe.as_dict(),
-        # no build time or other run-dependent value: the same recipe gives the same bytes,
-        # so the content-hash version (deploy's default) is the same on every machine
+        # no build time or other run-dependent value: the same recipe gives the same bytes on
+        # the same machine, so the content-hash version (deploy's default) stays. Another CPU
+        # or thread count sums floats in another order: slightly other weights, other bytes.
         "metrics": _metrics(build),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,21 +319,24 @@ def _metrics(build: DemoBuild) -> dict[str, float | str]:
     return {
         "heldout_top1": build.accuracy,
         "heldout_mean_confidence": build.mean_confidence,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion would need unpickling
     }
 
 
-# What a stale, truncated or foreign cache file can raise while being unpickled.
-_UNREADABLE = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError, ImportError)
+# What a stale, truncated or foreign cache file can raise while being read (an older cache that
+# pickled the whole module fails the weights-only load with UnpicklingError: it is rebuilt).
+_UNREADABLE = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 
 def _cached_metrics(path: Path, recipe: DemoRecipe) -> dict[str, float | str] | None:
     """The cached checkpoint's metrics if ``path`` holds one made by ``recipe``, else None."""
     if not path.is_file():
         return None
+    if not zipfile.is_zipfile(path):  # torch.save writes zip files; anything else is not ours
+        log.warning("DEMO cache %s is not a checkpoint; rebuilding", path)
+        return None
     try:
-        # a whole pickled module: safe only because this function wrote the file
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as error:
         log.warning("DEMO cache %s unreadable (%s); rebuilding", path, error)
         return None

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import secrets
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ import requests
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileError, bearer, is_invalid_key_response
+from b4serve.serving.request_ids import REQUEST_ID_HEADER, is_request_id
 
 __all__ = [
     "ImageInput",
@@ -89,19 +91,22 @@ class Result:
     probabilities: list[float] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
+    request_id: str | None = None  # X-Client-Request-Id of every attempt: the server logs it
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON-lines record: input, index, attempts and probabilities or error."""
+        """The JSON-lines record: input, index, attempts, request id and probabilities or error."""
         record: dict[str, Any] = {"input": self.input, "index": self.index}
         if self.ok:
             record["probabilities"] = self.probabilities
         else:
             record["error"] = self.error
         record["attempts"] = self.attempts
+        if self.request_id is not None:
+            record["request_id"] = self.request_id
         return record
 
     def describe_error(self) -> str:
@@ -246,13 +251,13 @@ class _Predictor:
     sessions: _Sessions = field(default_factory=_Sessions)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def __call__(self, index: int, item: ImageInput) -> Result:
-        result = self._predict(index, item)
+    def __call__(self, index: int, item: ImageInput, request_id: str | None = None) -> Result:
+        result = self._predict(index, item, request_id)
         if self.progress is not None:
             self.progress.advance(result.ok)
         return result
 
-    def _predict(self, index: int, item: ImageInput) -> Result:
+    def _predict(self, index: int, item: ImageInput, request_id: str | None) -> Result:
         name = input_name(index, item)
         attempts = retries = renewals = 0
         try:
@@ -260,7 +265,7 @@ class _Predictor:
             while True:
                 attempts += 1
                 key = self.keys.key("inference") if self.keys else None
-                attempt = self._send(body, key)
+                attempt = self._send(body, key, request_id)
                 if attempt.then == "renew" and self.keys and renewals < self.retry.key_renewals:
                     renewals += 1  # a budget of its own: a renewed key is not a struggling server
                     self.keys.renew("inference", stale_key=key or "")
@@ -273,11 +278,13 @@ class _Predictor:
         except (OSError, ValueError, KeyFileError) as exc:
             # Unreadable file, unsavable array, key file gone: this input fails, the others go on.
             error = _error(None, type(exc).__name__, str(exc))
-            return Result(index, name, error=error, attempts=attempts)
-        return Result(index, name, attempt.probabilities, attempt.error, attempts)
+            return Result(index, name, error=error, attempts=attempts, request_id=request_id)
+        return Result(index, name, attempt.probabilities, attempt.error, attempts, request_id)
 
-    def _send(self, body: bytes, key: str | None) -> _Attempt:
+    def _send(self, body: bytes, key: str | None, request_id: str | None) -> _Attempt:
         headers = {**_CONTENT_TYPE, **(bearer(key) if key else {})}
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
         try:
             response = self.sessions.get().post(
                 self.url, data=body, headers=headers, timeout=self.timeout_s
@@ -311,16 +318,29 @@ def iter_results(
     timeout_s: float = 60.0,
     token_auth: bool = True,
     progress: bool | None = None,
+    request_ids: Sequence[str] | None = None,
 ) -> Iterator[Result]:
     """Send every input to the model with up to ``concurrency`` requests in flight.
 
     Yields one ``Result`` per input, in input order, as soon as all before it are done.
+    Each input's requests carry its id in ``X-Client-Request-Id`` (the same id on every retry),
+    which the server logs for each request it answers: ``request_ids``, or ``<job>-<index>``
+    with a random job name.
     ``token_auth=False`` sends no key (server started with ``--disable-token-auth``); otherwise
     a missing or unreadable key file raises ``KeyFileError`` before anything is sent.
     ``progress=None`` shows progress on stderr only when stderr is a terminal.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if request_ids is None:
+        job = secrets.token_hex(4)
+        request_ids = [f"{job}-{index}" for index in range(len(inputs))]
+    elif len(request_ids) != len(inputs):
+        raise ValueError(f"{len(request_ids)} request ids for {len(inputs)} inputs")
+    elif not all(is_request_id(request_id) for request_id in request_ids):
+        raise ValueError(
+            "request ids must be 1 to 128 of A-Z a-z 0-9 . _ : - (the server logs them)"
+        )
     endpoints = endpoints or Endpoints.from_env()
     keys = KeyFile.from_endpoints(endpoints) if token_auth else None
     if keys is not None:
@@ -336,7 +356,7 @@ def iter_results(
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="b4client")
     try:
         # map() keeps input order; each task reads or encodes its own input, so memory stays flat.
-        yield from executor.map(predictor, range(len(inputs)), inputs)
+        yield from executor.map(predictor, range(len(inputs)), inputs, request_ids)
     finally:
         # On an early stop (Ctrl-C, caller breaks) drop what has not started, end retry waits.
         predictor.stop.set()

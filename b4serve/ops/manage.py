@@ -149,27 +149,48 @@ class ManagementAPI:
         _raise_for(response, f"describe {model} {version}")
         return response.json()[0]
 
-    def predict(self, model: str, version: str | None) -> requests.Response:
+    def predict(
+        self, model: str, version: str | None, timeout_s: float | None = None
+    ) -> requests.Response:
         """Send the smoke-test image to ``model`` (its ``version``, or the default)."""
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         body, content_type = smoke_request(self.endpoints.protocol)
         headers = {"Content-Type": content_type}
-        return self.call("POST", path, kind="inference", data=body, headers=headers)
+        return self.call("POST", path, kind="inference", data=body, headers=headers,
+                         timeout=timeout_s or self.timeout_s)  # fmt: skip
 
     def smoke_test(self, model: str, version: str | None, what: str) -> list[float]:
         """Predict the smoke-test image; its probabilities, or :class:`DeployError`."""
         return check_prediction(self.predict(model, version), what, self.endpoints.protocol)
 
-    def register(self, mar: str, model: str, settings: Registration) -> requests.Response:
-        """Register ``mar`` as a version of ``model``; returns once its workers started (or not)."""
-        # synchronous registration waits for the workers: allow for loading and warm-up
-        return self.call("POST", "/models", params=settings.params(mar, model), timeout=None)
+    def register(
+        self, mar: str, model: str, settings: Registration, timeout_s: float
+    ) -> requests.Response:
+        """Register ``mar`` as a version of ``model``; returns once its workers started (or not).
+
+        Synchronous registration waits for the workers to load and warm up: ``timeout_s``.
+        """
+        try:
+            return self.call("POST", "/models", params=settings.params(mar, model),
+                             timeout=timeout_s)  # fmt: skip
+        except requests.Timeout:
+            raise DeployError(
+                f"register {mar}: TorchServe gave no answer within {timeout_s:.0f} s "
+                "(B4_DEPLOY_TIMEOUT); its workers may still be loading: see model_log.log"
+            ) from None
 
     def set_default(self, model: str, version: str) -> None:
         _raise_for(self.call("PUT", f"/models/{model}/{version}/set-default"), "set default")
 
-    def unregister(self, model: str, version: str) -> None:
-        response = self.call("DELETE", f"/models/{model}/{version}", timeout=None)
+    def unregister(self, model: str, version: str, timeout_s: float) -> None:
+        """Unregister ``version``; TorchServe answers once its workers have stopped."""
+        try:
+            response = self.call("DELETE", f"/models/{model}/{version}", timeout=timeout_s)
+        except requests.Timeout:
+            raise DeployError(
+                f"unregister {model} {version}: TorchServe gave no answer within {timeout_s:.0f} s"
+                " (B4_DEPLOY_TIMEOUT)"
+            ) from None
         if response.status_code != 404:  # already gone is fine
             _raise_for(response, f"unregister {model} {version}")
 
@@ -186,18 +207,24 @@ def ready_workers(description: dict[str, Any] | None) -> int:
 
 
 class LogWatch:
-    """New lines of TorchServe's model log since a mark: why a worker died, in its own words."""
+    """New lines of a TorchServe log since a mark: by default the model log, where a dying
+    worker says why in its own words and the handler says which requests it answered."""
 
-    def __init__(self, log_dir: Path | None) -> None:
-        self.path = log_dir / "model_log.log" if log_dir else None
+    def __init__(self, log_dir: Path | None, name: str = "model_log.log") -> None:
+        self.path = log_dir / name if log_dir else None
         self.offset = self.path.stat().st_size if self.path and self.path.is_file() else 0
 
-    def failures(self, limit: int = 25) -> list[str]:
+    def lines(self) -> list[str]:
+        """The complete lines written since the mark (a line still being written waits)."""
         if self.path is None or not self.path.is_file():
             return []
-        with open(self.path, errors="replace") as stream:
+        with open(self.path, "rb") as stream:
             stream.seek(self.offset)
-            lines = stream.read().splitlines()
+            text = stream.read().decode(errors="replace")
+        return text[: text.rfind("\n") + 1].splitlines()
+
+    def failures(self, limit: int = 25) -> list[str]:
+        lines = self.lines()
         died = any(marker in line for line in lines for marker in _DEATH_MARKERS)
         if not died:
             return []
@@ -260,18 +287,33 @@ def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_
     one probe per worker to the version itself; a worker answers a probe only after the batch it
     was running, so when the probes are back the old requests are too. ``grace_s`` covers the
     rare probe that reached an idle worker while another was still busy.
+
+    Raises :class:`DeployError` when that takes over ``timeout_s``: the version then stays
+    registered, so the requests it holds are answered rather than failed.
     """
     description = api.describe(model, version) or {}
     deadline = time.monotonic() + timeout_s
-    while description.get("jobQueueStatus", {}).get("pendingRequests", 0) > 0:
+    while (pending := description.get("jobQueueStatus", {}).get("pendingRequests", 0)) > 0:
         if time.monotonic() > deadline:
-            break
+            raise DeployError(
+                f"{model} {version} still has {pending} requests queued after {timeout_s:.0f} s "
+                f"(B4_DEPLOY_TIMEOUT); it stays registered, no longer the default, so they are "
+                f"answered: run deploy again to retire it"
+            )
         time.sleep(0.25)
         description = api.describe(model, version) or {}
     probes = max(1, len(description.get("workers", [])))
-    with ThreadPoolExecutor(probes) as pool:
-        for _ in pool.map(lambda _: api.predict(model, version), range(probes)):
-            pass  # any answer will do: it only has to come after the batch in flight
+    remaining = max(1.0, deadline - time.monotonic())
+    try:
+        with ThreadPoolExecutor(probes) as pool:
+            for _ in pool.map(lambda _: api.predict(model, version, remaining), range(probes)):
+                pass  # any answer will do: it only has to come after the batch in flight
+    except requests.Timeout:
+        raise DeployError(
+            f"{model} {version} did not answer a probe within {timeout_s:.0f} s "
+            f"(B4_DEPLOY_TIMEOUT); it stays registered, no longer the default: run deploy "
+            f"again to retire it"
+        ) from None
     time.sleep(grace_s)
 
 
@@ -281,7 +323,7 @@ def retire(
     """Drain and unregister ``versions`` (no longer the default)."""
     for old in sorted(versions):
         drain(api, model, old, grace_s, timeout_s)
-        api.unregister(model, old)
+        api.unregister(model, old, timeout_s)
         say(f"unregistered {model} {old}")
 
 
@@ -314,8 +356,11 @@ def rollout(
         _register_and_switch(api, mar, model, version, settings, registered, watch, timeout_s, say)
     except DeployError:
         if version not in registered:  # ours, never served: do not leave it crash-looping
-            api.unregister(model, version)
-            say(f"unregistered {model} {version}, which failed; serving: {default or 'none'}")
+            try:
+                api.unregister(model, version, timeout_s)
+                say(f"unregistered {model} {version}, which failed; serving: {default or 'none'}")
+            except (DeployError, requests.RequestException) as cleanup:  # report the first
+                say(f"could not unregister {model} {version}, which failed: {cleanup}")
         raise
     retire(api, model, registered - {version}, drain_s, timeout_s, say)
     api.smoke_test(model, None, f"/predictions/{model}")
@@ -336,7 +381,7 @@ def _register_and_switch(
     """Register ``version`` unless it is, wait until it answers, then make it the default."""
     if version not in registered:
         say(f"registering {mar} as {model} {version} ({settings})")
-        response = api.register(mar, model, settings)
+        response = api.register(mar, model, settings, timeout_s)
         if response.status_code == 409:
             say(f"{model} {version} was registered meanwhile; reusing it")
         elif response.status_code >= 400:

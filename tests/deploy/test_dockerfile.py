@@ -150,14 +150,30 @@ def test_serves_our_config_in_the_foreground() -> None:
     assert argv[argv.index("--model-store") + 1] == f"{workdir}/model-store"
 
 
-def test_exposes_inference_and_metrics_but_never_management() -> None:
+def test_exposes_inference_only_never_management_or_metrics() -> None:
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV")).replace("\\", " ")))
     exposed = {int(port) for port in " ".join(instructions("EXPOSE")).split()}
     ports = {key: int(env[key].rsplit(":", 1)[1]) for key in env if key.endswith("_ADDRESS")}
-    assert exposed == {ports["TS_INFERENCE_ADDRESS"], ports["TS_METRICS_ADDRESS"]}
+    assert exposed == {ports["TS_INFERENCE_ADDRESS"]}  # `docker run -P` publishes no more
     assert env["TS_MANAGEMENT_ADDRESS"].startswith("http://127.0.0.1:")
     assert ports["TS_INFERENCE_ADDRESS"] == int(env["B4_INFERENCE_PORT"])
     assert ports["TS_MANAGEMENT_ADDRESS"] == int(env["B4_MANAGEMENT_PORT"])
+
+
+def test_no_documented_docker_run_publishes_metrics_beyond_the_hosts_loopback() -> None:
+    # the metrics API takes no token: Prometheus reaches it on the container's own network
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV")).replace("\\", " ")))
+    metrics = int(env["TS_METRICS_ADDRESS"].rsplit(":", 1)[1])
+    runs = [line for doc in (DOCKERFILE, ROOT / "deploy" / "docker.md")
+            for line in doc.read_text().splitlines()
+            if line.lstrip("# ").startswith("docker run")]  # commands, not prose  # fmt: skip
+    assert runs
+    for run in runs:
+        published = re.findall(r"-p\s+(\S+)", run)
+        assert published, run
+        for mapping in published:
+            if mapping.rsplit(":", 1)[-1] == str(metrics):
+                assert mapping.startswith("127.0.0.1:"), run
 
 
 def test_health_check_is_the_projects_health_command() -> None:

@@ -54,7 +54,7 @@ def test_custom_metrics_count_requests_by_outcome_and_time_each_stage(server: Se
         counts = request_counts(before, "b4")
         return {kind: after[kind] - counts.get(kind, 0.0) for kind in after}
 
-    deadline = time.monotonic() + 15  # the frontend reads metric lines from the worker's stdout
+    deadline = time.monotonic() + 60  # the frontend reads metric lines from the worker's stdout
     while moved() != {"ok": 3.0, "InvalidInput": 1.0, "UnsupportedMediaType": 1.0}:
         assert time.monotonic() < deadline, moved()
         time.sleep(0.5)
@@ -79,7 +79,7 @@ def _health(server: Server, *args: str, **env: str) -> subprocess.CompletedProce
 
 def test_health_check_reports_version_workers_requests_and_last_errors(server: Server) -> None:
     assert post(server, b"not an array").status_code == 415
-    deadline = time.monotonic() + 15  # the model log is written asynchronously
+    deadline = time.monotonic() + 60  # the model log is written asynchronously
     while "UnsupportedMediaType" not in (result := _health(server, "--errors", "20")).stdout:
         assert time.monotonic() < deadline, result.stdout
         time.sleep(0.5)
@@ -104,8 +104,12 @@ def test_health_check_fails_when_no_server_answers(server: Server, tmp_path: Pat
 
 def test_short_soak_loses_nothing_keeps_memory_flat_and_outlives_a_key(server: Server) -> None:
     # CI-sized: 75 s at 8 clients spans one expiry of the session's 1-minute keys.
-    report = run_soak(server.endpoints, duration_s=75, clients=8, warmup_s=15, bad_every=16)
+    report = run_soak(server.endpoints, server.log_dir, duration_s=75, clients=8, warmup_s=15,
+                      bad_every=16, say=print)  # fmt: skip
     print("\n" + report.table())
     assert report.problems(require_key_renewal=True) == []
-    assert report.sent >= 40 and report.answered == report.sent
-    assert report.refused_as_expected == report.sent // 16  # rounds of 64: 4 bad bodies in each
+    # every input answered exactly once, by the server's own log (how many were sent in 75 s
+    # depends on the machine and its load: at least one round of 32)
+    assert report.sent >= 32 and report.handled == report.sent
+    assert report.refused_as_expected == report.sent // 16  # rounds of 32: 2 bad bodies in each
+    assert report.worker_rss_start_mb > 100 and report.frontend_rss_start_mb > 50
