@@ -75,14 +75,26 @@ def user_module(arch: str, num_classes: int = 6, seed: int = 0) -> nn.Module:
     spec = arch_spec(arch)
     torch.manual_seed(seed)
     model = geffnet.create_model(arch, pretrained=False, num_classes=num_classes)
-    return trained_like(model, seed, spec.input_size)
+    return trained_like(model, seed, calibration_batch(spec.input_size, spec.mean, spec.std, seed))
+
+
+def calibration_batch(
+    size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int
+) -> torch.Tensor:
+    """Images like those the tests serve (the demo's discs and uniform noise), normalised as the
+    variant's users normalise them: what "training" measures the batch-norm statistics on."""
+    from b4serve.lab.demo import generate_images
+
+    discs, _ = generate_images(per_class=1, seed=1000 + seed, size=size)
+    noise = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    batch = torch.from_numpy(np.concatenate([discs, noise])).float().div(255).permute(0, 3, 1, 2)
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
-def trained_like(model: nn.Module, seed: int, size: int) -> nn.Module:
-    """Give ``model`` perturbed batch-norm affine parameters, running statistics measured on a
-    seeded batch at ``size`` px, and a classifier with logits of order 1; return it in eval mode.
-    """
+def trained_like(model: nn.Module, seed: int, images: torch.Tensor) -> nn.Module:
+    """Give ``model`` perturbed batch-norm affine parameters, running statistics measured on
+    ``images`` and a classifier with logits of order 1; return it in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
@@ -92,7 +104,7 @@ def trained_like(model: nn.Module, seed: int, size: int) -> nn.Module:
         norm.reset_running_stats()
         norm.momentum = None  # one batch: the running statistics become that batch's
     model.train()
-    model(torch.rand(2, 3, size, size, generator=generator) * 4 - 2)
+    model(images)
     for norm in norms:
         norm.momentum = 0.1
     head = model.classifier
