@@ -69,7 +69,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
     probe = ParityProbe.of(
-        loaded.reference, config.input_size, against=loaded.against, hint=loaded.mismatch_hint
+        loaded.reference, config, against=loaded.against, hint=loaded.mismatch_hint
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

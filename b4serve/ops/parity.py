@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from b4serve.ops.checkpoint import CheckpointError
 from b4serve.serving.config import ModelConfig
@@ -25,6 +26,7 @@ __all__ = [
     "ParityError",
     "ParityProbe",
     "probe_batch",
+    "probe_images",
     "prove_exported_files",
 ]
 
@@ -39,11 +41,25 @@ class ParityError(CheckpointError):
     """An exported model does not reproduce the reference; the message says by how much."""
 
 
-def probe_batch(input_size: int, images: int = PROBE_IMAGES) -> torch.Tensor:
-    """The fixed probe batch: seeded standard-normal images (NCHW float32), inputs as spread as
-    any normalisation makes real images, so every channel and padded border is exercised."""
+def probe_images(input_size: int, images: int = PROBE_IMAGES) -> torch.Tensor:
+    """The fixed probe images, uint8 NHWC: smooth random colour fields with sharp-edged blocks
+    and pixel noise, like photographs in what the network sees (regions, edges, texture, and
+    content up to every border, where the padding variants differ)."""
     generator = torch.Generator().manual_seed(_PROBE_SEED)
-    return torch.randn(images, 3, input_size, input_size, generator=generator)
+    fields = torch.rand(images, 3, 6, 6, generator=generator)
+    smooth = F.interpolate(fields, size=(input_size, input_size), mode="bicubic")
+    blocks = F.interpolate(torch.rand(images, 3, 5, 5, generator=generator), size=smooth.shape[2:])
+    texture = 0.05 * torch.randn(smooth.shape, generator=generator)
+    pixels = (0.6 * smooth + 0.4 * blocks + texture).clamp(0, 1).mul(255).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def probe_batch(
+    input_size: int, mean: Sequence[float], std: Sequence[float], images: int = PROBE_IMAGES
+) -> torch.Tensor:
+    """The probe images normalised with ``mean`` and ``std``, as NCHW float32."""
+    batch = probe_images(input_size, images).permute(0, 3, 1, 2).float().div(255)
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,11 @@ class ParityProbe:
     hint: str = ""  # added to a failure: what to try
 
     @classmethod
-    def of(cls, reference: Model, input_size: int, *, against: str, hint: str = "") -> ParityProbe:
-        batch = probe_batch(input_size)
+    def of(
+        cls, reference: Model, config: ModelConfig, *, against: str, hint: str = ""
+    ) -> ParityProbe:
+        """The probe for ``config``'s input size and normalisation, and ``reference``'s logits."""
+        batch = probe_batch(config.input_size, config.mean, config.std)
         with torch.inference_mode():
             expected = reference(batch).float()
         return cls(batch, expected, against, hint)
@@ -78,16 +97,23 @@ class ParityProbe:
         return worst
 
     def prove(
-        self, model: Model, what: str, *, tolerance: float = LOGIT_TOLERANCE, calls: int = 1
+        self,
+        model: Model,
+        what: str,
+        *,
+        tolerance: float = LOGIT_TOLERANCE,
+        calls: int = 1,
+        hint: str | None = None,
     ) -> float:
         """``model``'s difference; raise :class:`ParityError` naming ``what`` if it is over
-        ``tolerance`` (or NaN)."""
+        ``tolerance`` (or NaN), with ``hint`` (default: the probe's) saying what to try."""
         difference = self.difference(model, calls=calls)
         if not difference <= tolerance:
+            hint = self.hint if hint is None else hint
             raise ParityError(
                 f"{what} differs from {self.against} by {difference:.3g} (max |logit "
                 f"difference| on {len(self.batch)} probe images, tolerance {tolerance:g})"
-                + (f"; {self.hint}" if self.hint else "")
+                + (f"; {hint}" if hint else "")
             )
         return difference
 
@@ -98,7 +124,9 @@ def prove_exported_files(
     """Prove every float32 model file export wrote, as written and as the worker runs it.
 
     Returns (what, max |logit difference|) for each; on a failure, removes the files (nothing
-    half-exported is left to archive) and raises :class:`ParityError`.
+    half-exported is left to archive) and raises :class:`ParityError`. The file as written runs
+    the module's own operations, so its failure is the probe's (the module computes something
+    else); a runtime failing after it passed is that runtime's arithmetic.
     """
     cpu = torch.device("cpu")
     checks: list[tuple[str, Callable[[], Model], int]] = [
@@ -117,11 +145,21 @@ def prove_exported_files(
     proven: list[tuple[str, float]] = []
     try:
         for what, load, calls in checks:
-            proven.append((what, probe.prove(load(), what, calls=calls)))
+            hint = None if not proven else _runtime_hint(proven[0][0], config)
+            proven.append((what, probe.prove(load(), what, calls=calls, hint=hint)))
     except ParityError:
         _remove([torchscript, onnx] if onnx else [torchscript])
         raise
     return proven
+
+
+def _runtime_hint(matching: str, config: ModelConfig) -> str:
+    instead = (
+        "export with --no-optimize to serve it as written"
+        if config.runtime == "torchscript"
+        else "serve it with --runtime torchscript"
+    )
+    return f"{matching} matches, so this runtime's float32 arithmetic is what differs: {instead}"
 
 
 def _fed_channels_last(model: Model) -> Model:
