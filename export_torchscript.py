@@ -2,8 +2,9 @@
 
     python export_torchscript.py --checkpoint ckpt.pth --output build/b4.pt
 
-writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The scripted
-model is checked against the eager one before anything is written.
+writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The arch is
+told from a whole pickled module (``--arch`` for a state dict), and every model file written is
+proven to reproduce the checkpoint's own module (b4serve.ops.parity) before the metadata is.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from b4serve.ops.gpu_parity import load_check_images, parity_at_export
 from b4serve.ops.onnx_export import export_onnx
+from b4serve.ops.parity import LOGIT_TOLERANCE, ParityProbe, prove_exported_files
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import (
     DEFAULT_GPU_BUCKETS,
@@ -29,24 +30,6 @@ from b4serve.serving.config import (
     ModelConfig,
 )
 from b4serve.serving.runtime import RUNTIMES
-
-PARITY_TOLERANCE = 1e-5
-
-
-def script_with_parity_check(
-    model: nn.Module, input_size: int, *, tolerance: float = PARITY_TOLERANCE, batch: int = 2
-) -> tuple[torch.jit.ScriptModule, float]:
-    """Script ``model`` and return it with the max abs difference to eager on a random batch."""
-    scripted = torch.jit.script(model.eval())
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, input_size, input_size, generator=generator)
-    with torch.inference_mode():
-        difference = (scripted(images) - model(images)).abs().max().item()
-    if not difference <= tolerance:  # also catches NaN
-        raise CheckpointError(
-            f"scripted output differs from eager by {difference:.3g} (tolerance {tolerance:g})"
-        )
-    return scripted, difference
 
 
 def read_class_names(value: str | None) -> list[str] | None:
@@ -70,11 +53,15 @@ def export(args: argparse.Namespace) -> ModelConfig:
     loaded = load_checkpoint(
         args.checkpoint, args.arch, args.num_classes, trust=args.trust_checkpoint
     )
+    for note in loaded.notes:
+        print(f"export_torchscript: {note}")
+    if loaded.warning:
+        print(f"export_torchscript: warning: {loaded.warning}", file=sys.stderr)
     names = read_class_names(args.class_names) or loaded.class_names
     if names is not None and len(names) != args.num_classes:
         raise CheckpointError(f"{len(names)} class names given for {args.num_classes} classes")
     config = ModelConfig.for_arch(
-        args.arch,
+        loaded.arch,
         args.num_classes,
         names,
         input_size=args.input_size,
@@ -90,20 +77,28 @@ def export(args: argparse.Namespace) -> ModelConfig:
         gpu_buckets=args.gpu_buckets,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
-    scripted, difference = script_with_parity_check(loaded.model, config.input_size)
+    probe = ParityProbe.of(
+        loaded.reference, config, against=loaded.against, hint=loaded.mismatch_hint
+    )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    scripted.save(str(output))
+    torch.jit.script(loaded.model).save(str(output))
     print(
         f"exported {'DEMO ' if config.demo else ''}{config.arch} ({config.num_classes} classes, "
-        f"{config.input_size}px) to {output}; scripted vs eager max abs diff {difference:.2e}"
+        f"{config.input_size}px) to {output}"
     )
+    onnx_path = None
     if config.runtime == "onnxruntime":
         onnx_path = output.with_name(RUNTIMES["onnxruntime"])
         onnx_difference = export_onnx(loaded.model, config, onnx_path)
         print(
             f"exported ONNX to {onnx_path} (runs in float32 on ONNX Runtime); max abs probability "
             f"difference to eager {onnx_difference:.2e}, same top-1"
+        )
+    for what, difference in prove_exported_files(probe, config, output, onnx_path):
+        print(
+            f"{what} reproduces {probe.against}: max |logit difference| {difference:.2e} on "
+            f"{len(probe.batch)} probe images (tolerance {LOGIT_TOLERANCE:g})"
         )
     images = load_check_images(args.check_images) if args.check_images else None
     parity = parity_at_export(output, config, args.gpu_parity, images)
@@ -129,7 +124,11 @@ def _sizes(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pth/.pt)")
-    parser.add_argument("--arch", default="efficientnet_b4", choices=sorted(ARCHS))
+    parser.add_argument(
+        "--arch",
+        help="the checkpoint's variant (default: told from a whole module; for a state dict, "
+        f"the first that fits its keys, with a warning). One of: {', '.join(ARCHS)}",
+    )
     parser.add_argument("--num-classes", type=int, default=6)
     parser.add_argument("--output", required=True, help="TorchScript file to write")
     parser.add_argument("--meta-dir", help="where to write the metadata (default: beside --output)")

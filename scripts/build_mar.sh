@@ -6,7 +6,8 @@
 #   --version V          archive version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
 #   --force              rebuild even if the model store already holds this version
-# Env: B4_ARCH (efficientnet_b4), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
+# Env: B4_ARCH (default: told from a whole module; set it for a state dict, whose keys cannot
+#   tell padding variants apart), B4_NUM_CLASSES (6), B4_CLASS_NAMES (names, or a .json/.txt
 #   file; default: the checkpoint's), B4_MICRO_BATCH (images per forward; default 1 on CPU,
 #   the whole batch on GPU), B4_THREADS (intra-op threads per worker; default: one per core),
 #   B4_MALLOC_KEEP_MB (512: freed memory each worker keeps for reuse; 0: glibc's default),
@@ -46,8 +47,9 @@ fi
 build="$B4_CACHE_DIR/build/$version"
 rm -rf "$build"
 mkdir -p "$build/extra/b4serve/serving" "$build/tmp" "$B4_MODEL_STORE"
-export_args=(--checkpoint "$checkpoint" --arch "${B4_ARCH:-efficientnet_b4}"
-  --num-classes "${B4_NUM_CLASSES:-6}" --output "$build/model.pt" --meta-dir "$build/extra")
+export_args=(--checkpoint "$checkpoint" --num-classes "${B4_NUM_CLASSES:-6}"
+  --output "$build/model.pt" --meta-dir "$build/extra")
+[ -n "${B4_ARCH:-}" ] && export_args+=(--arch "$B4_ARCH")
 [ -n "${B4_CLASS_NAMES:-}" ] && export_args+=(--class-names "$B4_CLASS_NAMES")
 [ -n "${B4_MICRO_BATCH:-}" ] && export_args+=(--micro-batch "$B4_MICRO_BATCH")
 [ -n "${B4_THREADS:-}" ] && export_args+=(--threads "$B4_THREADS")

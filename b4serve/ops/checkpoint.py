@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 import zipfile
@@ -13,10 +14,22 @@ import torch
 from torch import nn
 
 from b4serve.ops.models import create_model
+from b4serve.ops.variants import (
+    Network,
+    VariantError,
+    choose_arch,
+    closest_scale,
+    find_network,
+    network_of_module,
+    network_of_state_dict,
+    shape_differences,
+    split_prefix,
+)
+from b4serve.serving.archs import arch_spec
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "file_sha256", "load_checkpoint"]
 
-_STATE_DICT_KEYS = ("model", "state_dict")
+_STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
 class CheckpointError(Exception):
@@ -25,12 +38,46 @@ class CheckpointError(Exception):
 
 @dataclass
 class LoadedCheckpoint:
-    """A model rebuilt from a checkpoint, plus what the checkpoint said about itself."""
+    """A model rebuilt from a checkpoint, what it must reproduce, and what the file said."""
 
-    model: nn.Module
+    model: nn.Module  # ``arch`` rebuilt scriptable, with the checkpoint's weights, in eval mode
+    arch: str
+    # What every exported file is proven against: the user's own module (in eval mode) when the
+    # checkpoint holds one, else ``model`` itself.
+    reference: nn.Module
+    user_module: bool = False
     class_names: list[str] | None = None
     demo: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what loading decided by itself
+    warning: str | None = None  # an ambiguity that --arch resolves
+
+    @property
+    def against(self) -> str:
+        """The reference, in words."""
+        if self.user_module:
+            return "your module"
+        return "the eager model rebuilt from your state dict"
+
+    @property
+    def mismatch_hint(self) -> str:
+        """What a failed proof means, for its message."""
+        if self.user_module:
+            return (
+                f"its layers match {self.arch}, so its forward or some layer computes something "
+                "else: no known arch reproduces it"
+            )
+        return "the export itself went wrong: please report it"
+
+
+@dataclass
+class _Source:
+    """The network found in a checkpoint: its weights, and the user's module if there is one."""
+
+    state_dict: dict[str, torch.Tensor]
+    network: Network
+    module: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -43,22 +90,44 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_checkpoint(
-    path: str | Path, arch: str, num_classes: int, *, trust: bool = False
+    path: str | Path, arch: str | None, num_classes: int, *, trust: bool = False
 ) -> LoadedCheckpoint:
-    """Build ``arch`` with ``num_classes`` and load the checkpoint's weights into it strictly.
+    """Rebuild the checkpoint's network as ``arch`` (None: the variant the checkpoint shows)
+    with ``num_classes`` outputs and load its weights into it strictly.
 
-    Accepts a whole pickled module under ``"model"`` (the seed's ``torch.save({"model": m})``;
-    only with ``trust=True``, since unpickling runs code from the file) and plain state dicts:
-    bare, or under ``"model"``/``"state_dict"``, with or without DataParallel's ``module.``.
+    Accepts a whole pickled module, bare or under ``"model"`` (the seed's
+    ``torch.save({"model": m})``; only with ``trust=True``, since unpickling runs code from the
+    file), also one that wraps the network; and state dicts: bare, or under ``"model"``,
+    ``"state_dict"`` or ``"model_state_dict"``, with all keys under one prefix (``module.``,
+    ``model.``, ...) or none. A module tells its variant (padding, batch-norm eps, size); a state
+    dict only its size, so ``arch`` decides between padding variants, with a warning if not given.
     """
+    if arch is not None:
+        arch_spec(arch)  # an unknown arch is refused before anything is read
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     payload = _read(path, trust)
-    state_dict = _state_dict_of(payload, path)
-    model = create_model(arch, num_classes)
-    _load_strictly(model, state_dict, arch, num_classes)
-    loaded = LoadedCheckpoint(model=model)
+    try:
+        source = _source_of(payload, path)
+        source_name = "module" if source.module is not None else "state dict"
+        if source.network.scale is None and arch is None:
+            closest, details = closest_scale(source.state_dict)
+            raise CheckpointError(
+                f"the checkpoint's {source_name} fits no known arch; nearest is the {closest} "
+                f"size: {details}"
+            )
+        choice = choose_arch(arch, source.network, source=source_name)
+    except VariantError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = create_model(choice.arch, num_classes)
+    _load_strictly(model, source.state_dict, choice.arch, num_classes)
+    loaded = LoadedCheckpoint(model, choice.arch, reference=model, warning=choice.warning)
+    loaded.notes = source.notes
+    if arch is None and source.module is not None:
+        loaded.notes.append(f"your module is {choice.arch} ({source.network.describe()})")
+    if source.module is not None:
+        loaded.reference, loaded.user_module = _as_reference(source.module, loaded.notes), True
     if isinstance(payload, dict):
         names = payload.get("class_names")
         loaded.class_names = [str(n) for n in names] if names else None
@@ -88,63 +157,75 @@ def _read(path: Path, trust: bool) -> Any:
         raise CheckpointError(f"cannot unpickle {path}: {type(exc).__name__}: {exc}") from None
 
 
-def _state_dict_of(payload: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(payload, nn.Module):
-        return payload.state_dict()
+def _source_of(payload: Any, path: Path) -> _Source:
+    module: nn.Module | None = payload if isinstance(payload, nn.Module) else None
     if isinstance(payload, dict):
         for key in _STATE_DICT_KEYS:
             inner = payload.get(key)
             if isinstance(inner, nn.Module):
-                return inner.state_dict()
+                module = inner
+                break
             if isinstance(inner, dict) and _is_tensor_dict(inner):
-                return _strip_prefix(inner)
-        if _is_tensor_dict(payload):
-            return _strip_prefix(payload)
-    raise CheckpointError(
-        f"{path} holds no model: expected a module or state dict, bare or under "
-        f"'model'/'state_dict'; found {type(payload).__name__}"
-        + (f" with keys {sorted(payload)[:8]}" if isinstance(payload, dict) else "")
-    )
+                return _state_dict_source(inner)
+        else:
+            if _is_tensor_dict(payload):
+                return _state_dict_source(payload)
+    if module is None:
+        raise CheckpointError(
+            f"{path} holds no model: expected a module or state dict, bare or under "
+            f"{'/'.join(repr(k) for k in _STATE_DICT_KEYS)}; found {type(payload).__name__}"
+            + (f" with keys {sorted(payload)[:8]}" if isinstance(payload, dict) else "")
+        )
+    where, network = find_network(module)
+    notes = []
+    if where:
+        notes.append(
+            f"using the gen-efficientnet network at {where!r} inside your "
+            f"{type(module).__name__} (key prefix {where + '.'!r} stripped)"
+        )
+    return _Source(network.state_dict(), network_of_module(network), module, notes)
+
+
+def _state_dict_source(state_dict: dict[str, torch.Tensor]) -> _Source:
+    prefix, stripped = split_prefix(state_dict)
+    notes = [f"stripped the key prefix {prefix!r} from the state dict"] if prefix else []
+    return _Source(stripped, network_of_state_dict(stripped), notes=notes)
+
+
+def _as_reference(module: nn.Module, notes: list[str]) -> nn.Module:
+    """The user's module as the proof runs it: in eval mode, on the CPU, in float32."""
+    dtypes = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        notes.append(f"your module holds {names} weights: exported and proven in float32")
+        module = copy.deepcopy(module).float()
+    return module.eval()
 
 
 def _is_tensor_dict(candidate: dict) -> bool:
     return bool(candidate) and all(isinstance(v, torch.Tensor) for v in candidate.values())
 
 
-def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "module."  # nn.DataParallel / DistributedDataParallel wrap every key
-    if all(key.startswith(prefix) for key in state_dict):
-        return {key[len(prefix) :]: value for key, value in state_dict.items()}
-    return state_dict
-
-
 def _load_strictly(
     model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, num_classes: int
 ) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state_dict[key].shape)}"
-        for key in expected
-        if key in state_dict and expected[key].shape != state_dict[key].shape
-    ]
-    head = state_dict.get("classifier.weight")
-    if not unexpected and not missing and head is not None and head.shape[0] != num_classes:
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state_dict.items()}
+    count, details = shape_differences(expected, found)
+    if not count:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    head = found.get("classifier.weight")
+    if (
+        head is not None
+        and head[0] != num_classes
+        and not shape_differences(_backbone(expected), _backbone(found))[0]
+    ):
         raise CheckpointError(
-            f"checkpoint has {head.shape[0]} classes but --num-classes is {num_classes}"
+            f"checkpoint has {head[0]} classes but --num-classes is {num_classes}"
         )
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"{len(wrong)} shape mismatches, first {wrong[0]}" if wrong else "",
-                f"{len(missing)} missing keys, first {missing[0]}" if missing else "",
-                f"{len(unexpected)} unexpected keys, first {unexpected[0]}" if unexpected else "",
-            )
-            if part
-        )
-        raise CheckpointError(
-            f"checkpoint does not match {arch} with {num_classes} classes: {details}"
-        )
-    model.load_state_dict(state_dict, strict=True)
+    raise CheckpointError(f"checkpoint does not match {arch} with {num_classes} classes: {details}")
+
+
+def _backbone(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return {key: shape for key, shape in shapes.items() if not key.startswith("classifier.")}

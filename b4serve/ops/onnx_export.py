@@ -40,6 +40,10 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
     exportable = create_model(config.arch, config.num_classes, exportable=True)
     exportable.load_state_dict(model.state_dict())
     example = torch.zeros(1, 3, config.input_size, config.input_size)
+    with torch.inference_mode():
+        # geffnet's Conv2dSameExport (tf_ variants) sets its padding on its first call; traced
+        # on that call, the graph comes out wrong (0.27 max logit error measured on a B4)
+        exportable(example)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         exportable,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-from b4serve.serving.archs import arch_spec
+from b4serve.serving.archs import ARCHS, BN_EPS_PYTORCH, PADDINGS, SYMMETRIC, arch_spec
 
 __all__ = [
     "DEFAULT_GPU_BUCKETS",
@@ -52,6 +52,10 @@ class ModelConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...]
+    # The network's padding and batch-norm eps (b4serve.serving.archs): baked into the model
+    # file at export, recorded so that the archive says which variant it serves.
+    padding: str = SYMMETRIC
+    bn_eps: float = BN_EPS_PYTORCH
     max_pixels: int = DEFAULT_MAX_PIXELS
     demo: bool = False
     # Images per forward pass (TTA doubles it). 0: 1 on the CPU, where single images run fastest
@@ -83,6 +87,17 @@ class ModelConfig:
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0: {self.mean} {self.std}")
+        if self.padding not in PADDINGS or not self.bn_eps > 0:
+            raise ValueError(
+                f"padding must be one of {', '.join(PADDINGS)} and bn_eps > 0: "
+                f"{self.padding!r}, {self.bn_eps}"
+            )
+        known = ARCHS.get(self.arch)
+        if known is not None and (self.padding, self.bn_eps) != (known.padding, known.bn_eps):
+            raise ValueError(
+                f"{self.arch} has {known.padding} padding and batch-norm eps {known.bn_eps:g}, "
+                f"not {self.padding} and {self.bn_eps:g}"
+            )
         if self.input_size < 1 or self.max_pixels < self.input_size**2:
             raise ValueError(f"bad input_size {self.input_size} or max_pixels {self.max_pixels}")
         if self.micro_batch < 0 or self.threads < 0:
@@ -120,6 +135,8 @@ class ModelConfig:
             mean=spec.mean,
             std=spec.std,
             class_names=names,
+            padding=spec.padding,
+            bn_eps=spec.bn_eps,
             **settings,
         )
 

@@ -45,6 +45,16 @@ def test_model_config_refuses_inconsistent_values() -> None:
         ModelConfig.for_arch("efficientnet_b4", 3, malloc_keep_mb=2048)
 
 
+def test_model_config_records_the_variant_and_refuses_one_its_arch_is_not() -> None:
+    config = ModelConfig.for_arch("tf_efficientnet_b4_ap", 6)
+    assert (config.padding, config.bn_eps, config.input_size) == ("tf_same", 1e-3, 380)
+    assert (config.mean, config.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="tf_efficientnet_b4 has tf_same padding and batch-norm"):
+        dataclasses.replace(ModelConfig.for_arch("tf_efficientnet_b4", 6), padding="symmetric")
+    with pytest.raises(ValueError, match="padding must be one of symmetric, tf_same"):
+        dataclasses.replace(config, padding="valid")
+
+
 def test_max_request_size_is_the_largest_body_the_decoder_accepts() -> None:
     assert int(server_properties()["max_request_size"]) == max_body_bytes(DEFAULT_MAX_PIXELS)
 
