@@ -3,12 +3,15 @@
     python export_torchscript.py --checkpoint ckpt.pth --output build/b4.pt
 
 writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The scripted
-model is checked against the eager one before anything is written.
+model is checked against the eager one before anything is written. ``--runtime auto`` (the
+default) then picks the fastest runtime this host runs that matches fp32 TorchScript
+(b4serve.ops.runtimes), writing ``model.onnx`` beside the TorchScript file when it needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -18,10 +21,10 @@ import torch
 from torch import nn
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.ops.onnx_export import export_onnx
+from b4serve.ops.runtimes import AUTO, choose_runtime
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
-from b4serve.serving.runtime import RUNTIMES
+from b4serve.serving.runtime import REFERENCE, RUNTIMES
 
 PARITY_TOLERANCE = 1e-5
 
@@ -78,7 +81,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         malloc_keep_mb=args.malloc_keep_mb,
         optimize=not args.no_optimize,
         onednn_fusion=not args.no_onednn_fusion,
-        runtime=args.runtime,
+        runtime=REFERENCE,  # until choose_runtime below
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
     scripted, difference = script_with_parity_check(loaded.model, config.input_size)
@@ -89,13 +92,10 @@ def export(args: argparse.Namespace) -> ModelConfig:
         f"exported {'DEMO ' if config.demo else ''}{config.arch} ({config.num_classes} classes, "
         f"{config.input_size}px) to {output}; scripted vs eager max abs diff {difference:.2e}"
     )
-    if config.runtime == "onnxruntime":
-        onnx_path = output.with_name(RUNTIMES["onnxruntime"])
-        onnx_difference = export_onnx(loaded.model, config, onnx_path)
-        print(
-            f"exported ONNX to {onnx_path} (runs in float32 on ONNX Runtime); max abs probability "
-            f"difference to eager {onnx_difference:.2e}, same top-1"
-        )
+    selection = choose_runtime(
+        args.runtime, loaded.model, config, output, check_images=args.check_images
+    )
+    config = dataclasses.replace(config, **selection.settings)
     config.save(args.meta_dir or output.parent)
     return config
 
@@ -132,9 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--runtime",
-        choices=sorted(RUNTIMES),
-        default="torchscript",
-        help="what serves the model; onnxruntime also writes model.onnx beside --output",
+        choices=[AUTO, *RUNTIMES],
+        default=AUTO,
+        help="what serves the model (default auto: the fastest this host runs that matches fp32 "
+        "TorchScript; a name pins one, an error where this host cannot run it); openvino and "
+        "onnxruntime also write model.onnx beside --output",
+    )
+    parser.add_argument(
+        "--check-images",
+        help="directory of .npy images to check the runtimes against fp32 TorchScript on "
+        "(default: the demo examples and varied probes)",
     )
     parser.add_argument(
         "--no-optimize",
@@ -144,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-onednn-fusion",
         action="store_true",
-        help="serve without oneDNN Graph fusion on the CPU (about 14%% slower, 390 MiB smaller)",
+        help="serve TorchScript without oneDNN Graph fusion on the CPU (scripts/bench.sh "
+        "measures both, speed and memory)",
     )
     parser.add_argument(
         "--trust-checkpoint",
