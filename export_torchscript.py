@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.ops.runtimes import AUTO, choose_runtime
+from b4serve.ops.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
 from b4serve.serving.runtime import REFERENCE, RUNTIMES
@@ -82,6 +82,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
         optimize=not args.no_optimize,
         onednn_fusion=not args.no_onednn_fusion,
         runtime=REFERENCE,  # until choose_runtime below
+        openvino_hint=args.openvino_hint,
+        openvino_streams=args.openvino_streams,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
     )
     scripted, difference = script_with_parity_check(loaded.model, config.input_size)
@@ -93,8 +95,9 @@ def export(args: argparse.Namespace) -> ModelConfig:
         f"{config.input_size}px) to {output}; scripted vs eager max abs diff {difference:.2e}"
     )
     selection = choose_runtime(
-        args.runtime, loaded.model, config, output, check_images=args.check_images
-    )
+        args.runtime, loaded.model, config, output, check_images=args.check_images,
+        reduced_tolerance=args.reduced_tolerance,
+    )  # fmt: skip
     config = dataclasses.replace(config, **selection.settings)
     config.save(args.meta_dir or output.parent)
     return config
@@ -139,9 +142,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "onnxruntime also write model.onnx beside --output",
     )
     parser.add_argument(
+        "--openvino-hint",
+        choices=["LATENCY", "THROUGHPUT"],
+        default=ModelConfig.openvino_hint,
+        help="OpenVINO's performance hint (default LATENCY: one forward at a time on every core)",
+    )
+    parser.add_argument(
+        "--openvino-streams",
+        type=int,
+        default=0,
+        help="OpenVINO streams (default 0: as many as the hint wants)",
+    )
+    parser.add_argument(
         "--check-images",
         help="directory of .npy images to check the runtimes against fp32 TorchScript on "
         "(default: the demo examples and varied probes)",
+    )
+    parser.add_argument(
+        "--reduced-tolerance",
+        type=float,
+        default=REDUCED_TOLERANCE,
+        help=f"max abs probability difference a bf16 runtime may have to fp32 TorchScript "
+        f"(default {REDUCED_TOLERANCE:g}, with the same top-1 on every check image); raise it "
+        "only for a model whose bf16 answers you have judged yourself",
     )
     parser.add_argument(
         "--no-optimize",

@@ -184,6 +184,7 @@ def evaluate(
     *,
     min_forwards: int = MIN_TIMED_FORWARDS,
     budget_s: float = TIMING_BUDGET_S,
+    reduced_tolerance: float = REDUCED_TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> list[Candidate]:
     """Each of ``runtimes`` (files in ``build``) against fp32 TorchScript on ``images``, timed
@@ -223,7 +224,7 @@ def evaluate(
         for (candidate, classifier), found in zip(loaded, outputs):
             found.append(_timed(candidate, classifier, tensor))
     for (candidate, _), found in zip(loaded, outputs):
-        _judge(candidate, torch.cat(found), expected)
+        _judge(candidate, torch.cat(found), expected, reduced_tolerance)
     began = _phase(phases, "parity pass", began)
     # more interleaved forwards, for a steadier median, within the budget
     started = time.perf_counter()
@@ -266,14 +267,16 @@ def _timed(candidate: Candidate, classifier: Classifier, tensor: torch.Tensor) -
     return probabilities
 
 
-def _judge(candidate: Candidate, got: torch.Tensor, expected: torch.Tensor) -> None:
+def _judge(
+    candidate: Candidate, got: torch.Tensor, expected: torch.Tensor, reduced_tolerance: float
+) -> None:
     """Record ``candidate``'s parity and exclude it when outside its precision's tolerance."""
     difference = (got - expected).abs().max().item()
     candidate.max_abs_diff = difference
     candidate.images = len(expected)
     candidate.same_top1 = int((got.argmax(1) == expected.argmax(1)).sum())
     reduced = candidate.precision == "bf16"
-    tolerance = REDUCED_TOLERANCE if reduced else FP32_TOLERANCE
+    tolerance = reduced_tolerance if reduced else FP32_TOLERANCE
     if not difference <= tolerance:  # also catches NaN
         candidate.excluded = (
             f"max abs probability difference {difference:.3g} to fp32 TorchScript is over "
@@ -296,6 +299,7 @@ def choose_runtime(
     scripted: Path,
     *,
     check_images: str | Path | None = None,
+    reduced_tolerance: float = REDUCED_TOLERANCE,
     host: HostCaps | None = None,
     log: Callable[[str], None] = print,
 ) -> Selection:
@@ -335,7 +339,9 @@ def choose_runtime(
         (build / MODEL_FILE).symlink_to(scripted.resolve())
         if onnx.is_file():
             (build / ONNX_FILE).symlink_to(onnx.resolve())
-        candidates = evaluate(build, config, runtimes, images, log=log)
+        candidates = evaluate(
+            build, config, runtimes, images, reduced_tolerance=reduced_tolerance, log=log
+        )
     candidates += [Candidate(name, excluded=why.reason) for name, why in skipped.items() if why]
     for candidate in candidates:
         log(f"  {candidate.line()}")
@@ -349,6 +355,7 @@ def choose_runtime(
     record |= {
         "chosen": chosen.runtime,
         "check_images": source,
+        "tolerances": {"fp32": FP32_TOLERANCE, "bf16": reduced_tolerance},
         "seconds": round(time.perf_counter() - started, 1),
         "candidates": [c.as_dict() for c in candidates],
     }
