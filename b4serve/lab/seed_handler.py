@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
 
-def preprocess_body(
-    body: bytes, size: int, mean: torch.Tensor, std: torch.Tensor
-) -> torch.Tensor:
+def preprocess_body(body: bytes, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """One ``.npy`` body -> a normalised 3 x size x size tensor, the plain way."""
     array = np.load(io.BytesIO(body), allow_pickle=False)
     if array.ndim == 2:

@@ -99,7 +99,9 @@ class Candidate:
             "precision": self.precision,
             "tta_images_per_s": None if speed is None else round(speed, 3),
             "timed_forwards": len(self.seconds),
-            "max_abs_diff": None if self.max_abs_diff is None else float(f"{self.max_abs_diff:.3g}"),
+            "max_abs_diff": None
+            if self.max_abs_diff is None
+            else float(f"{self.max_abs_diff:.3g}"),
             "same_top1": f"{self.same_top1}/{self.images}",
             "excluded": self.excluded,
         }
@@ -110,7 +112,9 @@ class Candidate:
         parts = [f"{self.runtime:<17}", f"{self.precision or '-':<5}"]
         parts.append(f"{speed:6.2f} TTA img/s" if speed else f"{'-':>6} TTA img/s")
         if self.max_abs_diff is not None:
-            parts.append(f"max |diff| {self.max_abs_diff:.2e}, top-1 {self.same_top1}/{self.images}")
+            parts.append(
+                f"max |diff| {self.max_abs_diff:.2e}, top-1 {self.same_top1}/{self.images}"
+            )
         if self.excluded:
             parts.append(f"EXCLUDED: {self.excluded}")
         return "  ".join(parts)
@@ -159,7 +163,9 @@ def check_set(
         found = []
         for path in paths:
             try:  # as the server would take it
-                found.append((path.name, preprocess(decode_npy(path.read_bytes(), config.max_pixels))))
+                found.append(
+                    (path.name, preprocess(decode_npy(path.read_bytes(), config.max_pixels)))
+                )
             except InferenceError as error:
                 raise RuntimeChoiceError(
                     f"--check-images: the server would refuse {path}: {error}"
@@ -168,7 +174,9 @@ def check_set(
     from b4serve.lab.demo import DEMO_CLASSES, EXAMPLES_SEED, generate_images  # build-time only
 
     images, labels = generate_images(DEMO_EXAMPLES_PER_CLASS, EXAMPLES_SEED, config.input_size)
-    named = [(f"demo {DEMO_CLASSES[label]}", image) for image, label in zip(images, labels)]
+    named = [
+        (f"demo {DEMO_CLASSES[label]}", image) for image, label in zip(images, labels, strict=True)
+    ]
     preprocess = Preprocessor(config)
     return [(name, preprocess(image)) for name, image in named + probe_images(config.input_size)]
 
@@ -221,9 +229,9 @@ def evaluate(
     # the parity pass: every image through every candidate in turn, each forward timed
     outputs: list[list[torch.Tensor]] = [[] for _ in loaded]
     for tensor in tensors:
-        for (candidate, classifier), found in zip(loaded, outputs):
+        for (candidate, classifier), found in zip(loaded, outputs, strict=True):
             found.append(_timed(candidate, classifier, tensor))
-    for (candidate, _), found in zip(loaded, outputs):
+    for (candidate, _), found in zip(loaded, outputs, strict=True):
         _judge(candidate, torch.cat(found), expected, reduced_tolerance)
     began = _phase(phases, "parity pass", began)
     # more interleaved forwards, for a steadier median, within the budget
@@ -253,14 +261,16 @@ def variants(runtimes: Sequence[str]) -> list[tuple[str, str]]:
     found = []
     for runtime in runtimes:
         if runtime == "openvino":
-            found += [(runtime, p) for p in (("bf16", "fp32") if openvino_has_bf16() else ("fp32",))]
+            found += [
+                (runtime, p) for p in (("bf16", "fp32") if openvino_has_bf16() else ("fp32",))
+            ]
         else:
             found.append((runtime, RUNTIMES[runtime].precision))
     return found
 
 
 def _timed(candidate: Candidate, classifier: Classifier, tensor: torch.Tensor) -> torch.Tensor:
-    """``classifier``'s TTA probabilities for one image, the forward's time kept in ``candidate``."""
+    """``classifier``'s TTA probabilities for one image; its time is kept in ``candidate``."""
     started = time.perf_counter()
     probabilities = classifier.predict([tensor])
     candidate.seconds.append(time.perf_counter() - started)
@@ -312,7 +322,9 @@ def choose_runtime(
         runtime_spec(requested)  # unknown names: ValueError
         refused = unsupported(requested, host)
         if refused:
-            raise RuntimeChoiceError(f"--runtime {requested} cannot run on this host: {refused.reason}")
+            raise RuntimeChoiceError(
+                f"--runtime {requested} cannot run on this host: {refused.reason}"
+            )
         runtimes, skipped = [requested], {}
     else:
         runtimes = [name for name in RUNTIMES if unsupported(name, host) is None]
@@ -347,7 +359,9 @@ def choose_runtime(
         log(f"  {candidate.line()}")
     eligible = [c for c in candidates if not c.excluded and c.images_per_s]
     if requested != AUTO and not eligible:
-        raise RuntimeChoiceError(f"--runtime {requested} failed its check: {candidates[0].excluded}")
+        raise RuntimeChoiceError(
+            f"--runtime {requested} failed its check: {candidates[0].excluded}"
+        )
     if not eligible or (requested == AUTO and REFERENCE not in [c.runtime for c in eligible]):
         reasons = "; ".join(f"{c.runtime}: {c.excluded}" for c in candidates if c.excluded)
         raise RuntimeChoiceError(f"fp32 TorchScript does not match the scripted model: {reasons}")
@@ -359,8 +373,10 @@ def choose_runtime(
         "seconds": round(time.perf_counter() - started, 1),
         "candidates": [c.as_dict() for c in candidates],
     }
-    log(f"runtime {chosen.runtime} ({record['mode']}; {chosen.precision}, "
-        f"{chosen.images_per_s:.2f} TTA img/s in-process; choice took {record['seconds']} s)")  # fmt: skip
+    log(
+        f"runtime {chosen.runtime} ({record['mode']}; {chosen.precision}, "
+        f"{chosen.images_per_s:.2f} TTA img/s in-process; choice took {record['seconds']} s)"
+    )
     settings: dict[str, Any] = {"runtime": chosen.runtime, "runtime_choice": record}
     if chosen.runtime == "openvino":
         settings["openvino_precision"] = chosen.precision

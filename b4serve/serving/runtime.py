@@ -202,9 +202,7 @@ def load_model(
     return LoadedModel(model, runtime, config.runtime, refused)
 
 
-def load_runtime(
-    runtime: str, directory: Path, config: ModelConfig, device: torch.device
-) -> Model:
+def load_runtime(runtime: str, directory: Path, config: ModelConfig, device: torch.device) -> Model:
     """``runtime``'s model from its file in ``directory``, set up as ``config`` says."""
     path = directory / runtime_spec(runtime).file
     if runtime == "torchscript":
