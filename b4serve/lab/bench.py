@@ -249,7 +249,7 @@ def in_process_runtimes(
                   key=("torchscript", "fp32, no fusion")),
     ]  # fmt: skip
     runnable = [name for name in RUNTIMES if unsupported(name, host) is None]
-    for runtime, precision in variants(runnable):
+    for runtime, precision in variants(runnable, host):
         for hint in hints if runtime == "openvino" else ("",):
             settings = replace(config, runtime=runtime, openvino_hint=hint or "LATENCY")
             if runtime == "openvino":

@@ -193,6 +193,7 @@ def evaluate(
     min_forwards: int = MIN_TIMED_FORWARDS,
     budget_s: float = TIMING_BUDGET_S,
     reduced_tolerance: float = REDUCED_TOLERANCE,
+    host: HostCaps | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Candidate]:
     """Each of ``runtimes`` (files in ``build``) against fp32 TorchScript on ``images``, timed
@@ -209,7 +210,7 @@ def evaluate(
     del reference
     began = _phase(phases, "reference", began)
 
-    candidates = [Candidate(name, precision) for name, precision in variants(runtimes)]
+    candidates = [Candidate(name, precision) for name, precision in variants(runtimes, host)]
     loaded: list[tuple[Candidate, Classifier]] = []
     for candidate in candidates:
         settings = dataclasses.replace(config, runtime=candidate.runtime)
@@ -255,15 +256,16 @@ def _phase(phases: list[str], name: str, began: float) -> float:
     return now
 
 
-def variants(runtimes: Sequence[str]) -> list[tuple[str, str]]:
-    """(runtime, precision) to try: OpenVINO in bf16 where its CPU plugin has it and in fp32 (if
-    bf16 fails its check, fp32 may still beat the others); the rest in their one precision."""
+def variants(runtimes: Sequence[str], host: HostCaps | None = None) -> list[tuple[str, str]]:
+    """(runtime, precision) to try: OpenVINO in bf16 where its CPU plugin has it (and ``host``
+    has bf16 instructions) and in fp32 (if bf16 fails its check, fp32 may still beat the
+    others); the rest in their one precision."""
+    host = host or host_caps()
     found = []
     for runtime in runtimes:
         if runtime == "openvino":
-            found += [
-                (runtime, p) for p in (("bf16", "fp32") if openvino_has_bf16() else ("fp32",))
-            ]
+            bf16 = host.bf16 and openvino_has_bf16()
+            found += [(runtime, p) for p in (("bf16", "fp32") if bf16 else ("fp32",))]
         else:
             found.append((runtime, RUNTIMES[runtime].precision))
     return found
@@ -311,12 +313,13 @@ def choose_runtime(
     check_images: str | Path | None = None,
     reduced_tolerance: float = REDUCED_TOLERANCE,
     host: HostCaps | None = None,
+    export: Callable[[nn.Module, ModelConfig, Path], float] | None = None,
     log: Callable[[str], None] = print,
 ) -> Selection:
     """The runtime to serve ``model`` (scripted in ``scripted``) with: ``requested`` (a name:
     pinned, an error where this host cannot run it or it fails its parity check), or the fastest
-    eligible candidate (``auto``). Writes what the candidates need (``model.onnx``) beside
-    ``scripted``."""
+    eligible candidate (``auto``). Writes what the candidates need (``model.onnx``, by
+    ``export``: default b4serve.ops.onnx_export.export_onnx) beside ``scripted``."""
     host = host or host_caps()
     if requested != AUTO:
         runtime_spec(requested)  # unknown names: ValueError
@@ -337,9 +340,9 @@ def choose_runtime(
     started = time.perf_counter()
     onnx = scripted.with_name(ONNX_FILE)
     if any(RUNTIMES[name].file == ONNX_FILE for name in runtimes):
-        from b4serve.ops.onnx_export import export_onnx  # the other candidates need no ONNX
-
-        difference = export_onnx(model, config, onnx)
+        if export is None:
+            from b4serve.ops.onnx_export import export_onnx as export  # only ONNX runtimes need it
+        difference = export(model, config, onnx)
         log(f"exported ONNX to {onnx} in {time.perf_counter() - started:.1f} s; max abs "
             f"probability difference to eager {difference:.2e}, same top-1")  # fmt: skip
     images = check_set(config, check_images)
@@ -352,20 +355,13 @@ def choose_runtime(
         if onnx.is_file():
             (build / ONNX_FILE).symlink_to(onnx.resolve())
         candidates = evaluate(
-            build, config, runtimes, images, reduced_tolerance=reduced_tolerance, log=log
-        )
+            build, config, runtimes, images, reduced_tolerance=reduced_tolerance, host=host,
+            log=log,
+        )  # fmt: skip
     candidates += [Candidate(name, excluded=why.reason) for name, why in skipped.items() if why]
     for candidate in candidates:
         log(f"  {candidate.line()}")
-    eligible = [c for c in candidates if not c.excluded and c.images_per_s]
-    if requested != AUTO and not eligible:
-        raise RuntimeChoiceError(
-            f"--runtime {requested} failed its check: {candidates[0].excluded}"
-        )
-    if not eligible or (requested == AUTO and REFERENCE not in [c.runtime for c in eligible]):
-        reasons = "; ".join(f"{c.runtime}: {c.excluded}" for c in candidates if c.excluded)
-        raise RuntimeChoiceError(f"fp32 TorchScript does not match the scripted model: {reasons}")
-    chosen = max(eligible, key=lambda c: c.images_per_s or 0.0)
+    chosen = pick(candidates, None if requested == AUTO else requested)
     record |= {
         "chosen": chosen.runtime,
         "check_images": source,
@@ -383,6 +379,19 @@ def choose_runtime(
     return Selection(chosen.runtime, settings, candidates)
 
 
+def pick(candidates: Sequence[Candidate], pinned: str | None = None) -> Candidate:
+    """The fastest eligible candidate. With ``pinned``, an error if none is eligible; under
+    auto, an error if fp32 TorchScript itself is not (then the export is broken)."""
+    eligible = [c for c in candidates if not c.excluded and c.images_per_s]
+    if pinned is not None and not eligible:
+        failed = "; ".join(f"{c.runtime} {c.precision}: {c.excluded}" for c in candidates)
+        raise RuntimeChoiceError(f"--runtime {pinned} failed its check: {failed}")
+    if pinned is None and REFERENCE not in [c.runtime for c in eligible]:
+        reasons = "; ".join(f"{c.runtime}: {c.excluded}" for c in candidates if c.excluded)
+        raise RuntimeChoiceError(f"fp32 TorchScript does not match the scripted model: {reasons}")
+    return max(eligible, key=lambda c: c.images_per_s or 0.0)
+
+
 # --- reading a build's choice -------------------------------------------------------------
 
 
@@ -392,7 +401,8 @@ def describe(config: ModelConfig) -> str:
     lines = [f"runtime: {config.runtime} ({choice.get('mode', 'pinned')})"]
     host = choice.get("host")
     if host:
-        lines[0] += " on a CPU with " + ", ".join(k for k, v in host.items() if v) or "none of"
+        have = ", ".join(name for name, on in host.items() if on)
+        lines[0] += f" on a CPU with {have or 'none of ' + ', '.join(host)}"
     for entry in choice.get("candidates", []):
         speed = entry["tta_images_per_s"]
         text = f"  {entry['runtime']}: {entry['precision'] or '-'}, "
