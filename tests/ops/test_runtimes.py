@@ -156,7 +156,9 @@ def test_the_users_own_images_make_the_check_set(config, tmp_path: Path) -> None
     assert [name for name, _ in found] == ["a.npy", "b.npy"]
     assert found[0][1].shape == (config.input_size, config.input_size, 3)  # as the server has it
     np.save(tmp_path / "c.npy", np.zeros((4, 4, 5), np.uint8))
-    with pytest.raises(RuntimeChoiceError, match=r"the server would refuse .*c\.npy: expected 1, 3 or 4 channels"):
+    with pytest.raises(
+        RuntimeChoiceError, match=r"the server would refuse .*c\.npy: expected 1, 3 or 4 channels"
+    ):
         check_set(config, tmp_path)
     with pytest.raises(RuntimeChoiceError, match=r"no \.npy files"):
         check_set(config, tmp_path / "empty")
