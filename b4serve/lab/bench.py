@@ -822,6 +822,17 @@ def expected_key(served: ServedConfig) -> tuple[str, str] | None:
     return served.runtime, RUNTIMES[served.runtime].precision
 
 
+def serves_the_same(
+    config: ServedConfig, chosen: tuple[str, str], taken: set[tuple[str, str]]
+) -> bool:
+    """Whether ``config`` would serve what a server already does (auto's choice among them): a
+    pinned OpenVINO whose check decides its precision does what auto's OpenVINO does."""
+    known = expected_key(config)
+    if known is None:
+        return config.runtime == chosen[0]
+    return known in taken
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m b4serve.lab.bench", description=__doc__)
     parser.add_argument("--output", type=Path, help="markdown table (e.g. docs/PERFORMANCE.md)")
@@ -934,10 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 finish(DEFAULT)
                 servers.stop(DEFAULT.name)
             for config in next_configs(host, chosen, layout):
-                known = expected_key(config)
-                taken = set(servers.keys.values())
-                if (known in taken) or (config.runtime == "openvino" and known is None
-                                        and chosen[0] == "openvino" and not layout):  # fmt: skip
+                if not layout and serves_the_same(config, chosen, set(servers.keys.values())):
                     continue
                 refused = servers.deploy(config)
                 if refused:

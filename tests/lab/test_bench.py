@@ -31,6 +31,7 @@ from b4serve.lab.bench import (
     merge_rounds,
     next_configs,
     pinned,
+    serves_the_same,
 )
 
 ONNX = pinned("onnxruntime")
@@ -186,6 +187,10 @@ def test_what_is_served_beside_ours_depends_on_the_host() -> None:
     assert SEED.deploy_env()["B4_HANDLER"].endswith("b4serve/lab/seed_handler.py")
     assert expected_key(relaxed[1]) == ("openvino", "bf16")
     assert expected_key(pinned("openvino")) is None  # bf16 or fp32: its check decides
+    auto_openvino = {("openvino", "fp32"), ("seed", "fp32")}
+    assert serves_the_same(pinned("openvino"), ("openvino", "fp32"), auto_openvino)
+    assert not serves_the_same(relaxed[1], ("openvino", "fp32"), auto_openvino)
+    assert serves_the_same(TORCHSCRIPT, ("torchscript", "fp32"), {("torchscript", "fp32")})
     layout = next_configs(AVX512_BF16, ("openvino", "bf16"), layout=True)
     assert [(c.workers, c.threads, c.micro_batch, c.openvino_hint) for c in layout] == [
         (2, 1, 0, ""), (1, 0, 4, ""), (1, 0, 0, "THROUGHPUT"),
