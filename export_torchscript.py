@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.ops.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime
+from b4serve.ops.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime, place_runtime_file
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
 from b4serve.serving.runtime import REFERENCE, RUNTIMES
@@ -100,6 +100,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
     )  # fmt: skip
     config = dataclasses.replace(config, **selection.settings)
     config.save(args.meta_dir or output.parent)
+    if args.meta_dir:  # an archive's extra files: the chosen runtime's file travels with them
+        place_runtime_file(config.runtime, output, Path(args.meta_dir))
     return config
 
 
@@ -109,7 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="efficientnet_b4", choices=sorted(ARCHS))
     parser.add_argument("--num-classes", type=int, default=6)
     parser.add_argument("--output", required=True, help="TorchScript file to write")
-    parser.add_argument("--meta-dir", help="where to write the metadata (default: beside --output)")
+    parser.add_argument(
+        "--meta-dir",
+        help="where to write the metadata, and the chosen runtime's file if it is not the "
+        "TorchScript one (default: beside --output)",
+    )
     parser.add_argument(
         "--class-names", help="comma-separated names, or a .json/.txt file (default: checkpoint's)"
     )

@@ -69,9 +69,7 @@ export_args+=(--runtime "$runtime")
 log "exporting $checkpoint to TorchScript, runtime $runtime"
 "$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
 # model.pt always travels: the reference, and what a worker falls back to on a host that cannot
-# run the chosen runtime. The chosen runtime's own file (model.onnx) goes beside it.
-runtime_file=$("$PY" -m b4serve.ops.runtimes archive-file "$build/extra")
-[ "$runtime_file" = model.pt ] || cp "$build/$runtime_file" "$build/extra/"
+# run the chosen runtime. The export put the chosen runtime's own file (model.onnx) in extra/.
 
 # The handler imports b4serve from the unpacked archive: the serving core's sources alone travel
 # (never ops/ or lab/; tests/deploy/test_kserve_manifests.py reads the archive's file list).
@@ -85,5 +83,5 @@ TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAM
 cp "$build/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"
 mv "$B4_MODEL_STORE/.$mar.partial" "$B4_MODEL_STORE/$mar"
 rm -rf "$build/tmp"
-log "built $B4_MODEL_STORE/$mar: $("$PY" -m b4serve.ops.runtimes describe "$build/extra" | head -1)"
+log "built $B4_MODEL_STORE/$mar"
 echo "$mar"

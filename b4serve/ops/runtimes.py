@@ -2,7 +2,6 @@
 against fp32 TorchScript, time them side by side, keep the fastest (``--runtime auto``).
 
     python -m b4serve.ops.runtimes describe BUILD/extra     # what a build chose, and why
-    python -m b4serve.ops.runtimes archive-file BUILD/extra  # the runtime's file, for the archive
 
 Parity is on TTA probabilities, the served output, on a check set: the demo examples and varied
 probes, or the user's own ``.npy`` images. fp32 runtimes must agree within
@@ -16,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -392,6 +393,21 @@ def pick(candidates: Sequence[Candidate], pinned: str | None = None) -> Candidat
     return max(eligible, key=lambda c: c.images_per_s or 0.0)
 
 
+def place_runtime_file(runtime: str, scripted: Path, directory: Path) -> Path | None:
+    """Put ``runtime``'s file, written beside ``scripted``, into ``directory`` too (a hard link
+    where the file system allows, else a copy); None for the TorchScript runtimes' model.pt."""
+    name = RUNTIMES[runtime].file
+    if name == MODEL_FILE:
+        return None
+    source, target = scripted.with_name(name), directory / name
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copyfile(source, target)
+    return target
+
+
 # --- reading a build's choice -------------------------------------------------------------
 
 
@@ -417,11 +433,11 @@ def describe(config: ModelConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m b4serve.ops.runtimes", description=__doc__)
-    parser.add_argument("command", choices=["describe", "archive-file"])
+    parser.add_argument("command", choices=["describe"])
     parser.add_argument("meta_dir", type=Path, help="where the build's model_meta.json is")
     args = parser.parse_args(argv)
     config = ModelConfig.load(args.meta_dir)
-    print(describe(config) if args.command == "describe" else RUNTIMES[config.runtime].file)
+    print(describe(config))
     return 0
 
 
