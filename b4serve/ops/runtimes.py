@@ -414,7 +414,8 @@ def place_runtime_file(runtime: str, scripted: Path, directory: Path) -> Path | 
 def describe(config: ModelConfig) -> str:
     """A few lines saying which runtime a build serves with and how it was chosen."""
     choice = config.runtime_choice
-    lines = [f"runtime: {config.runtime} ({choice.get('mode', 'pinned')})"]
+    took = f", chosen in {choice['seconds']} s" if "seconds" in choice else ""
+    lines = [f"runtime: {config.runtime} ({choice.get('mode', 'pinned')}{took})"]
     host = choice.get("host")
     if host:
         have = ", ".join(name for name, on in host.items() if on)

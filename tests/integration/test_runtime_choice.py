@@ -48,7 +48,8 @@ def test_the_default_deploy_serves_the_fastest_runtime_that_passed_and_records_w
         [sys.executable, "-m", "b4serve.ops.runtimes", "describe", str(extra)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
-    assert described.startswith(f"runtime: {config.runtime} (auto) on a CPU with")
+    assert described.startswith(f"runtime: {config.runtime} (auto, chosen in ")
+    print(f"\n[integration] {described}")  # what auto cost this deploy, for the report
 
     # the worker loaded that runtime, without falling back, and labels its batches so
     log = (server.log_dir / "model_log.log").read_text(errors="replace")

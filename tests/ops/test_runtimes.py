@@ -66,7 +66,9 @@ def test_auto_proves_every_candidate_and_keeps_the_fastest_eligible(convnet, con
     assert record["host"] == {"avx2": True, "avx512": True, "bf16": True, "amx": False}
     assert [c["runtime"] for c in record["candidates"]] == [r for r, _ in tried]
     assert any(line.startswith(f"runtime {selection.runtime} (auto;") for line in lines)
-    assert describe(saved).startswith(f"runtime: {selection.runtime} (auto) on a CPU with avx2")
+    assert describe(saved).startswith(
+        f"runtime: {selection.runtime} (auto, chosen in {record['seconds']} s) on a CPU with avx2"
+    )
 
 
 def test_auto_on_an_avx2_only_host_tries_no_bf16_and_says_why(convnet, config) -> None:
