@@ -529,10 +529,21 @@ def markdown(
         f"Command: `{info['command']}` ({info['minutes']:.1f} minutes).",
         "Demo EfficientNet-B4, 380x380 uint8 inputs, horizontal-flip TTA (each image counted once",
         "though it runs twice). A shared machine is noisy: compare ratios within this run only.",
-        "Side by side: every configuration's server runs for the whole benchmark, and the rows",
-        f"are measured in {rounds} rounds; each round serves every configuration at 1 and 8",
-        "clients (ours also at 32) and right after each forwards the runtime it serves in-process",
-        "(the other servers idle), so slow and fast spells of the machine fall on all rows alike.",
+        *(
+            [
+                "One server at a time (--quick or --sequential): each configuration's rows are",
+                f"measured in {rounds} rounds while its server alone is up, and the rounds of",
+                "different configurations fall at different times: ratios across them are rough.",
+            ]
+            if info.get("sequential")
+            else [
+                "Side by side: every configuration's server runs for the whole benchmark, and the",
+                f"rows are measured in {rounds} rounds; each round serves every configuration at 1",
+                "and 8 clients (ours also at 32) and right after each forwards the runtime it",
+                "serves in-process (the other servers idle), so slow and fast spells of the",
+                "machine fall on all rows alike.",
+            ]
+        ),
         "Rows no server serves (context) close each round. Each row adds up its rounds, and",
         "each ratio is given per round too, for its spread. The lone-request rows alternate each",
         "request with the same body classified in-process. The seed baseline is the seed's handler",
@@ -709,8 +720,8 @@ def compute_ratios(rows: Sequence[Row], bf16: bool = True) -> dict[str, tuple[fl
         "auto end to end / seed end to end": (ours / seed, context),
         "fp32 TorchScript end to end / seed end to end": (ts_served / seed, context),
     }
-    served = sorted({r.config for r in rows if r.section == "end to end"} - {DEFAULT.name,
-                                                                           SEED.name})  # fmt: skip
+    others = {DEFAULT.name, SEED.name, TORCHSCRIPT.name}
+    served = sorted({r.config for r in rows if r.section == "end to end"} - others)
     for name in served:
         config = ServedConfig(name)
         ratios[f"{name}: end to end / fp32 TorchScript end to end"] = (
