@@ -17,8 +17,8 @@
 #   torchscript-bf16, openvino, onnxruntime: an error where this host cannot run it),
 #   B4_CHECK_IMAGES (a directory of your .npy images for that check; default: demo examples
 #   and varied probes), B4_REDUCED_TOLERANCE (0.02: how far a bf16 runtime's probabilities may
-#   be from fp32 TorchScript's), B4_OPENVINO_HINT (LATENCY or THROUGHPUT), B4_OPENVINO_STREAMS (0: the
-#   hint's), B4_HANDLER (handler.py; the bench builds its seed baseline with
+#   be from fp32 TorchScript's), B4_OPENVINO_HINT (LATENCY or THROUGHPUT), B4_OPENVINO_STREAMS
+#   (0: the hint's), B4_HANDLER (handler.py; the bench builds its seed baseline with
 #   b4serve/lab/seed_handler.py), B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
