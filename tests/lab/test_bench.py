@@ -144,7 +144,10 @@ def test_each_ratio_is_reported_per_round_beside_the_whole_run() -> None:
     report = markdown(merged, {}, compute_ratios(merged), info, per_round)
     # round 1: 19 / 20; round 2: 38 / 30 (micro-batch 4); whole run: 570 / 450 images
     assert "| auto: end to end / in-process best | 1.27 | 0.95, 1.27 | >= 0.9 |" in report
-    assert "measured in 2 rounds" in report
+    assert "measured in 2 rounds" in report and "Side by side" in report
+    alone = markdown(merged, {}, {}, {**info, "sequential": True, "layout": True})
+    assert "One server at a time" in alone and "Side by side" not in alone
+    assert alone.startswith("# Layouts") and "What this hardware allows" not in alone
 
 
 def test_lone_request_target_is_judged_against_the_machines_own_tail() -> None:
