@@ -5,6 +5,9 @@
 writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The arch is
 told from a whole pickled module (``--arch`` for a state dict), and every model file written is
 proven to reproduce the checkpoint's own module (b4serve.ops.parity) before the metadata is.
+``--runtime auto`` (the default) then picks the fastest runtime this host runs that matches fp32
+TorchScript (b4serve.ops.runtimes), writing ``model.onnx`` beside the TorchScript file when it
+needs it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import torch
 
 from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from b4serve.ops.gpu_parity import load_check_images, parity_at_export
-from b4serve.ops.onnx_export import export_onnx
 from b4serve.ops.parity import LOGIT_TOLERANCE, ParityProbe, prove_exported_files
+from b4serve.ops.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime, place_runtime_file
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import (
     DEFAULT_GPU_BUCKETS,
@@ -29,7 +32,7 @@ from b4serve.serving.config import (
     GPU_PRECISIONS,
     ModelConfig,
 )
-from b4serve.serving.runtime import RUNTIMES
+from b4serve.serving.runtime import REFERENCE, RUNTIMES, runtime_spec
 
 
 def read_class_names(value: str | None) -> list[str] | None:
@@ -72,7 +75,9 @@ def export(args: argparse.Namespace) -> ModelConfig:
         malloc_keep_mb=args.malloc_keep_mb,
         optimize=not args.no_optimize,
         onednn_fusion=not args.no_onednn_fusion,
-        runtime=args.runtime,
+        runtime=REFERENCE,  # until choose_runtime below
+        openvino_hint=args.openvino_hint,
+        openvino_streams=args.openvino_streams,
         gpu_precision=args.gpu_precision,
         gpu_buckets=args.gpu_buckets,
         extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
@@ -87,14 +92,14 @@ def export(args: argparse.Namespace) -> ModelConfig:
         f"exported {'DEMO ' if config.demo else ''}{config.arch} ({config.num_classes} classes, "
         f"{config.input_size}px) to {output}"
     )
-    onnx_path = None
-    if config.runtime == "onnxruntime":
-        onnx_path = output.with_name(RUNTIMES["onnxruntime"])
-        onnx_difference = export_onnx(loaded.model, config, onnx_path)
-        print(
-            f"exported ONNX to {onnx_path} (runs in float32 on ONNX Runtime); max abs probability "
-            f"difference to eager {onnx_difference:.2e}, same top-1"
-        )
+    selection = choose_runtime(
+        args.runtime, loaded.model, config, output, check_images=args.check_images,
+        reduced_tolerance=args.reduced_tolerance,
+    )  # fmt: skip
+    config = dataclasses.replace(config, **selection.settings)
+    onnx_path = output.with_name(runtime_spec("onnxruntime").file)
+    if not onnx_path.is_file():  # auto or a pin wrote it when a runtime needed it
+        onnx_path = None
     for what, difference in prove_exported_files(probe, config, output, onnx_path):
         print(
             f"{what} reproduces {probe.against}: max |logit difference| {difference:.2e} on "
@@ -111,6 +116,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
             f"{config.gpu_precision}; export on a GPU machine to check it)"
         )
     config.save(args.meta_dir or output.parent)
+    if args.meta_dir:  # an archive's extra files: the chosen runtime's file travels with them
+        place_runtime_file(config.runtime, output, Path(args.meta_dir))
     return config
 
 
@@ -157,9 +164,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--runtime",
-        choices=sorted(RUNTIMES),
-        default="torchscript",
-        help="what serves the model; onnxruntime also writes model.onnx beside --output",
+        choices=[AUTO, *RUNTIMES],
+        default=AUTO,
+        help="what serves the model (default auto: the fastest this host runs that matches fp32 "
+        "TorchScript; a name pins one, an error where this host cannot run it); openvino and "
+        "onnxruntime also write model.onnx beside --output",
+    )
+    parser.add_argument(
+        "--openvino-hint",
+        choices=["LATENCY", "THROUGHPUT"],
+        default=ModelConfig.openvino_hint,
+        help="OpenVINO's performance hint (default LATENCY: one forward at a time on every core)",
+    )
+    parser.add_argument(
+        "--openvino-streams",
+        type=int,
+        default=0,
+        help="OpenVINO streams (default 0: as many as the hint wants)",
+    )
+    parser.add_argument(
+        "--check-images",
+        help="directory of .npy images to check the runtimes (and, on a GPU, the GPU model) "
+        "against fp32 TorchScript on (default: the demo examples and varied probes)",
+    )
+    parser.add_argument(
+        "--reduced-tolerance",
+        type=float,
+        default=REDUCED_TOLERANCE,
+        help=f"max abs probability difference a bf16 runtime may have to fp32 TorchScript "
+        f"(default {REDUCED_TOLERANCE:g}, with the same top-1 on every check image); raise it "
+        "only for a model whose bf16 answers you have judged yourself",
     )
     parser.add_argument(
         "--no-optimize",
@@ -169,7 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-onednn-fusion",
         action="store_true",
-        help="serve without oneDNN Graph fusion on the CPU (about 14%% slower, 390 MiB smaller)",
+        help="serve TorchScript without oneDNN Graph fusion on the CPU (scripts/bench.sh "
+        "measures both, speed and memory)",
     )
     parser.add_argument(
         "--gpu-precision",
@@ -191,10 +226,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="check the GPU model on cuda:0 against fp32 on the CPU, refusing the export if "
         "any top-1 differs or a probability moves by more than 1e-2 (auto: when a GPU is here)",
-    )
-    parser.add_argument(
-        "--check-images",
-        help="directory of .npy images for the GPU parity check (default: synthetic images)",
     )
     parser.add_argument(
         "--trust-checkpoint",

@@ -27,7 +27,7 @@ from b4serve.serving.protocol import (
 )
 from b4serve.serving.request_ids import Handled, handled_line, request_id_of
 from b4serve.serving.runtime import OneDnnFused, load_model, select_device
-from b4serve.serving.telemetry import METRICS, batch_observations
+from b4serve.serving.telemetry import METRICS, batch_observations, runtime_labels
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,15 @@ class B4Handler:
         self.classifier: Classifier | None = None
         self.model_name = "b4"
         self.model_version = ""
+        self.runtime: tuple[str, str, str] = ("", "", "")  # b4_runtime's labels
         self.metrics: dict[
             str, Any
         ] = {}  # b4serve.serving.telemetry spec name -> TorchServe metric
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
-        """Load config and TorchScript model from the unpacked archive, then warm up."""
+        """Load config and model (in its recorded runtime, or the fallback) from the unpacked
+        archive, then warm up."""
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         config = ModelConfig.load(model_dir)
@@ -53,9 +55,16 @@ class B4Handler:
         if config.threads:  # several workers on one CPU: split the cores between them
             torch.set_num_threads(config.threads)
         reusing = keep_freed_memory(config.malloc_keep_mb)  # before the model's first forward
-        serialized = model_dir / context.manifest["model"]["serializedFile"]
-        model = load_model(serialized, config, device)
-        self.classifier = Classifier(model, config, device)
+        loaded = load_model(model_dir, config, device)
+        if loaded.fallback is not None:  # e.g. an archive copied to a node type without bf16
+            log.error(
+                "RUNTIME FALLBACK: the archive records runtime %s, which this host cannot run "
+                "(%s); serving fp32 TorchScript instead, slower than the build host measured",
+                loaded.recorded, loaded.fallback.reason,
+            )  # fmt: skip
+        fallback = loaded.fallback.code if loaded.fallback else None
+        self.runtime = runtime_labels(loaded.runtime, loaded.recorded, fallback)
+        self.classifier = Classifier(loaded.model, config, device)
         self.classifier.warm_up()
         frozen = freeze_long_lived_objects()  # all loaded: full GC passes skip it from now on
         self.model_name = context.model_name
@@ -65,8 +74,8 @@ class B4Handler:
         log.info(
             "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, oneDNN fusion %s, "
             "malloc keeps %s, %d objects exempt from GC",
-            label, config.arch, config.num_classes, config.runtime, device, torch.get_num_threads(),
-            "on" if isinstance(model, OneDnnFused) else "off",
+            label, config.arch, config.num_classes, loaded.runtime, device, torch.get_num_threads(),
+            "on" if isinstance(loaded.model, OneDnnFused) else "off",
             f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default", frozen,
         )  # fmt: skip
         self.initialized = True
@@ -127,7 +136,7 @@ class B4Handler:
             images, stats.failed, [e for e in stats.errors if e],
             sum(stats.decode_seconds) * 1e3, stats.model_seconds * 1e3,
         )  # fmt: skip
-        for observation in batch_observations(self.model_name, stats):
+        for observation in batch_observations(self.model_name, stats, self.runtime):
             metric = self.metrics.get(observation.metric.name)
             if metric is not None:
                 metric.add_or_update(observation.value, list(observation.dimensions))

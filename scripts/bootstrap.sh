@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Create or reuse the virtual env and install what is missing, in the order that works.
 #
-# Usage: scripts/bootstrap.sh [--dev]
-#   --dev   also install the test tools (requirements-dev.txt, requirements-kserve-dev.txt)
+# Usage: scripts/bootstrap.sh [--dev] [--minimal]
+#   --dev       also install the test tools (requirements-dev.txt, requirements-kserve-dev.txt)
+#   --minimal   leave out the optional CPU runtimes (OpenVINO, ONNX Runtime, onnx: the end of
+#               requirements.txt); --runtime auto then chooses between the TorchScript ones
+#               (env B4_MINIMAL_INSTALL=1). Installed runtimes are not removed.
 # Env: VENV (default .venv), PYTHON (interpreter to create it with, default python3).
 # A second run installs nothing: a stamp in the venv records what was installed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 dev=0
-case "${1:-}" in
-  -h|--help) usage; exit 0 ;;
-  --dev) dev=1 ;;
-  "") ;;
-  *) die "unknown argument: $1 (see --help)" ;;
-esac
+minimal="${B4_MINIMAL_INSTALL:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    --dev) dev=1 ;;
+    --minimal) minimal=1 ;;
+    *) die "unknown argument: $arg (see --help)" ;;
+  esac
+done
 
 check_java() {
   local java="java"
@@ -35,15 +41,21 @@ check_java() {
 check_java
 requirements=("$B4_ROOT/requirements.txt")
 [ "$dev" = 1 ] && requirements+=("$B4_ROOT/requirements-dev.txt")
-# The optional runtime's packages: for archives built with it, and for its tests.
-if [ "$dev" = 1 ] || [ "${B4_RUNTIME:-torchscript}" = onnxruntime ]; then
-  requirements+=("$B4_ROOT/requirements-onnxruntime.txt")
-fi
+# The requirement lines of one file; for the minimal install, requirements.txt without its
+# closing section of optional runtimes.
+requirement_lines() {
+  if [ "$minimal" = 1 ] && [ "$1" = "$B4_ROOT/requirements.txt" ]; then
+    sed '/^# The CPU runtimes that --runtime auto chooses from/,$d' "$1"
+  else
+    cat "$1"
+  fi
+}
 # Installed with --no-deps (step 3): test-only SDKs whose dependencies would replace ours.
 no_deps=()
 [ "$dev" = 1 ] && no_deps+=("$B4_ROOT/requirements-kserve-dev.txt")
 stamp="$VENV/.b4-installed-$(printf '%s\n' "${requirements[@]##*/}" | tr '\n' '+')"
-wanted=$(cat "${requirements[@]}" "${no_deps[@]}" | sha256sum | cut -c1-16)
+wanted=$(for file in "${requirements[@]}" "${no_deps[@]}"; do requirement_lines "$file"; done \
+  | sha256sum | cut -c1-16)
 if [ -x "$PY" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
   exit 0
 fi
@@ -57,8 +69,8 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_install "$(grep -E '^torch==' "$B4_ROOT/requirements.txt")"
 # 2. everything else but geffnet (it declares torchvision, which would replace torch).
 for file in "${requirements[@]}"; do
-  grep -vE '^(torch==|geffnet|#|-r|$)' "$file" | xargs -r "$PY" -m pip install \
-    --disable-pip-version-check -q
+  requirement_lines "$file" | grep -vE '^(torch==|geffnet|#|-r|$)' | xargs -r "$PY" -m pip \
+    install --disable-pip-version-check -q
 done
 # 3. geffnet without its declared deps: it never imports torchvision. Same for the test SDKs.
 pip_install --no-deps "$(grep -E '^geffnet' "$B4_ROOT/requirements.txt")"

@@ -12,13 +12,17 @@
 #   the whole batch on GPU), B4_THREADS (intra-op threads per worker; default: one per core),
 #   B4_MALLOC_KEEP_MB (512: freed memory each worker keeps for reuse; 0: glibc's default),
 #   B4_OPTIMIZE (1; 0 serves the plain scripted model, a baseline), B4_ONEDNN_FUSION (1; 0
-#   serves without oneDNN Graph fusion on the CPU: about 14% slower, 390 MiB smaller),
-#   B4_RUNTIME (torchscript; onnxruntime serves an ONNX export, checked against eager, and
-#   needs requirements-onnxruntime.txt: bootstrap.sh installs it when B4_RUNTIME says so),
-#   B4_GPU_PRECISION (fp16: weights and inputs on a GPU worker; bf16 or fp32), B4_GPU_PARITY
-#   (auto: the GPU model is checked against fp32 on the CPU when this machine has a GPU, and
-#   the export refused if they disagree; require or off), B4_CHECK_IMAGES (a directory of .npy
-#   images for that check; default: synthetic ones),
+#   serves TorchScript without oneDNN Graph fusion on the CPU; scripts/bench.sh measures both),
+#   B4_RUNTIME (auto: build the runtimes this host runs, check each against fp32 TorchScript,
+#   keep the fastest, and record it all in the archive; or pin one of torchscript,
+#   torchscript-bf16, openvino, onnxruntime: an error where this host cannot run it),
+#   B4_CHECK_IMAGES (a directory of your .npy images for that check; default: demo examples
+#   and varied probes), B4_REDUCED_TOLERANCE (0.02: how far a bf16 runtime's probabilities may
+#   be from fp32 TorchScript's), B4_OPENVINO_HINT (LATENCY or THROUGHPUT), B4_OPENVINO_STREAMS
+#   (0: the hint's), B4_GPU_PRECISION (fp16: weights and inputs on a GPU worker; bf16 or
+#   fp32), B4_GPU_PARITY (auto: the GPU model is checked against fp32 on the CPU when this
+#   machine has a GPU, and the export refused if they disagree; require or off), B4_HANDLER
+#   (handler.py; the bench builds its seed baseline with b4serve/lab/seed_handler.py),
 #   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
@@ -58,17 +62,21 @@ export_args=(--checkpoint "$checkpoint" --num-classes "${B4_NUM_CLASSES:-6}"
 [ "${B4_ONEDNN_FUSION:-1}" = 0 ] && export_args+=(--no-onednn-fusion)
 [ -n "${B4_GPU_PRECISION:-}" ] && export_args+=(--gpu-precision "$B4_GPU_PRECISION")
 [ -n "${B4_GPU_PARITY:-}" ] && export_args+=(--gpu-parity "$B4_GPU_PARITY")
-[ -n "${B4_CHECK_IMAGES:-}" ] && export_args+=(--check-images "$B4_CHECK_IMAGES")
-runtime="${B4_RUNTIME:-torchscript}"
+runtime="${B4_RUNTIME:-auto}"
 case "$runtime" in
-  torchscript) serialized=model.pt ;;
-  onnxruntime) serialized=model.onnx ;;
-  *) die "B4_RUNTIME must be torchscript or onnxruntime, not $runtime" ;;
+  auto|torchscript|torchscript-bf16|openvino|onnxruntime) ;;
+  *) die "B4_RUNTIME must be auto, torchscript, torchscript-bf16, openvino or onnxruntime, not $runtime" ;;
 esac
 export_args+=(--runtime "$runtime")
+[ -n "${B4_CHECK_IMAGES:-}" ] && export_args+=(--check-images "$B4_CHECK_IMAGES")
+[ -n "${B4_REDUCED_TOLERANCE:-}" ] && export_args+=(--reduced-tolerance "$B4_REDUCED_TOLERANCE")
+[ -n "${B4_OPENVINO_HINT:-}" ] && export_args+=(--openvino-hint "$B4_OPENVINO_HINT")
+[ -n "${B4_OPENVINO_STREAMS:-}" ] && export_args+=(--openvino-streams "$B4_OPENVINO_STREAMS")
 [ "$trust" = 1 ] && export_args+=(--trust-checkpoint)
-log "exporting $checkpoint to TorchScript"
+log "exporting $checkpoint to TorchScript, runtime $runtime"
 "$PY" "$B4_ROOT/export_torchscript.py" "${export_args[@]}" >&2
+# model.pt always travels: the reference, and what a worker falls back to on a host that cannot
+# run the chosen runtime. The export put the chosen runtime's own file (model.onnx) in extra/.
 
 # The handler imports b4serve from the unpacked archive: the serving core's sources alone travel
 # (never ops/ or lab/; tests/deploy/test_kserve_manifests.py reads the archive's file list).
@@ -76,7 +84,7 @@ cp "$B4_ROOT"/b4serve/__init__.py "$build/extra/b4serve/"
 cp "$B4_ROOT"/b4serve/serving/*.py "$build/extra/b4serve/serving/"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.
 TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAME" \
-  --version "$version" --serialized-file "$build/$serialized" --handler "$B4_ROOT/handler.py" \
+  --version "$version" --serialized-file "$build/model.pt" --handler "${B4_HANDLER:-$B4_ROOT/handler.py}" \
   --extra-files "$build/extra" --export-path "$build" --force
 # Appear in the store whole or not at all.
 cp "$build/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"

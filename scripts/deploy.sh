@@ -6,6 +6,9 @@
 #                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
 #   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
+# Runtime (env, see scripts/build_mar.sh --help): B4_RUNTIME (auto: the fastest runtime this
+#   host runs that matches fp32 TorchScript, chosen at build; or a name to pin one),
+#   B4_CHECK_IMAGES (your .npy images for that check). The choice is printed at the end.
 # Registration (env; defaults in b4serve/ops/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
 #   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (1 s: extra wait
 #   after an old version answered all it had taken); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
@@ -94,8 +97,10 @@ else
     "${register_args[@]}"
 fi
 
+choice="$B4_CACHE_DIR/build/$version/extra"
 cat <<DONE
 $B4_MODEL_NAME $version is serving at http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME
+$( [ -f "$choice/model_meta.json" ] && "$PY" -m b4serve.ops.runtimes describe "$choice")
 Try it (the key is re-read each time: keys expire and get renewed):
   curl -s http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME \\
     -H "Authorization: Bearer \$($PY -m b4serve.ops.keys inference --key-file $B4_KEY_FILE \\

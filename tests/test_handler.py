@@ -197,6 +197,36 @@ def test_each_batch_emits_our_metrics_in_torchserve_format(service, rng, caplog)
     forwards = [line for line in lines if line.startswith("[METRICS]b4_images_per_forward.Count:")]
     assert forwards and all("#type:HISTOGRAM" in line for line in forwards)
     assert sum(float(line.split(":")[1].split("|")[0]) for line in forwards) == 2  # good images
+    runtime = "b4_runtime.Count:1.0|#ModelName:b4,Runtime:torchscript,Recorded:torchscript,"
+    assert any(f"{runtime}Fallback:none|" in line for line in lines), lines
+
+
+def test_an_archive_its_host_cannot_run_is_served_in_fp32_torchscript_loudly(
+    model_dir, config, rng, caplog, monkeypatch
+) -> None:
+    from small_models import AVX2_ONLY
+
+    from b4serve.serving import runtime
+
+    dataclasses.replace(config, runtime="torchscript-bf16").save(model_dir)  # built with bf16
+    monkeypatch.setattr(runtime, "host_caps", lambda: AVX2_ONLY)  # copied to an AVX2-only node
+    body = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    with caplog.at_level(logging.INFO):
+        fallback_service = _load_service(model_dir)
+        (response,) = _decode_response(fallback_service.predict([_request(0, body)]))
+    messages = [r.getMessage() for r in caplog.records]
+    (loud,) = [m for m in messages if m.startswith("RUNTIME FALLBACK")]
+    assert "records runtime torchscript-bf16" in loud and "AVX512_BF16 or AMX-BF16" in loud
+    assert any(
+        "b4_runtime.Count:1.0|#ModelName:b4,Runtime:torchscript,Recorded:torchscript-bf16,"
+        "Fallback:no-bf16|" in m
+        for m in messages
+    ), messages
+    reference = Classifier(load_torchscript(model_dir / "model.pt", torch.device("cpu")), config,
+                           torch.device("cpu"))  # fmt: skip
+    (expected,) = reference.classify([body])
+    assert response["status"] == 200
+    np.testing.assert_allclose(json.loads(response["body"]), expected.probabilities, atol=1e-6)
 
 
 @pytest.mark.parametrize(("protocol", "envelope"), [("v1", "kserve"), ("v2", "kservev2")])

@@ -1,10 +1,12 @@
-"""Side-by-side benchmark: in-process ceiling, end to end through TorchServe, seed baseline, memory.
+"""Side-by-side benchmark: every runtime this host runs, in-process and served, beside the
+runtime ``--runtime auto`` chose, fp32 TorchScript and the seed's own handler; memory.
 
     python -m b4serve.lab.bench --output docs/PERFORMANCE.md --json bench.json
+    python -m b4serve.lab.bench --layout --output layout.md   # micro-batch, workers, OpenVINO
 
 Everything runs in one process on one machine, against throwaway servers (b4serve.lab.sandbox) on
 free loopback ports, with the DEMO model and 380x380 uint8 inputs. Throughput counts each image
-once although TTA runs it twice. The machine is shared and noisy: compare ratios within a run.
+once although TTA runs it twice. A shared machine is noisy: compare ratios within a run.
 """
 
 from __future__ import annotations
@@ -30,15 +32,25 @@ import requests
 import torch
 
 from b4serve.lab.demo import ensure_demo_checkpoint
-from b4serve.lab.sandbox import DEMO_CACHE, Server, exit_on_sigterm, server_env
+from b4serve.lab.sandbox import DEMO_CACHE, ROOT, Server, exit_on_sigterm, server_env
+from b4serve.lab.seed_handler import two_pass_tta
 from b4serve.ops.client import predict_many
 from b4serve.ops.manage import Registration
+from b4serve.ops.runtimes import describe, variants
 from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memory
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import WARM_UP_CALLS, Classifier
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
-from b4serve.serving.runtime import Model, OnnxRuntimeModel, load_torchscript
+from b4serve.serving.runtime import (
+    RUNTIMES,
+    HostCaps,
+    Model,
+    host_caps,
+    load_runtime,
+    load_torchscript,
+    unsupported,
+)
 from b4serve.serving.tta import tta_probabilities
 
 __all__ = ["ServedConfig", "main"]
@@ -47,17 +59,20 @@ SIZE = 380
 # Every row is measured in this many rounds by default, interleaved with all the others
 # (see measure_in_rounds); the report gives each ratio per round too, to show its spread.
 ROUNDS = 3
-# Each in-process row's length, over all rounds. The ceiling is the best of several rows, and
-# the best of short, noisy rows is biased up by whichever got a lucky spell: 8 s rows put the
-# ONNX Runtime ceiling 7% above its other micro-batches in one run.
-SECONDS = 24.0
+# Each in-process row's length, over all rounds.
+SECONDS = 12.0
 
-# The targets on a 2-core CPU, one home for the ratios and the tables of what the machine allows.
-SERVED_SHARE = 0.9  # end to end / in-process best of the same runtime, at least
-TORCHSCRIPT_X_SEED = 3.0  # TorchScript end to end / the seed's, at least
-FASTEST_X_SEED = 6.0  # the fastest runtime's end to end / the seed's, at least
-IMAGES_PER_MINUTE = 1000  # TTA images end to end with the fastest runtime, at least
+# Issue 16's targets, one home for the ratios and the tables of what the machine allows.
+SERVED_SHARE = 0.9  # auto's runtime end to end / its in-process best, at least
+IMAGES_PER_S_BF16 = 10.0  # auto's runtime end to end on a 2-core CPU with bf16, at least
+X_TORCHSCRIPT_BF16 = 1.5  # auto's end to end / fp32 TorchScript's, with bf16, at least
+X_TORCHSCRIPT_AVX2 = 1.15  # the same on an AVX2-only CPU, at least
 LONE_P99_X_MEDIAN = 1.5  # one client's p99 / the in-process median of the same work, at most
+# The demo's head magnifies bf16's error (its random backbone's features are standardised and
+# folded into it): bf16 misses 2e-2 on one demo example. The bench's pinned bf16 servers raise
+# the tolerance to this, and say so in their name, to show what bf16 serves.
+DEMO_BF16_TOLERANCE = 0.05
+SEED_HANDLER = "b4serve/lab/seed_handler.py"
 
 
 @dataclass(frozen=True)
@@ -65,18 +80,21 @@ class ServedConfig:
     """One way of serving the model: the archive's runtime switches and the registration."""
 
     name: str
-    optimize: bool
-    micro_batch: int
-    batch_size: int
-    max_batch_delay_ms: int
-    workers: int = 1
-    runtime: str = "torchscript"
+    optimize: bool = True
+    micro_batch: int = 0
+    batch_size: int = Registration.batch_size
+    max_batch_delay_ms: int = Registration.max_batch_delay_ms
+    workers: int = Registration.initial_workers
+    runtime: str = "auto"
     threads: int = 0  # per worker; 0: one per core
     malloc_keep_mb: int = ModelConfig.malloc_keep_mb  # 0: glibc's defaults
     onednn_fusion: bool = True
+    handler: str = ""  # "": ours (handler.py)
+    reduced_tolerance: float = 0.0  # 0: export's default
+    openvino_hint: str = ""  # "": export's default
 
     def deploy_env(self) -> dict[str, str]:
-        return {
+        env = {
             "B4_THREADS": str(self.threads),
             "B4_MALLOC_KEEP_MB": str(self.malloc_keep_mb),
             "B4_ONEDNN_FUSION": "1" if self.onednn_fusion else "0",
@@ -87,40 +105,34 @@ class ServedConfig:
             "B4_MAX_BATCH_DELAY": str(self.max_batch_delay_ms),
             "B4_INITIAL_WORKERS": str(self.workers),
         }
+        if self.handler:
+            env["B4_HANDLER"] = str(ROOT / self.handler)
+        if self.reduced_tolerance:
+            env["B4_REDUCED_TOLERANCE"] = str(self.reduced_tolerance)
+        if self.openvino_hint:
+            env["B4_OPENVINO_HINT"] = self.openvino_hint
+        return env
 
 
-# The seed: plain scripted model, whole server batch in one forward, 4 / 1000 ms, one worker,
-# glibc's malloc as it comes.
-SEED = ServedConfig("seed baseline", False, 4, 4, 1000, malloc_keep_mb=0, onednn_fusion=False)
-# Ours, with the defaults scripts/deploy.sh registers.
-DEFAULT = ServedConfig(
-    "ours (deploy defaults)",
-    True,
-    0,
-    Registration.batch_size,
-    Registration.max_batch_delay_ms,
-    Registration.initial_workers,
-)
-# Workers versus threads on the CPU: two workers of one thread each instead of one of two.
-TWO_WORKERS = ServedConfig(
-    "ours, 2 workers x 1 thread",
-    True,
-    0,
-    Registration.batch_size,
-    Registration.max_batch_delay_ms,
-    workers=2,
-    threads=1,
-)
-# The optional runtime, same registration.
-ONNX = ServedConfig(
-    "ours, onnxruntime (deploy defaults)",
-    True,
-    0,
-    Registration.batch_size,
-    Registration.max_batch_delay_ms,
-    Registration.initial_workers,
-    runtime="onnxruntime",
-)
+# The seed: its own handler (b4serve/lab/seed_handler.py) on the plain scripted model, the whole
+# server batch in one forward each way, 4 / 1000 ms, one worker, glibc's malloc as it comes.
+SEED = ServedConfig(
+    "seed baseline", optimize=False, micro_batch=4, batch_size=4, max_batch_delay_ms=1000,
+    runtime="torchscript", malloc_keep_mb=0, onednn_fusion=False, handler=SEED_HANDLER,
+)  # fmt: skip
+# Ours, as scripts/deploy.sh deploys it: --runtime auto and the registration defaults.
+DEFAULT = ServedConfig("ours (deploy defaults: auto)")
+
+
+def pinned(runtime: str, tolerance: float = 0.0) -> ServedConfig:
+    """Ours with ``runtime`` pinned (bf16 ones with the bench's demo tolerance, named so)."""
+    name = f"ours, {runtime} pinned"
+    if tolerance:
+        name += f" (bf16 tolerance {tolerance:g})"
+    return ServedConfig(name, runtime=runtime, reduced_tolerance=tolerance)
+
+
+TORCHSCRIPT = pinned("torchscript")
 
 
 @dataclass
@@ -183,14 +195,16 @@ def timed(run: Callable[[], int], min_seconds: float, min_runs: int = 3) -> tupl
 
 @dataclass
 class InProcess:
-    """One runtime forwarding in this process: the ceiling of the served configuration it is
-    measured beside, per micro-batch size."""
+    """One runtime forwarding in this process, per micro-batch size: the ceiling of the served
+    configuration it is measured beside (``beside``), or context when none serves it."""
 
     name: str
-    beside: ServedConfig
+    beside: ServedConfig | None
     model: Model
     images: list[torch.Tensor]
+    key: tuple[str, str] = ("torchscript", "fp32")  # (runtime, precision) a server may run
     nchw: bool = False  # the seed fed plain NCHW tensors
+    tta: Callable[[Model, torch.Tensor], torch.Tensor] = tta_probabilities
     warm: set[int] = field(default_factory=set)  # micro-batch sizes compiled already
 
     def measure(self, size: int, seconds: float) -> Row:
@@ -200,7 +214,7 @@ class InProcess:
             batch = batch.contiguous()
 
         def forward() -> int:
-            tta_probabilities(self.model, batch)
+            self.tta(self.model, batch)
             return size
 
         with torch.inference_mode():
@@ -210,27 +224,102 @@ class InProcess:
                 self.warm.add(size)
             done, took = timed(forward, seconds)
         print(f"  {self.name} micro-batch {size}: {done / took:.2f} img/s", file=sys.stderr)
+        ceiling_of = self.beside.name if self.beside else ""
         return Row(
-            "in-process", self.name, f"micro-batch {size}", done, took, ceiling_of=self.beside.name
+            "in-process", self.name, f"micro-batch {size}", done, took, ceiling_of=ceiling_of
         )
 
 
-def in_process_runtimes(build: Path, config: ModelConfig) -> list[InProcess]:
-    """The seed's plain model and each of our runtimes, from one build holding both model.pt
-    and model.onnx, each paired with the served configuration that runs it."""
+def in_process_runtimes(
+    build: Path, config: ModelConfig, host: HostCaps, *, hints: Sequence[str] = ("LATENCY",)
+) -> list[InProcess]:
+    """The seed's plain model with its two-pass TTA, and every runtime and precision this host
+    runs (TorchScript with and without oneDNN fusion; OpenVINO with each of ``hints``), from
+    one build holding model.pt and model.onnx."""
     preprocess = Preprocessor(config)
     images = [preprocess(image) for image in demo_images(8)]
     cpu = torch.device("cpu")
-    model_pt = build / "model.pt"
-    return [
-        InProcess("seed: plain scripted", SEED, load_torchscript(model_pt, cpu, optimize=False),
-                  images, nchw=True),
-        InProcess("ours: frozen, channels_last, oneDNN fusion", DEFAULT,
-                  load_torchscript(model_pt, cpu, fuse=True), images),
-        InProcess("ours: frozen, channels_last, no fusion", DEFAULT,
-                  load_torchscript(model_pt, cpu, fuse=False), images),
-        InProcess("ours: onnxruntime fp32", ONNX, OnnxRuntimeModel(build / "model.onnx"), images),
+    model_pt = build / RUNTIMES["torchscript"].file
+    found = [
+        InProcess("seed: plain scripted, two-pass TTA", SEED,
+                  load_torchscript(model_pt, cpu, optimize=False), images,
+                  key=("seed", "fp32"), nchw=True, tta=two_pass_tta),
+        InProcess("torchscript fp32, no oneDNN fusion", None,
+                  load_torchscript(model_pt, cpu, fuse=False), images,
+                  key=("torchscript", "fp32, no fusion")),
     ]  # fmt: skip
+    runnable = [name for name in RUNTIMES if unsupported(name, host) is None]
+    for runtime, precision in variants(runnable, host):
+        for hint in hints if runtime == "openvino" else ("",):
+            settings = replace(config, runtime=runtime, openvino_hint=hint or "LATENCY")
+            if runtime == "openvino":
+                settings = replace(settings, openvino_precision=precision)
+            name = f"{runtime} {precision}"
+            name += ", oneDNN fusion" if runtime == "torchscript" else ""
+            name += f", {hint}" if hint and len(hints) > 1 else ""
+            model = load_runtime(runtime, build, settings, cpu)
+            key = (
+                (runtime, precision)
+                if hint in ("", "LATENCY")
+                else (runtime, f"{precision} {hint}")
+            )
+            found.append(InProcess(name, None, model, images, key=key))
+    return found
+
+
+def served_key(server: Server, served: ServedConfig) -> tuple[str, str]:
+    """(runtime, precision) that ``served``'s build chose (the seed: its own)."""
+    if served is SEED:
+        return ("seed", "fp32")
+    config = ModelConfig.load(build_of(server, served) / "extra")
+    precision = config.openvino_precision if config.runtime == "openvino" else (
+        RUNTIMES[config.runtime].precision)  # fmt: skip
+    if config.runtime == "openvino" and config.openvino_hint != "LATENCY":
+        precision += f" {config.openvino_hint}"
+    return config.runtime, precision
+
+
+def build_of(server: Server, served: ServedConfig) -> Path:
+    return Path(server.env["B4_CACHE_DIR"]) / "build" / version_of(served)
+
+
+def fresh_process_peak_mb(model_path: Path, load: str) -> float:
+    """Peak resident memory (VmHWM) of a fresh interpreter that loads ``model_path`` as ``load``
+    says (plain, fused, unfused) and runs a few TTA forwards of one image: its own peak, not the
+    high-water mark of this process that a child's ru_maxrss would inherit."""
+    loads = {
+        "plain": f"torch.jit.load({str(model_path)!r}).eval()",
+        "fused": f"load_torchscript({str(model_path)!r}, torch.device('cpu'), fuse=True)",
+        "unfused": f"load_torchscript({str(model_path)!r}, torch.device('cpu'), fuse=False)",
+    }
+    code = (
+        "import torch\n"
+        "from b4serve.serving.runtime import load_torchscript\n"
+        "from b4serve.serving.tta import tta_probabilities\n"
+        f"m = {loads[load]}\n"
+        f"x = torch.rand(1, 3, {SIZE}, {SIZE}).contiguous(memory_format=torch.channels_last)\n"
+        "with torch.inference_mode():\n"
+        f"    [tta_probabilities(m, x) for _ in range({WARM_UP_CALLS + 2})]\n"
+        "status = open('/proc/self/status').read().split('\\n')\n"
+        "print(next(line.split()[1] for line in status if line.startswith('VmHWM')))\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    ).stdout  # fmt: skip
+    return int(output.split()[-1]) / 1024  # kB
+
+
+def host_line(host: HostCaps) -> str:
+    """The CPU capabilities the runtimes care about, for the report's heading."""
+    caps = host.summary()
+    have = ", ".join(name.upper().replace("AVX512", "AVX-512") for name, on in caps.items() if on)
+    lacks = ", ".join(
+        name.upper().replace("AVX512", "AVX-512") for name, on in caps.items() if not on
+    )
+    return f"CPU has {have or 'none of AVX2, AVX-512, BF16, AMX'}" + (
+        f"; lacks {lacks}" if lacks else ""
+    )
 
 
 def served_classifier(server: Server, served: ServedConfig) -> Classifier:
@@ -329,22 +418,6 @@ def server_memory_mb(server: Server) -> dict[str, float]:
     return memory
 
 
-def plain_script_memory_mb(model_path: Path) -> float:
-    """Peak RSS of a bare script that loads the model and classifies a few images."""
-    code = (
-        "import resource, torch\n"
-        f"m = torch.jit.freeze(torch.jit.load({str(model_path)!r}).eval())\n"
-        f"x = torch.rand(2, 3, {SIZE}, {SIZE})\n"
-        "with torch.inference_mode():\n"
-        "    [m(x) for _ in range(3)]\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    return int(output.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
-
-
 def version_of(served: ServedConfig) -> str:
     """A model version name for ``served`` (letters, digits, dashes)."""
     return "bench-" + "".join(ch if ch.isalnum() else "-" for ch in served.name)[:40]
@@ -374,9 +447,10 @@ def measure_in_rounds(
     """Every served and in-process row, measured in ``rounds`` interleaved rounds; the rows of
     each round (:func:`merge_rounds` adds them up).
 
-    Each round serves every configuration at 1, 8 and 32 clients, then forwards the runtimes
-    paired with it in this process (the other servers idle), so slow and fast spells of a shared
-    machine fall on all rows alike.
+    Each round serves every configuration at 1, 8 and 32 clients (as its plan says: 0 requests
+    skip a concurrency), then forwards the runtimes paired with it in this process (the other
+    servers idle), so slow and fast spells of a shared machine fall on all rows alike; the
+    runtimes paired with no configuration (context) close the round.
     """
     measured: list[list[Row]] = []
     for number in range(rounds):
@@ -385,6 +459,8 @@ def measure_in_rounds(
         for config_served, requests_plan in served:
             server = servers[config_served.name]
             for concurrency in (1, 8, 32):
+                if not requests_plan[f"c{concurrency}"]:
+                    continue
                 row = bench_http(server, bodies, concurrency, requests_plan[f"c{concurrency}"])
                 row.config = config_served.name
                 print(
@@ -394,6 +470,9 @@ def measure_in_rounds(
             for runtime in runtimes:
                 if runtime.beside is config_served:
                     rows += [runtime.measure(size, seconds) for size in micro_batches]
+        for runtime in runtimes:
+            if runtime.beside is None:
+                rows += [runtime.measure(size, seconds) for size in micro_batches]
         measured.append(rows)
     return measured
 
@@ -440,20 +519,43 @@ def markdown(
 ) -> str:
     rounds = info.get("rounds", ROUNDS)
     lines = [
-        "# Performance",
+        "# Layouts" if info.get("layout") else "# Performance",
         "",
         f"Measured {info['date']} on: {info['machine']}.",
+    ]
+    if info.get("host"):
+        lines.append(f"{info['host']}.")
+    lines += [
         f"Command: `{info['command']}` ({info['minutes']:.1f} minutes).",
         "Demo EfficientNet-B4, 380x380 uint8 inputs, horizontal-flip TTA (each image counted once",
-        "though it runs twice). Shared, noisy machine: compare ratios within this run only.",
-        "Side by side: every configuration's server runs for the whole benchmark, and the rows",
-        f"are measured in {rounds} rounds; each round serves every configuration at 1, 8 and 32",
-        "clients and right after each forwards the same runtime in-process (the other servers",
-        "idle), so slow and fast spells of the machine fall on all rows alike. Each row adds up",
-        "its rounds, and each ratio is given per round too, for its spread. The lone-request",
-        "rows alternate each request with the same body classified in-process. In-process rows",
-        "run with the workers' allocator setting (b4serve.serving.allocator); the seed's server",
-        "keeps glibc's defaults, as the seed did.",
+        "though it runs twice). A shared machine is noisy: compare ratios within this run only.",
+        *(
+            [
+                "One server at a time (--quick or --sequential): each configuration's rows are",
+                f"measured in {rounds} rounds while its server alone is up, and the rounds of",
+                "different configurations fall at different times: ratios across them are rough.",
+            ]
+            if info.get("sequential")
+            else [
+                "Side by side: every configuration's server runs for the whole benchmark, and the",
+                f"rows are measured in {rounds} rounds; each round serves every configuration at 1",
+                "and 8 clients (ours also at 32) and right after each forwards the runtime it",
+                "serves in-process (the other servers idle), so slow and fast spells of the",
+                "machine fall on all rows alike.",
+            ]
+        ),
+        "Rows no server serves (context) close each round. Each row adds up its rounds, and",
+        "each ratio is given per round too, for its spread. The lone-request rows alternate each",
+        "request with the same body classified in-process. The seed baseline is the seed's handler",
+        "(b4serve/lab/seed_handler.py: np.load, two forwards for TTA, no per-request errors) on",
+        "the plain scripted model with glibc's malloc as it comes.",
+    ]
+    if info.get("choice"):
+        lines += ["", "What `--runtime auto` chose on this host, at deploy (its own timing):", "",
+                  "```", *info["choice"].splitlines(), "```"]  # fmt: skip
+    if info.get("not_served"):
+        lines += ["", "Not served: " + "; ".join(info["not_served"]) + "."]
+    lines += [
         "",
         "| section | configuration | setting | images | img/s | p50 ms | p95 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -467,7 +569,10 @@ def markdown(
         "",
         "## Resident memory (MiB)",
         "",
-        "| configuration | process | RSS |",
+        "Servers: RSS at steady state. Fresh processes: each its own peak (VmHWM), a new",
+        "interpreter loading model.pt and running a few TTA forwards of one image.",
+        "",
+        "| configuration | process | MiB |",
         "|---|---|---|",
     ]
     for config, processes in memory.items():
@@ -484,48 +589,48 @@ def markdown(
         spread = [r[name][0] for r in ratios_per_round if name in r]
         per_round = ", ".join(f"{v:.2f}" for v in spread)
         lines.append(f"| {name} | {value:.2f} | {per_round} | {target} |")
-    lines += ["", "## What this hardware allows", "", *ceilings(rows), "", *latency_floor(rows)]
+    if info.get("layout"):  # the targets are judged on the runtimes' run
+        return "\n".join(lines) + "\n"
+    bf16 = bool(info.get("bf16", True))
+    lines += [
+        "",
+        "## What this hardware allows",
+        "",
+        *ceilings(rows, bf16),
+        "",
+        *latency_floor(rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def ceilings(rows: list[Row]) -> list[str]:
-    """The best any serving setup could reach here: a served model cannot beat its own
-    in-process forward speed, so each throughput target is compared with that ceiling, and with
-    the share of it the served path reached in this run."""
-    seed_e2e = best_served(rows, SEED)
-    runtimes = {"torchscript": DEFAULT, "onnxruntime": ONNX}
-    fastest = max(runtimes, key=lambda name: best_ceiling(rows, runtimes[name]))
+def torchscript_served(rows: Sequence[Row]) -> float:
+    """fp32 TorchScript end to end: its pinned server, or ours where auto chose it."""
+    rate = best_served(rows, TORCHSCRIPT)
+    return best_served(rows, DEFAULT) if math.isnan(rate) else rate
+
+
+def ceilings(rows: Sequence[Row], bf16: bool = True) -> list[str]:
+    """Each throughput target against auto's in-process ceiling: a served model cannot beat
+    its own in-process forward speed; with the share of it served in this run."""
+    ts_served = torchscript_served(rows)
+    x_torchscript = X_TORCHSCRIPT_BF16 if bf16 else X_TORCHSCRIPT_AVX2
+    targets = [(f"auto >= {x_torchscript:g}x fp32 TorchScript end to end",
+                x_torchscript * ts_served)]  # fmt: skip
+    if bf16:
+        targets.insert(0, (f"auto >= {IMAGES_PER_S_BF16:g} TTA images/s end to end",
+                           IMAGES_PER_S_BF16))  # fmt: skip
+    ceiling = best_ceiling(rows, DEFAULT)
+    share_served = best_served(rows, DEFAULT) / ceiling
     lines = [
-        "Upper bounds from this run's in-process ceilings (end to end can only be slower): the",
-        "share of its runtime's ceiling each target needs served, next to the share served here.",
-        "Each ceiling is one process using every core, as the default worker does; under load,",
-        "two workers of one thread each can pass it (the 2-workers ratio above).",
+        "Upper bounds from this run's in-process ceiling of the runtime auto chose (end to end",
+        "can only be slower): the share of it each target needs served, next to the share served.",
         "",
         "| target | needs (TTA img/s) | in-process ceiling (TTA img/s) | needs / ceiling "
         "| served / ceiling | reachable here |",
         "|---|---|---|---|---|---|",
     ]
-    for name, runtime, needs in (
-        (
-            f"torchscript >= {TORCHSCRIPT_X_SEED:g}x seed end to end",
-            "torchscript",
-            TORCHSCRIPT_X_SEED * seed_e2e,
-        ),
-        (
-            f"fastest runtime ({fastest}) >= {FASTEST_X_SEED:g}x seed end to end",
-            fastest,
-            FASTEST_X_SEED * seed_e2e,
-        ),
-        (
-            f">= {IMAGES_PER_MINUTE:,} TTA images/minute ({fastest})",
-            fastest,
-            IMAGES_PER_MINUTE / 60,
-        ),
-    ):
-        served = runtimes[runtime]
-        ceiling = best_ceiling(rows, served)
+    for name, needs in targets:
         share_needed = needs / ceiling
-        share_served = best_served(rows, served) / ceiling
         if share_needed > 1:
             reachable = "no: above the ceiling"
         elif share_needed > share_served:
@@ -590,61 +695,155 @@ def best_ceiling(rows: Sequence[Row], served: ServedConfig) -> float:
     return max(rates, default=float("nan"))
 
 
-def compute_ratios(rows: Sequence[Row]) -> dict[str, tuple[float, str]]:
+def compute_ratios(rows: Sequence[Row], bf16: bool = True) -> dict[str, tuple[float, str]]:
+    """The targets (for a host with bf16 or without) and context, from one run's rows."""
+
     def rate(config: str, setting: str) -> float:
         return next(
             (r.images_per_s for r in rows if r.config == config and r.setting == setting),
             float("nan"),
         )
 
-    ours_e2e, onnx_e2e = best_served(rows, DEFAULT), best_served(rows, ONNX)
-    seed_e2e, two_workers_e2e = best_served(rows, SEED), best_served(rows, TWO_WORKERS)
-    ours_inproc, onnx_inproc = best_ceiling(rows, DEFAULT), best_ceiling(rows, ONNX)
-    at_least_share = f">= {SERVED_SHARE:g}"
+    ours, ours_ceiling = best_served(rows, DEFAULT), best_ceiling(rows, DEFAULT)
+    ts_served, seed = torchscript_served(rows), best_served(rows, SEED)
+    x_torchscript = X_TORCHSCRIPT_BF16 if bf16 else X_TORCHSCRIPT_AVX2
+    context = "(context)"
     ratios = {
-        "torchscript: end to end / in-process best": (ours_e2e / ours_inproc, at_least_share),
-        "onnxruntime: end to end / in-process best": (onnx_e2e / onnx_inproc, at_least_share),
-        "torchscript end to end / seed end to end": (
-            ours_e2e / seed_e2e,
-            f">= {TORCHSCRIPT_X_SEED:g}",
+        "auto: end to end / in-process best": (ours / ours_ceiling, f">= {SERVED_SHARE:g}"),
+        "auto end to end, TTA images/s": (
+            ours,
+            f">= {IMAGES_PER_S_BF16:g} (2 cores with bf16)" if bf16 else context,
         ),
-        "onnxruntime end to end / seed end to end": (onnx_e2e / seed_e2e, f">= {FASTEST_X_SEED:g}"),
-        "torchscript, 2 workers x 1 thread, end to end / seed end to end": (
-            two_workers_e2e / seed_e2e,
-            "(context: the same runtime laid out for load)",
+        "auto end to end / fp32 TorchScript end to end": (
+            ours / ts_served,
+            f">= {x_torchscript:g}",
         ),
-        "torchscript in-process best / seed in-process best": (
-            ours_inproc / best_ceiling(rows, SEED),
-            "(context)",
-        ),
-        "fastest end to end, TTA images per minute": (
-            max(ours_e2e, onnx_e2e) * 60,
-            f">= {IMAGES_PER_MINUTE}",
-        ),
-        "2 workers x 1 thread / 1 worker x 2 threads, end to end best": (
-            two_workers_e2e / ours_e2e,
-            "(context: > 1 favours workers)",
-        ),
-        "ours 1-client throughput / 32-client": (
-            rate(DEFAULT.name, "1 clients") / rate(DEFAULT.name, "32 clients"),
-            "(context)",
-        ),
+        "auto end to end, TTA images per minute": (ours * 60, context),
+        "auto end to end / seed end to end": (ours / seed, context),
+        "fp32 TorchScript end to end / seed end to end": (ts_served / seed, context),
     }
+    others = {DEFAULT.name, SEED.name, TORCHSCRIPT.name}
+    served = sorted({r.config for r in rows if r.section == "end to end"} - others)
+    for name in served:
+        config = ServedConfig(name)
+        ratios[f"{name}: end to end / fp32 TorchScript end to end"] = (
+            best_served(rows, config) / ts_served, context)  # fmt: skip
+        ratios[f"{name}: end to end / in-process best"] = (
+            best_served(rows, config) / best_ceiling(rows, config), context)  # fmt: skip
+    fused = [r.images_per_s for r in rows if r.config == "torchscript fp32, oneDNN fusion"]
+    unfused = [r.images_per_s for r in rows if r.config == "torchscript fp32, no oneDNN fusion"]
+    if fused and unfused:
+        ratios["torchscript in-process best: oneDNN fusion / no fusion"] = (
+            max(fused) / max(unfused), context)  # fmt: skip
+    ratios["auto 1-client throughput / 8-client"] = (
+        rate(DEFAULT.name, "1 clients") / rate(DEFAULT.name, "8 clients"), context)  # fmt: skip
     lone, single = lone_request_rows(rows)
     if lone and single:
         for label, q, target in (
             ("p99 / in-process single-image median", 50, f"<= {LONE_P99_X_MEDIAN:g}"),
             ("p99 / in-process single-image p99", 99, "(context: the machine's own tail)"),
         ):
-            ratios[f"ours 1-client {label}, side by side"] = (
+            ratios[f"auto 1-client {label}, side by side"] = (
                 lone.percentile(99) / single.percentile(q),
                 target,
             )
-        ratios["ours 1-client p50 / in-process single-image p50, side by side"] = (
+        ratios["auto 1-client p50 / in-process single-image p50, side by side"] = (
             lone.percentile(50) / single.percentile(50),
             "(context: what serving adds)",
         )
     return ratios
+
+
+def layout_ratios(rows: Sequence[Row]) -> dict[str, tuple[float, str]]:
+    """For --layout: each served layout against the deploy defaults, and each in-process
+    runtime's micro-batches against its micro-batch 1."""
+    ours = best_served(rows, DEFAULT)
+    ratios: dict[str, tuple[float, str]] = {}
+    for name in sorted({r.config for r in rows if r.section == "end to end"} - {DEFAULT.name}):
+        ratios[f"{name} / deploy defaults, end to end best"] = (
+            best_served(rows, ServedConfig(name)) / ours, "(> 1 favours it)")  # fmt: skip
+    single = {r.config: r.images_per_s for r in rows if r.setting == "micro-batch 1"}
+    for row in rows:
+        if row.section == "in-process" and row.setting != "micro-batch 1" and row.config in single:
+            ratios[f"{row.config}: {row.setting} / micro-batch 1"] = (
+                row.images_per_s / single[row.config], "(> 1 favours it)")  # fmt: skip
+    return ratios
+
+
+class Servers:
+    """The benchmark's throwaway servers, one per served configuration, under ``scratch``."""
+
+    def __init__(self, scratch: Path, checkpoint: Path, bodies: list[bytes]) -> None:
+        self.scratch, self.checkpoint, self.bodies = scratch, checkpoint, bodies
+        self.up: dict[str, Server] = {}
+        self.keys: dict[str, tuple[str, str]] = {}  # served name -> (runtime, precision)
+        self.builds: dict[str, Path] = {}
+
+    def deploy(self, served: ServedConfig) -> str:
+        """Deploy ``served`` on a server of its own; "" or why its build refused it."""
+        print(f"deploying: {served.name}", file=sys.stderr)
+        root = self.scratch / version_of(served)
+        root.mkdir()
+        server = Server(env=server_env(root), root=root)
+        try:
+            deploy_served(server, served, self.checkpoint, self.bodies[:2])
+        except RuntimeError as error:  # e.g. a pinned runtime failing its parity check
+            server.stop()
+            lines = [line for line in str(error).splitlines() if "error:" in line]
+            return (lines or [str(error)])[-1].strip()[:300]
+        self.up[served.name] = server
+        self.keys[served.name] = served_key(server, served)
+        self.builds[served.name] = build_of(server, served)
+        return ""
+
+    def stop(self, name: str) -> None:
+        self.up.pop(name).stop()
+
+    def stop_all(self) -> None:
+        for name in list(self.up):
+            self.stop(name)
+
+
+def next_configs(host: HostCaps, chosen: tuple[str, str], layout: bool) -> list[ServedConfig]:
+    """What to serve beside ours: a pinned server per other runtime and precision this host
+    runs (bf16 with the demo tolerance) and the seed; for --layout, auto's runtime laid out
+    otherwise (2 workers x 1 thread, micro-batch 4, OpenVINO's THROUGHPUT hint)."""
+    runtime, precision = chosen
+    if layout:
+        same = pinned(runtime, DEMO_BF16_TOLERANCE if precision == "bf16" else 0.0)
+        configs = [
+            replace(same, name=f"{runtime}, 2 workers x 1 thread", workers=2, threads=1),
+            replace(same, name=f"{runtime}, micro-batch 4", micro_batch=4),
+        ]
+        if runtime == "openvino":
+            configs.append(replace(same, name="openvino, THROUGHPUT hint",
+                                   openvino_hint="THROUGHPUT"))  # fmt: skip
+        return configs
+    configs = [TORCHSCRIPT, pinned("onnxruntime"), pinned("openvino")]
+    if host.bf16:
+        configs += [pinned("torchscript-bf16", DEMO_BF16_TOLERANCE),
+                    pinned("openvino", DEMO_BF16_TOLERANCE)]  # fmt: skip
+    return [c for c in configs if unsupported(c.runtime, host) is None] + [SEED]
+
+
+def expected_key(served: ServedConfig) -> tuple[str, str] | None:
+    """The (runtime, precision) ``served`` will run, where known before its build."""
+    if served is SEED:
+        return ("seed", "fp32")
+    if served.runtime == "openvino":
+        return ("openvino", "bf16") if served.reduced_tolerance else None
+    return served.runtime, RUNTIMES[served.runtime].precision
+
+
+def serves_the_same(
+    config: ServedConfig, chosen: tuple[str, str], taken: set[tuple[str, str]]
+) -> bool:
+    """Whether ``config`` would serve what a server already does (auto's choice among them): a
+    pinned OpenVINO whose check decides its precision does what auto's OpenVINO does."""
+    known = expected_key(config)
+    if known is None:
+        return config.runtime == chosen[0]
+    return known in taken
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -656,10 +855,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
     parser.add_argument(
+        "--layout", action="store_true",
+        help="measure layouts instead: micro-batch per runtime, workers against threads, "
+        "OpenVINO's hints",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="one server at a time (less memory; rounds no longer interleave the servers); "
+        "--quick implies it",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=ROUNDS, help="rounds the requests and seconds are split into"
     )
     parser.add_argument(
-        "--client-images", type=int, default=1000, help="images in the bundled-client job"
+        "--client-images", type=int, default=500, help="images in the bundled-client job"
     )
     return parser.parse_args(argv)
 
@@ -668,84 +877,138 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
     began = time.monotonic()
-    quick = args.quick
+    host = host_caps()
+    quick, layout = args.quick, args.layout
+    sequential = quick or args.sequential
     scale = 0.1 if quick else 1.0
     rounds = max(1, args.rounds)
 
-    def plan(c1: int, c8: int, c32: int, client: int = 0, lone: int = 0) -> dict[str, int]:
+    def plan(c1: int, c8: int, c32: int = 0, client: int = 0, lone: int = 0) -> dict[str, int]:
         """Requests per round at each concurrency (totals given), and in the one-off jobs."""
         totals = {"c1": c1, "c8": c8, "c32": c32}
-        per_round = {key: max(1, int(n * scale) // rounds) for key, n in totals.items()}
+        per_round = {k: max(1, int(n * scale) // rounds) if n else 0 for k, n in totals.items()}
         once = {"client": client, "lone": lone}
         return per_round | {key: max(2, int(n * scale)) if n else 0 for key, n in once.items()}
 
-    # Bounded by request counts, 8 and 32 clients' rows with 32 requests per round (of 3).
-    # The 1,000-image client job runs on the fastest runtime; 200 lone requests on ours, so
-    # p99 is not just the slowest one.
-    served = [
-        (SEED, plan(10, 24, 96)),
-        (DEFAULT, plan(30, 96, 96, lone=200)),
-        (TWO_WORKERS, plan(30, 96, 96)),
-        (ONNX, plan(30, 96, 96, client=args.client_images)),
-    ]
-    micro = (1, 2) if quick else (1, 2, 4, 8)
+    # The seed gets as many requests as ours (issue 14.8); the others 1 and 8 clients.
+    ours_plan = plan(30, 96, 96, client=0 if layout else args.client_images, lone=200)
+    plans = {DEFAULT.name: ours_plan, SEED.name: plan(30, 96, 96)}
+    other_plan = plan(30, 96)
+    micro = (1, 2, 4, 8) if layout else (1, 4)
+    micro = micro[:2] if quick else micro
     seconds = (1.0 if quick else args.seconds) / rounds
-    # this process's in-process runs use the allocator setting the workers use
-    keep_freed_memory(ModelConfig.malloc_keep_mb)
+    keep_freed_memory(ModelConfig.malloc_keep_mb)  # in-process rows: the workers' allocator
     checkpoint = ensure_demo_checkpoint(DEMO_CACHE)
     bodies = [encode_npy(image) for image in demo_images(16)]
     rows: list[Row] = []
+    measured: list[list[Row]] = []
     memory: dict[str, dict[str, float]] = {}
+    not_served: list[str] = []
     with tempfile.TemporaryDirectory(prefix="b4bench-") as scratch:
-        servers: dict[str, Server] = {}
+        servers = Servers(Path(scratch), checkpoint, bodies)
         try:
-            for config_served, _ in served:
-                print(f"deploying: {config_served.name}", file=sys.stderr)
-                root = Path(scratch) / version_of(config_served)
-                root.mkdir()
-                servers[config_served.name] = Server(env=server_env(root), root=root)
-                deploy_served(servers[config_served.name], config_served, checkpoint, bodies[:2])
-            # the ONNX build holds both model.pt and model.onnx of the same weights
-            onnx_server = servers[ONNX.name]
-            build = Path(onnx_server.env["B4_CACHE_DIR"]) / "build" / version_of(ONNX)
-            runtimes = in_process_runtimes(build, ModelConfig.load(build / "extra"))
+            refused = servers.deploy(DEFAULT)
+            if refused:
+                raise RuntimeError(f"deploy with the defaults failed: {refused}")
+            chosen = servers.keys[DEFAULT.name]
+            build = servers.builds[DEFAULT.name]
+            choice = describe(ModelConfig.load(build / "extra"))
+            print(choice, file=sys.stderr)
+            hints = ("LATENCY", "THROUGHPUT") if layout else ("LATENCY",)
+            runtimes = in_process_runtimes(build, ModelConfig.load(build / "extra"), host,
+                                           hints=hints)  # fmt: skip
             freeze_long_lived_objects()  # as the workers do
-            measured = measure_in_rounds(servers, served, bodies, runtimes, micro, seconds, rounds)
-            rows += merge_rounds(measured)
-            del runtimes
-            for config_served, requests_plan in served:
-                server = servers[config_served.name]
-                memory[config_served.name] = server_memory_mb(server)  # at steady state
+            served = [DEFAULT]
+
+            def pair(config: ServedConfig) -> None:
+                for runtime in runtimes:
+                    if runtime.beside is None and runtime.key == servers.keys[config.name]:
+                        runtime.beside = config
+
+            def finish(config: ServedConfig) -> None:
+                """The one-off jobs and memory of a served configuration."""
+                server = servers.up[config.name]
+                memory[config.name] = server_memory_mb(server)  # at steady state
+                requests_plan = plans.get(config.name, other_plan)
                 if requests_plan["client"]:
                     row = bench_client_job(server, requests_plan["client"])
-                    row.config = config_served.name
+                    row.config = config.name
                     rows.append(row)
                 if requests_plan["lone"]:
-                    classifier = served_classifier(server, config_served)
-                    for row in bench_lone_requests(
-                        server, bodies, classifier, requests_plan["lone"]
-                    ):
-                        row.config = f"{config_served.name}: {row.config}"
+                    classifier = served_classifier(server, config)
+                    for row in bench_lone_requests(server, bodies, classifier,
+                                                   requests_plan["lone"]):  # fmt: skip
+                        row.config = f"{config.name}: {row.config}"
                         rows.append(row)
                     del classifier
+
+            def measure(configs: Sequence[ServedConfig], context: bool) -> None:
+                group = [(c, plans.get(c.name, other_plan)) for c in configs]
+                paired = [r for r in runtimes if r.beside in configs or (context and not r.beside)]
+                found = measure_in_rounds(servers.up, group, bodies, paired, micro, seconds, rounds)
+                if measured and sequential:  # one server at a time: its rounds join the run's
+                    for number, round_rows in enumerate(found):
+                        measured[number] += round_rows
+                else:
+                    measured.extend(found)
+
+            pair(DEFAULT)
+            if sequential:
+                measure([DEFAULT], context=False)
+                finish(DEFAULT)
+                servers.stop(DEFAULT.name)
+            for config in next_configs(host, chosen, layout):
+                if not layout and serves_the_same(config, chosen, set(servers.keys.values())):
+                    continue
+                refused = servers.deploy(config)
+                if refused:
+                    not_served.append(f"{config.name}: {refused}")
+                    continue
+                served.append(config)
+                pair(config)
+                if sequential:
+                    measure([config], context=False)
+                    finish(config)
+                    servers.stop(config.name)
+            if sequential:
+                measure([], context=True)
+            else:
+                measure(served, context=True)
+                for config in served:
+                    finish(config)
+            rows[:0] = merge_rounds(measured)
+            runtimes.clear()  # free the in-process models
         finally:
-            for server in servers.values():
-                server.stop()
-        memory["plain in-process script"] = {"python": plain_script_memory_mb(build / "model.pt")}
-    ratios = compute_ratios(rows)
-    ratios_per_round = [compute_ratios(round_rows) for round_rows in measured]
+            servers.stop_all()
+        model_pt = build / RUNTIMES["torchscript"].file
+        memory["fresh process"] = {
+            f"model.pt {how}": fresh_process_peak_mb(model_pt, how)
+            for how in ("plain", "fused", "unfused")
+        }
+    bf16 = host.bf16
+    ratios = layout_ratios(rows) if layout else compute_ratios(rows, bf16)
+    per_round = [layout_ratios(r) if layout else compute_ratios(r, bf16) for r in measured]
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine(),
+        "host": host_line(host),
+        "bf16": bf16,
+        "cpu_flags": sorted(f for f in host.flags if f.startswith(("avx", "amx"))),
+        "choice": choice,
+        "not_served": not_served,
         "command": "scripts/bench.sh"
         + (" --quick" if quick else "")
+        + (" --layout" if layout else "")
+        + (" --sequential" if args.sequential else "")
         + (f" --rounds {rounds}" if rounds != ROUNDS else "")
         + (f" --seconds {args.seconds:g}" if args.seconds != SECONDS else ""),
         "minutes": (time.monotonic() - began) / 60,
         "rounds": rounds,
+        "sequential": sequential,
+        "layout": layout,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    table = markdown(rows, memory, ratios, info, ratios_per_round)
+    table = markdown(rows, memory, ratios, info, per_round)
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -756,8 +1019,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [r.summary() for r in rows],
             "memory_mb": memory,
             "ratios": {k: v[0] for k, v in ratios.items()},
-            "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in ratios_per_round],
+            "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in per_round],
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

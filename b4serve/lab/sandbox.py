@@ -22,7 +22,7 @@ from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
-from b4serve.serving.runtime import RUNTIMES, load_model
+from b4serve.serving.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
@@ -75,7 +75,7 @@ class Server:
         build = Path(self.env["B4_CACHE_DIR"]) / "build" / version
         config = ModelConfig.load(build / "extra")
         cpu = torch.device("cpu")
-        return Classifier(load_model(build / RUNTIMES[config.runtime], config, cpu), config, cpu)
+        return Classifier(load_model(build, config, cpu).model, config, cpu)
 
     def deploy(
         self, *args: str, timeout: float = 900, **env: str

@@ -72,12 +72,25 @@ class ModelConfig:
     # With optimize, on the CPU: oneDNN Graph fuses convolutions with their activations
     # (b4serve.serving.runtime.load_torchscript): faster, for more memory.
     onednn_fusion: bool = True
-    # What runs the model file: "torchscript" (model.pt) or "onnxruntime" (model.onnx, CPU).
+    # What runs the model (b4serve.serving.runtime.RUNTIMES): "torchscript" (fp32, model.pt),
+    # "torchscript-bf16", "openvino" or "onnxruntime" (model.onnx). Export's --runtime auto
+    # writes the fastest that passed its parity check on the build host.
     runtime: str = "torchscript"
     # On a GPU, with optimize: the precision of weights and inputs (probabilities come back as
     # float32), and the forward sizes batches are padded to (b4serve.serving.gpu).
     gpu_precision: str = "fp16"
     gpu_buckets: tuple[int, ...] = DEFAULT_GPU_BUCKETS
+    # OpenVINO's inference precision as its parity check ran: "bf16" (run where the CPU plugin
+    # reports BF16, fp32 elsewhere) or "fp32" (always).
+    openvino_precision: str = "fp32"
+    # OpenVINO's performance hint: LATENCY (one stream on every core: one forward at a time, as
+    # the handler runs them) or THROUGHPUT (a stream per core or two, the images of a forward
+    # spread over them); streams: 0 leaves the count to the hint.
+    openvino_hint: str = "LATENCY"
+    openvino_streams: int = 0
+    # How the runtime was chosen, for people: auto or pinned, the build host's CPU, and each
+    # candidate's parity against fp32 TorchScript and its speed (b4serve.ops.runtimes).
+    runtime_choice: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +124,13 @@ class ModelConfig:
         buckets = self.gpu_buckets
         if not buckets or min(buckets) < 1 or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"gpu_buckets must be increasing sizes >= 1: {buckets}")
+        if self.openvino_precision not in ("bf16", "fp32"):
+            raise ValueError(f"openvino_precision must be bf16 or fp32: {self.openvino_precision}")
+        if self.openvino_hint not in ("LATENCY", "THROUGHPUT") or self.openvino_streams < 0:
+            raise ValueError(
+                f"openvino_hint must be LATENCY or THROUGHPUT and openvino_streams >= 0: "
+                f"{self.openvino_hint}, {self.openvino_streams}"
+            )
         if not 0 <= self.malloc_keep_mb < 2048:  # mallopt takes a C int of bytes
             raise ValueError(f"malloc_keep_mb must be in [0, 2047]: {self.malloc_keep_mb}")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "METRICS", "BatchStats", "MetricSpec", "Observation", "Sample", "batch_observations",
-    "parse_prometheus", "request_counts",
+    "parse_prometheus", "request_counts", "runtime_labels",
 ]  # fmt: skip
 
 
@@ -45,7 +45,14 @@ FORWARD_SECONDS = MetricSpec(
     "b4_forward_seconds", "histogram", "s", ("ModelName",),
     "time of one forward pass with TTA, including the copy to and from the device",
 )  # fmt: skip
-METRICS: tuple[MetricSpec, ...] = (REQUESTS, IMAGES_PER_FORWARD, DECODE_SECONDS, FORWARD_SECONDS)
+RUNTIME = MetricSpec(
+    "b4_runtime", "gauge", "count", ("ModelName", "Runtime", "Recorded", "Fallback"),
+    "1, per batch, for what ran it: Runtime serves, Recorded is the archive's choice, Fallback "
+    "why the worker could not run that one (none when it does)",
+)  # fmt: skip
+METRICS: tuple[MetricSpec, ...] = (
+    REQUESTS, IMAGES_PER_FORWARD, DECODE_SECONDS, FORWARD_SECONDS, RUNTIME,
+)  # fmt: skip
 
 
 @dataclass
@@ -74,8 +81,16 @@ class Observation:
     dimensions: tuple[str, ...]
 
 
-def batch_observations(model_name: str, stats: BatchStats) -> list[Observation]:
-    """The metric updates for one batch; requests are counted per (outcome, error type)."""
+def runtime_labels(runtime: str, recorded: str, fallback: str | None) -> tuple[str, str, str]:
+    """:data:`RUNTIME`'s labels after the model name: ``fallback`` is the reason's short code."""
+    return runtime, recorded, fallback or "none"
+
+
+def batch_observations(
+    model_name: str, stats: BatchStats, runtime: tuple[str, str, str] | None = None
+) -> list[Observation]:
+    """The metric updates for one batch; requests are counted per (outcome, error type), and
+    with ``runtime`` (:func:`runtime_labels`) the runtime that served it."""
     counts = sorted(Counter(stats.errors).items(), key=lambda item: str(item[0]))
     observations = [
         Observation(REQUESTS, float(count), _request_dimensions(model_name, error))
@@ -85,6 +100,8 @@ def batch_observations(model_name: str, stats: BatchStats) -> list[Observation]:
     for images, seconds in stats.forwards:
         observations.append(Observation(IMAGES_PER_FORWARD, float(images), (model_name,)))
         observations.append(Observation(FORWARD_SECONDS, seconds, (model_name,)))
+    if runtime is not None:
+        observations.append(Observation(RUNTIME, 1.0, (model_name, *runtime)))
     return observations
 
 

@@ -42,7 +42,8 @@ def enveloped(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Serv
     root = tmp_path_factory.mktemp(f"kserve-{request.param}")
     server = Server(env={**server_env(root), "B4_PROTOCOL": request.param}, root=root)
     try:
-        server.deploy()  # its smoke test already speaks the protocol
+        # its smoke test already speaks the protocol; the runtime is not what this tests
+        server.deploy(B4_RUNTIME="torchscript")
         yield server
     finally:
         server.stop()

@@ -57,7 +57,7 @@ def test_export_writes_a_scripted_model_equal_to_eager_and_its_metadata(trained,
     output = tmp_path / "out" / "model.pt"
     code = export_torchscript.main(
         ["--checkpoint", str(folder / "seed.pth"), "--arch", ARCH, "--output", str(output),
-         "--trust-checkpoint"]
+         "--trust-checkpoint", "--runtime", "torchscript"]  # auto: tests/ops/test_runtimes.py
     )  # fmt: skip
     assert code == 0
     scripted = torch.jit.load(str(output))

@@ -8,11 +8,13 @@ from b4serve.serving.telemetry import (
     IMAGES_PER_FORWARD,
     METRICS,
     REQUESTS,
+    RUNTIME,
     BatchStats,
     batch_observations,
     declared_model_metrics,
     parse_prometheus,
     request_counts,
+    runtime_labels,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,3 +77,13 @@ def test_prometheus_text_is_parsed_and_requests_summed_by_outcome() -> None:
     samples = parse_prometheus(text)
     assert samples[0].labels["ErrorType"] == "none" and samples[0].value == 7.0
     assert request_counts(samples, "b4") == {"ok": 7.0, "InvalidInput": 2.0}
+
+
+def test_a_batch_says_which_runtime_served_it_and_whether_it_fell_back() -> None:
+    stats = BatchStats(decode_seconds=[0.001], errors=[None], forwards=[(1, 0.1)])
+    labels = runtime_labels("torchscript", "openvino", "openvino-missing")
+    (observation,) = [o for o in batch_observations("b4", stats, labels) if o.metric is RUNTIME]
+    assert observation.value == 1.0
+    assert observation.dimensions == ("b4", "torchscript", "openvino", "openvino-missing")
+    assert runtime_labels("openvino", "openvino", None)[-1] == "none"
+    assert RUNTIME not in {o.metric for o in batch_observations("b4", stats)}  # none given
