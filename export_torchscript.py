@@ -2,8 +2,9 @@
 
     python export_torchscript.py --checkpoint ckpt.pth --output build/b4.pt
 
-writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The scripted
-model is checked against the eager one before anything is written.
+writes ``build/b4.pt``, ``build/model_meta.json``, ``build/index_to_name.json`` and
+``build/v2_metadata.json`` (the v2 model metadata). The scripted model is checked against the
+eager one before anything is written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from b4serve.ops.onnx_export import export_onnx
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig
+from b4serve.serving.protocol import write_model_metadata
 from b4serve.serving.runtime import RUNTIMES
 
 PARITY_TOLERANCE = 1e-5
@@ -97,6 +99,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
             f"difference to eager {onnx_difference:.2e}, same top-1"
         )
     config.save(args.meta_dir or output.parent)
+    write_model_metadata(config, args.meta_dir or output.parent)  # served at /v2/models/<name>
     return config
 
 
