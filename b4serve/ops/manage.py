@@ -9,7 +9,6 @@ others unregistered.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -391,11 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Registration(
                 args.batch_size, args.max_batch_delay, args.initial_workers, args.response_timeout
             )
-            if endpoints.protocol != "raw" and settings.batch_size > 1:
-                # TorchServe's KServe envelopes answer only the first request of a server batch
-                print(f"[deploy] {endpoints.protocol} envelope: batch size 1, not "
-                      f"{settings.batch_size}", file=sys.stderr)  # fmt: skip
-                settings = dataclasses.replace(settings, batch_size=1)
             rollout(
                 api,
                 mar=args.mar,

@@ -126,8 +126,8 @@ def parse_raw_request(item: Any, binary_header_length: int | None = None) -> Par
             return _v2_document(*_split_binary(body, binary_header_length))
         if isinstance(body, bytes | bytearray) and body[:1] == b"{":
             return _json_document(bytes(body))
-    except InferenceError as error:
-        return ParsedRequest([error])
+    except InferenceError as error:  # a KServe request, if unusable: KServe's error object
+        return ParsedRequest([error], form="v2")
     return ParsedRequest([body])
 
 
