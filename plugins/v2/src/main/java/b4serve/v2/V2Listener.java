@@ -13,6 +13,7 @@ import java.net.URI;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.Properties;
 import java.util.UUID;
 import java.util.concurrent.SynchronousQueue;
 import java.util.concurrent.ThreadPoolExecutor;
@@ -30,8 +31,9 @@ import org.slf4j.LoggerFactory;
  * {@code /v2/health/{live,ready}}, {@code /v2/models/{m}[/versions/{v}][/ready]} and {@code POST
  * .../infer}, all from {@link V2Api}.
  *
- * <p>Its address is {@code B4_V2_ADDRESS} (env) or {@code b4_v2_address} (config.properties),
- * e.g. {@code http://0.0.0.0:8080}; neither set: no listener. Token authorization, when
+ * <p>Its address is {@code b4_v2_address} in config.properties, e.g. {@code http://0.0.0.0:8080},
+ * or env {@code B4_V2_ADDRESS} where {@code enable_envvars_config=true} (as for TorchServe's TS_*
+ * settings); neither set: no listener. Token authorization, when
  * TorchServe's is on, takes TorchServe's inference key, refused as TorchServe refuses it (400
  * InvalidKeyException), so clients renew keys the same way. Requests are logged in TorchServe's
  * access log, in its format.
@@ -49,10 +51,7 @@ final class V2Listener {
     private V2Listener() {}
 
     static void startOnce() {
-        String address = System.getenv("B4_V2_ADDRESS");
-        if (address == null || address.isEmpty()) {
-            address = ConfigManager.getInstance().getConfiguration().getProperty("b4_v2_address");
-        }
+        String address = address(ConfigManager.getInstance().getConfiguration());
         if (address == null || address.isEmpty() || !STARTED.compareAndSet(false, true)) {
             return;
         }
@@ -77,6 +76,16 @@ final class V2Listener {
             // TorchServe would go on without it: fail the start, as a taken port fails TorchServe
             throw new IllegalStateException("cannot listen on " + address + ": " + e.getMessage(), e);
         }
+    }
+
+    /** b4_v2_address, or B4_V2_ADDRESS where the config lets env vars win, as TS_* ones do. */
+    static String address(Properties config) {
+        String fromEnv = System.getenv("B4_V2_ADDRESS");
+        boolean envWins = Boolean.parseBoolean(config.getProperty("enable_envvars_config", "false"));
+        if (envWins && fromEnv != null && !fromEnv.isEmpty()) {
+            return fromEnv;
+        }
+        return config.getProperty("b4_v2_address");
     }
 
     private static ThreadPoolExecutor executor() {
