@@ -27,8 +27,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 parse_model_args "$@"
 [ ${#others[@]} -eq 0 ] || die "unknown argument: ${others[0]} (see --help)"
 case "$B4_PROTOCOL" in raw|v1|v2) ;; *) die "B4_PROTOCOL must be raw, v1 or v2: $B4_PROTOCOL" ;; esac
-case "$B4_ENVELOPE" in ""|kserve|kservev2) ;;
-  *) die "B4_ENVELOPE must be empty, kserve or kservev2: $B4_ENVELOPE" ;; esac
+case "$B4_ENVELOPE:$B4_PROTOCOL" in
+  :*|kserve:v1|kservev2:v2) ;;
+  kserve:*|kservev2:*) die "B4_ENVELOPE=$B4_ENVELOPE reads KServe JSON only: set B4_PROTOCOL=$(
+    [ "$B4_ENVELOPE" = kserve ] && echo v1 || echo v2) for deploy's smoke test" ;;
+  *) die "B4_ENVELOPE must be empty, kserve or kservev2: $B4_ENVELOPE" ;;
+esac
 case "$B4_V2_PLUGIN" in auto|0|1) ;; *) die "B4_V2_PLUGIN must be auto, 0 or 1: $B4_V2_PLUGIN" ;; esac
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 

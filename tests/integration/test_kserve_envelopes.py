@@ -19,7 +19,7 @@ from b4serve.lab.sandbox import Server, server_env
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.protocol import OUTPUT_NAME, encode_request, encode_v2_binary
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("v2_plugin")]
 
 IMAGES, _ = generate_images(per_class=1, seed=21)
 

@@ -26,7 +26,7 @@ from b4serve.ops.manage import ManagementAPI
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.protocol import OUTPUT_NAME
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("v2_plugin")]
 
 IMAGES, LABELS = generate_images(per_class=1, seed=19)
 

@@ -123,6 +123,9 @@ final class V2Listener {
         if (TokenAuthorization.isEnabled() && !authorized(exchange.getRequestHeaders())) {
             return refusedKey();
         }
+        if (!path.equals("/v2") && !path.startsWith("/v2/")) { // (the context matches "/v2x")
+            return V2Api.notFound(path);
+        }
         List<String> below = V2Api.below(path);
         String method = exchange.getRequestMethod();
         V2Api.ModelPath target = V2Api.ModelPath.parse(below);
