@@ -193,8 +193,9 @@ final class V2Listener {
         }
         headers.set("x-request-id", UUID.randomUUID().toString());
         boolean head = "HEAD".equals(exchange.getRequestMethod());
-        exchange.sendResponseHeaders(reply.status, head ? -1 : reply.body.length);
-        if (!head) {
+        boolean empty = head || reply.body.length == 0;
+        exchange.sendResponseHeaders(reply.status, empty ? -1 : reply.body.length); // 0: chunked
+        if (!empty) {
             try (OutputStream out = exchange.getResponseBody()) {
                 out.write(reply.body);
             }
