@@ -33,6 +33,17 @@ RUN grep -vE '^(torch==|geffnet|#|-r|$)' requirements.txt \
 RUN pip install --no-cache-dir --no-deps "$(grep -E '^geffnet' requirements.txt)" \
     && python -c "import torch, ts, model_archiver, geffnet, yaml, numpy, requests"
 
+# The v2 REST API plugin (plugins/v2, scripts/build_plugin.sh), compiled against the TorchServe
+# just installed. The JDK goes again in the same step: the server needs only the JRE.
+COPY scripts/env.sh scripts/build_plugin.sh ./scripts/
+COPY plugins/ ./plugins/
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
+    && VENV=/usr/local B4_PLUGINS_DIR=/opt/b4/plugins scripts/build_plugin.sh \
+    && apt-get purge -y openjdk-17-jdk-headless && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/* /opt/b4/plugins/.b4serve-v2.sha
+
 # The server runs as an unprivileged user; it writes key_file.json and logs in its home.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin model-server
 
@@ -60,21 +71,23 @@ print('load_models=' + mar); print('models=' + json.dumps({'b4': {version: entry
 
 USER 1000
 WORKDIR /home/model-server
-# Inference on every interface of the container; management on its loopback only (never
-# published); metrics on the container's interfaces for Prometheus on the container's network
-# (never published: it takes no token). Read by TorchServe (enable_envvars_config=true) and by
-# b4serve.ops.manage in the health check.
+# Inference and the v2 REST API (the plugin's listener) on every interface of the container;
+# management on its loopback only (never published); metrics on the container's interfaces for
+# Prometheus on the container's network (never published: it takes no token). Read by TorchServe
+# and the plugin (enable_envvars_config=true) and by b4serve.ops.manage in the health check.
 ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
+    B4_V2_ADDRESS=http://0.0.0.0:8083 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
     TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
     B4_INFERENCE_PORT=8080 \
     B4_MANAGEMENT_PORT=8081 \
     B4_METRICS_PORT=8082 \
+    B4_V2_PORT=8083 \
     TS_METRICS_CONFIG=/opt/b4/metrics.yaml \
     B4_KEY_FILE=/home/model-server/key_file.json \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs
-EXPOSE 8080
+EXPOSE 8080 8083
 
 # scripts/health.sh's check: /ping answers and the default version has a READY worker.
 # TorchServe 0.12 wants a token even on /ping: it reads the key file the server wrote and renews
@@ -83,4 +96,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["bash", "-c", "cd /opt/b4 && python -m b4serve.ops.health --log-dir \"$LOG_LOCATION\" > /dev/null"]
 
 # --ncs: no snapshots; the image's config is the registration, every start the same.
-CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/opt/b4/config.properties", "--model-store", "/opt/b4/model-store", "--log-config", "/opt/b4/log4j.properties"]
+CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/opt/b4/config.properties", "--model-store", "/opt/b4/model-store", "--log-config", "/opt/b4/log4j.properties", "--plugins-path", "/opt/b4/plugins"]

@@ -2,12 +2,12 @@
 
     python export_torchscript.py --checkpoint ckpt.pth --output build/b4.pt
 
-writes ``build/b4.pt``, ``build/model_meta.json`` and ``build/index_to_name.json``. The arch is
-told from a whole pickled module (``--arch`` for a state dict), and every model file written is
-proven to reproduce the checkpoint's own module (b4serve.ops.parity) before the metadata is.
-``--runtime auto`` (the default) then picks the fastest runtime this host runs that matches fp32
-TorchScript (b4serve.ops.runtimes), writing ``model.onnx`` beside the TorchScript file when it
-needs it.
+writes ``build/b4.pt``, ``build/model_meta.json``, ``build/index_to_name.json`` and
+``build/v2_metadata.json`` (the v2 model metadata). The arch is told from a whole pickled module
+(``--arch`` for a state dict), and every model file written is proven to reproduce the
+checkpoint's own module (b4serve.ops.parity) before the metadata is. ``--runtime auto`` (the
+default) then picks the fastest runtime this host runs that matches fp32 TorchScript
+(b4serve.ops.runtimes), writing ``model.onnx`` beside the TorchScript file when it needs it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from b4serve.serving.config import (
     GPU_PRECISIONS,
     ModelConfig,
 )
+from b4serve.serving.protocol import write_model_metadata
 from b4serve.serving.runtime import REFERENCE, RUNTIMES, runtime_spec
 
 
@@ -116,6 +117,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
             f"{config.gpu_precision}; export on a GPU machine to check it)"
         )
     config.save(args.meta_dir or output.parent)
+    write_model_metadata(config, args.meta_dir or output.parent)  # served at /v2/models/<name>
     if args.meta_dir:  # an archive's extra files: the chosen runtime's file travels with them
         place_runtime_file(config.runtime, output, Path(args.meta_dir))
     return config

@@ -18,6 +18,7 @@ from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memo
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier, Outcome, Reply, replies
 from b4serve.serving.protocol import (
+    OUTPUT_NAME,
     ParsedRequest,
     Protocol,
     detect_protocol,
@@ -99,7 +100,9 @@ class B4Handler:
         """Each request's JSON answer and status (its first failed image's); under a KServe
         envelope, the one request's per-image answers, which the envelope wraps."""
         for index, reply in enumerate(replies):
-            context.set_response_content_type(index, "application/json")
+            context.set_response_content_type(index, reply.content_type)
+            for name, value in reply.headers.items():  # the v2 binary-data header length
+                context.set_response_header(index, name, value)
             for image, error in reply.failures:
                 where = f"image {image}: " if reply.images > 1 else ""
                 log.warning(
@@ -112,6 +115,8 @@ class B4Handler:
                 # stream and kills the worker. The message travels in the JSON body.
                 context.set_response_status(reply.error.status, reply.error.phrase, index)
         if protocol != "raw":  # one request, whose per-image answers the envelope wraps
+            if protocol == "v2":  # kservev2 names each output after context.input_names
+                context.input_names = [OUTPUT_NAME] * len(replies[0].body)
             return replies[0].body
         return [reply.body for reply in replies]
 

@@ -15,11 +15,15 @@
 #   When TorchServe will give workers GPUs (B4_GPUS; default: counted as TorchServe counts
 #   them): batch size 64, 5 ms, B4_WORKERS_PER_GPU (2) workers on each GPU.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
-#   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_GRPC_INFERENCE_PORT (7070),
+#   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_V2_PORT (8083),
+#   B4_GRPC_INFERENCE_PORT (7070),
 #   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
 #   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, B4_METRICS_CONFIG,
-#   B4_PROTOCOL (raw: .npy bodies; v1 or v2: the server starts with TorchServe's KServe
-#   envelope for that protocol, and the model is registered with batch size 1), VENV.
+#   B4_PROTOCOL (raw, v1 or v2: what the smoke test sends; the server takes all three),
+#   B4_V2_PLUGIN (auto: serve the v2 REST API on B4_V2_PORT (8083) when a JDK can build its
+#   plugin; 1: required; 0: off), B4_PLUGINS_DIR, B4_ENVELOPE (empty; kserve or kservev2 starts
+#   TorchServe's KServe envelope, as KServe's retired TorchServe runtime did, and registers
+#   batch size 1: the envelopes answer one request per batch), VENV.
 # Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
 # registered beside the old version, made the default once it answers, then the old one retired.
 set -euo pipefail
@@ -27,6 +31,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 parse_model_args "$@"
 [ ${#others[@]} -eq 0 ] || die "unknown argument: ${others[0]} (see --help)"
+case "$B4_PROTOCOL" in raw|v1|v2) ;; *) die "B4_PROTOCOL must be raw, v1 or v2: $B4_PROTOCOL" ;; esac
+case "$B4_ENVELOPE:$B4_PROTOCOL" in
+  :*|kserve:v1|kservev2:v2) ;;
+  kserve:*|kservev2:*) die "B4_ENVELOPE=$B4_ENVELOPE reads KServe JSON only: set B4_PROTOCOL=$(
+    [ "$B4_ENVELOPE" = kserve ] && echo v1 || echo v2) for deploy's smoke test" ;;
+  *) die "B4_ENVELOPE must be empty, kserve or kservev2: $B4_ENVELOPE" ;;
+esac
+case "$B4_V2_PLUGIN" in auto|0|1) ;; *) die "B4_V2_PLUGIN must be auto, 0 or 1: $B4_V2_PLUGIN" ;; esac
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 
 "$B4_ROOT/scripts/bootstrap.sh"
@@ -46,18 +58,22 @@ start_server() {
   # TMPDIR holds the pid file, TEMP becomes the JVM's tmpdir (worker sockets, unpacked archives).
   [ -n "$B4_TMPDIR" ] && mkdir -p "$B4_TMPDIR" && tmp_env=(TMPDIR="$B4_TMPDIR" TEMP="$B4_TMPDIR")
   local envelope_env=()
-  case "$B4_PROTOCOL" in
-    raw) ;;
-    v1) envelope_env=(TS_SERVICE_ENVELOPE=kserve) ;;
-    v2) envelope_env=(TS_SERVICE_ENVELOPE=kservev2) ;;
-    *) die "B4_PROTOCOL must be raw, v1 or v2, not $B4_PROTOCOL" ;;
-  esac
+  [ -n "$B4_ENVELOPE" ] && envelope_env=(TS_SERVICE_ENVELOPE="$B4_ENVELOPE")
+  local plugin_args=() v2_env=()
+  if [ "$B4_V2_PLUGIN" = 1 ] || { [ "$B4_V2_PLUGIN" = auto ] \
+      && "$B4_ROOT/scripts/build_plugin.sh" --check 2>/dev/null; }; then
+    plugin_args=(--plugins-path "$("$B4_ROOT/scripts/build_plugin.sh")")
+    v2_env=(B4_V2_ADDRESS="http://$B4_HOST:$B4_V2_PORT")
+  elif [ "$B4_V2_PLUGIN" = auto ]; then
+    log "v2 REST API off: $("$B4_ROOT/scripts/build_plugin.sh" --check 2>&1 || true)"
+  fi
   local expiry_env=()
   [ -n "$B4_TOKEN_EXPIRATION_MIN" ] && expiry_env=(TS_TOKEN_EXPIRATION_TIME_MIN="$B4_TOKEN_EXPIRATION_MIN")
   log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
   # The server writes key_file.json into its working directory: the run dir. setsid detaches
   # it, so Ctrl-C on this script does not stop the server.
   (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" "${envelope_env[@]}" \
+    "${v2_env[@]}" \
     LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
     TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
     TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \
@@ -66,7 +82,7 @@ start_server() {
     TS_GRPC_MANAGEMENT_PORT="$B4_GRPC_MANAGEMENT_PORT" \
     TS_METRICS_CONFIG="$B4_METRICS_CONFIG" \
     setsid "$VENV/bin/torchserve" --start --ncs --ts-config "$B4_TS_CONFIG" \
-      --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" \
+      --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" "${plugin_args[@]}" \
       >>"$B4_LOG_DIR/console.log" 2>&1 </dev/null)
   manage --timeout 120 wait-ping
 }
@@ -88,6 +104,10 @@ else
   # Unset variables leave b4serve.ops.manage.Registration's defaults in force: one home for them.
   register_args=()
   [ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
+  if [ -n "$B4_ENVELOPE" ]; then  # TorchServe's envelopes answer only a batch's first request
+    log "$B4_ENVELOPE envelope: batch size 1"
+    register_args+=(--batch-size 1)
+  fi
   [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
   [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
   [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
@@ -106,6 +126,7 @@ Try it (the key is re-read each time: keys expire and get renewed):
     -H "Authorization: Bearer \$($PY -m b4serve.ops.keys inference --key-file $B4_KEY_FILE \\
       --management-url http://$B4_HOST:$B4_MANAGEMENT_PORT)" \\
     -H "Content-Type: application/octet-stream" --data-binary @image.npy
+v2 REST API (same key; if the plugin is on): http://$B4_HOST:$B4_V2_PORT/v2/models/$B4_MODEL_NAME
 Logs: $B4_LOG_DIR (ts_log.log, model_log.log, access_log.log)
 Stop: $( [ -n "$B4_TMPDIR" ] && echo "TMPDIR=$B4_TMPDIR ")$VENV/bin/torchserve --stop
 DONE

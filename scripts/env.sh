@@ -7,6 +7,7 @@ export B4_ROOT
 : "${B4_INFERENCE_PORT:=8080}"
 : "${B4_MANAGEMENT_PORT:=8081}"
 : "${B4_METRICS_PORT:=8082}"
+: "${B4_V2_PORT:=8083}"   # the v2 REST API (Open Inference Protocol) of the b4serve plugin
 : "${B4_GRPC_INFERENCE_PORT:=7070}"          # TorchServe always starts its gRPC servers too
 : "${B4_GRPC_MANAGEMENT_PORT:=7071}"
 : "${B4_MODEL_NAME:=b4}"
@@ -20,11 +21,15 @@ export B4_ROOT
 : "${B4_LOG_CONFIG:=$B4_ROOT/log4j.properties}"
 : "${B4_METRICS_CONFIG:=$B4_ROOT/metrics.yaml}"  # metrics the Prometheus endpoint exports
 : "${B4_TOKEN_EXPIRATION_MIN:=}"            # empty: config.properties' value
-: "${B4_PROTOCOL:=raw}"   # raw .npy bodies; v1 or v2: KServe protocol through TorchServe's envelope
-export VENV B4_HOST B4_INFERENCE_PORT B4_MANAGEMENT_PORT B4_METRICS_PORT B4_MODEL_NAME \
+: "${B4_PROTOCOL:=raw}"   # what deploy's smoke test sends: raw .npy, or KServe v1 / v2 JSON
+: "${B4_ENVELOPE:=}"       # empty: none; kserve or kservev2: TorchServe's envelope (legacy runtime)
+: "${B4_V2_PLUGIN:=auto}"  # the /v2 REST plugin: auto (when a JDK can build it), 1 (required), 0
+: "${B4_PLUGINS_DIR:=$B4_CACHE_DIR/plugins}"  # built frontend plugins (scripts/build_plugin.sh)
+export VENV B4_HOST B4_INFERENCE_PORT B4_MANAGEMENT_PORT B4_METRICS_PORT B4_V2_PORT B4_MODEL_NAME \
   B4_GRPC_INFERENCE_PORT B4_GRPC_MANAGEMENT_PORT \
   B4_RUN_DIR B4_KEY_FILE B4_LOG_DIR B4_TMPDIR B4_MODEL_STORE B4_CACHE_DIR B4_TS_CONFIG \
-  B4_LOG_CONFIG B4_METRICS_CONFIG B4_TOKEN_EXPIRATION_MIN B4_PROTOCOL
+  B4_LOG_CONFIG B4_METRICS_CONFIG B4_TOKEN_EXPIRATION_MIN B4_PROTOCOL B4_ENVELOPE B4_V2_PLUGIN \
+  B4_PLUGINS_DIR
 PY="$VENV/bin/python"
 # `$PY -m b4serve...` works from any directory. deploy.sh starts TorchServe without it, so that
 # workers import b4serve from the archive they serve, never from this checkout.

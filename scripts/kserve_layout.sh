@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Lay out a built archive the way KServe's TorchServe runtime expects it under its storageUri.
+# Lay out a built archive the way our KServe runtime (deploy/kserve/servingruntime.yaml) reads it
+# under the InferenceService's storageUri.
 #
 # Usage: scripts/kserve_layout.sh [MAR]
 #   MAR   archive file name in the model store (b4-<version>.mar); default: the newest b4-*.mar

@@ -21,7 +21,13 @@ import torch
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
-from b4serve.serving.protocol import encode_request, encode_v2_binary, probabilities_of
+from b4serve.serving.protocol import (
+    BINARY_HEADER,
+    OUTPUT_NAME,
+    encode_request,
+    encode_v2_binary,
+    probabilities_of,
+)
 from b4serve.serving.request_ids import Handled, handled_requests
 from b4serve.serving.runtime import load_torchscript
 
@@ -247,8 +253,8 @@ def test_kserve_envelopes_answer_like_the_raw_path(model_dir, rng, protocol, env
     assert response["status"] == 200
     answer = json.loads(response["body"])
     np.testing.assert_allclose(probabilities_of(answer, protocol), raw, atol=1e-6)
-    if protocol == "v2":
-        assert [o["name"] for o in answer["outputs"]] == ["image", "second"]
+    if protocol == "v2":  # the envelope gives each image its own output, named for what it is
+        assert [o["name"] for o in answer["outputs"]] == [OUTPUT_NAME, OUTPUT_NAME]
         assert all(o["datatype"] == "FP32" and o["shape"] == [6] for o in answer["outputs"])
 
 
@@ -267,24 +273,40 @@ def test_a_bad_instance_fails_its_kserve_request_with_the_reason(model_dir, rng)
 def test_kserve_requests_without_an_envelope_share_a_batch_and_fail_alone(service, rng) -> None:
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     binary, headers = encode_v2_binary(image, name="pixels")
+    # as tritonclient sends it by default: binary in, and binary out asked for
+    length = int(headers[BINARY_HEADER])
+    wants_binary = json.loads(binary[:length]) | {"parameters": {"binary_data_output": True}}
+    header = json.dumps(wants_binary).encode()
+    both = header + binary[length:]
     batch = [
         _request(0, encode_npy(image)),
         _request(1, encode_request(image, "v2")[0], "application/json"),
-        {**_request(2, binary),
-         "headers": [{"name": k.encode(), "value": v.encode()} for k, v in headers.items()]},
+        {**_request(2, binary), "headers": _headers(headers)},
         _request(3, encode_request(image, "v1")[0], "application/json"),
         _request(4, b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}'),
+        {**_request(5, both), "headers": _headers({**headers, BINARY_HEADER: str(len(header))})},
     ]  # fmt: skip
     responses = _decode_response(service.predict(batch))
-    assert [r["status"] for r in responses] == [200, 200, 200, 200, 400]
+    assert [r["status"] for r in responses] == [200, 200, 200, 200, 400, 200]
     expected = json.loads(responses[0]["body"])
-    v2_json, v2_binary, v1, bad = (json.loads(r["body"]) for r in responses[1:])
+    v2_json, v2_binary, v1, bad = (json.loads(r["body"]) for r in responses[1:5])
     assert v2_json["model_name"] == "b4" and v2_json["model_version"] == "1"
-    assert v2_binary["outputs"][0]["name"] == "pixels"
+    assert v2_binary["outputs"][0]["name"] == OUTPUT_NAME  # not the input's name
     for probabilities in (v2_json["outputs"][0]["data"], v2_binary["outputs"][0]["data"],
                           v1["predictions"][0]):  # fmt: skip
         np.testing.assert_allclose(probabilities, expected, atol=1e-6)
     assert bad["type"] == "InvalidInput" and "'INT64'" in bad["error"]
+    binary_out = responses[5]
+    assert binary_out["content_type"] == "application/octet-stream"
+    length = int(binary_out["headers"][BINARY_HEADER])
+    (output,) = json.loads(binary_out["body"][:length])["outputs"]
+    assert output["shape"] == [6] and output["parameters"] == {"binary_data_size": 24}
+    np.testing.assert_allclose(np.frombuffer(binary_out["body"][length:], "<f4"), expected,
+                               atol=1e-6)  # fmt: skip
+
+
+def _headers(headers: dict[str, str]) -> list[dict[str, bytes]]:
+    return [{"name": k.encode(), "value": v.encode()} for k, v in headers.items()]
 
 
 def test_each_batch_logs_the_client_id_and_status_of_every_request(service, rng, caplog) -> None:

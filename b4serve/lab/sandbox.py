@@ -109,7 +109,7 @@ class Server:
 
 def server_env(root: Path, token_expiration_min: float | None = None) -> dict[str, str]:
     """Environment for scripts/deploy.sh: everything under ``root``, the demo cache shared."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    inference, management, metrics, v2, grpc_inference, grpc_management = free_ports(6)
     cache = root / "cache"
     cache.mkdir(parents=True)
     DEMO_CACHE.mkdir(parents=True, exist_ok=True)
@@ -121,6 +121,7 @@ def server_env(root: Path, token_expiration_min: float | None = None) -> dict[st
         "B4_INFERENCE_PORT": str(inference),
         "B4_MANAGEMENT_PORT": str(management),
         "B4_METRICS_PORT": str(metrics),
+        "B4_V2_PORT": str(v2),
         "B4_GRPC_INFERENCE_PORT": str(grpc_inference),
         "B4_GRPC_MANAGEMENT_PORT": str(grpc_management),
         "B4_RUN_DIR": str(root / "run"),

@@ -20,6 +20,7 @@ _DEFAULTS = {
     "B4_INFERENCE_PORT": "8080",
     "B4_MANAGEMENT_PORT": "8081",
     "B4_METRICS_PORT": "8082",
+    "B4_V2_PORT": "8083",
     "B4_MODEL_NAME": "b4",
     "B4_PROTOCOL": "raw",
 }
@@ -28,19 +29,21 @@ PROTOCOLS = get_args(Protocol)
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Base URLs of the three TorchServe APIs, the token key file and the served model's name."""
+    """Base URLs of the three TorchServe APIs and of the v2 REST API (plugins/v2), the token key
+    file and the served model's name."""
 
     inference_url: str
     management_url: str
     metrics_url: str
     key_file: Path
     model_name: str = "b4"
-    protocol: Protocol = "raw"  # raw .npy bodies, or KServe v1/v2 under TorchServe's envelope
+    protocol: Protocol = "raw"  # what deploy's smoke test sends: raw .npy, KServe v1 or v2 JSON
+    v2_url: str = "http://127.0.0.1:8083"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Endpoints:
-        """Read ``B4_HOST``, ``B4_*_PORT``, ``B4_RUN_DIR``, ``B4_KEY_FILE``, ``B4_MODEL_NAME``
-        and ``B4_PROTOCOL``.
+        """Read ``B4_HOST``, ``B4_*_PORT`` (``B4_V2_PORT`` among them), ``B4_RUN_DIR``,
+        ``B4_KEY_FILE``, ``B4_MODEL_NAME`` and ``B4_PROTOCOL``.
 
         An empty variable counts as unset, as ``${VAR:-default}`` does in the shell scripts.
         """
@@ -53,6 +56,7 @@ class Endpoints:
             key_file=Path(environ.get("B4_KEY_FILE") or run_dir / "key_file.json"),
             model_name=_env(environ, "B4_MODEL_NAME"),
             protocol=_protocol(environ),
+            v2_url=f"http://{host}:{_port(environ, 'B4_V2_PORT')}",
         )
 
     @property

@@ -478,11 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0 if serving == args.deployed and ready > 0 else 3
         else:
             settings = registration_for(args)
-            if endpoints.protocol != "raw" and settings.batch_size > 1:
-                # TorchServe's KServe envelopes answer only the first request of a server batch
-                print(f"[deploy] {endpoints.protocol} envelope: batch size 1, not "
-                      f"{settings.batch_size}", file=sys.stderr)  # fmt: skip
-                settings = dataclasses.replace(settings, batch_size=1)
             rollout(
                 api,
                 mar=args.mar,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,11 +54,14 @@ class Outcome:
 @dataclass
 class Reply:
     """What goes back for one TorchServe request: the body the handler returns for it (under a
-    KServe envelope, the list of per-image answers the envelope wraps) and its failed images."""
+    KServe envelope, the list of per-image answers the envelope wraps), its failed images, and
+    its content type and extra headers (the v2 binary-data extension's header length)."""
 
     body: Any
     failures: list[tuple[int, InferenceError]]  # (image index in the request, its error)
     images: int = 1
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def error(self) -> InferenceError | None:
@@ -81,11 +84,12 @@ def replies(
         position += len(request.payloads)
         failures = [(i, o.error) for i, o in enumerate(mine) if o.error is not None]
         if protocol != "raw":  # the envelope formats the answers itself
-            body: Any = [outcome.answer(protocol) for outcome in mine]
-        else:
-            results = [(o.probabilities, o.error) for o in mine]
-            body = raw_answer(request, results, model_name, model_version)
-        found.append(Reply(body, failures, len(mine)))
+            body = [outcome.answer(protocol) for outcome in mine]
+            found.append(Reply(body, failures, len(mine)))
+            continue
+        results = [(o.probabilities, o.error) for o in mine]
+        answer = raw_answer(request, results, model_name, model_version)
+        found.append(Reply(answer.body, failures, len(mine), answer.content_type, answer.headers))
     return found
 
 

@@ -1,24 +1,28 @@
-"""KServe's v1 and v2 inference protocols, as TorchServe's envelopes hand them to the handler.
+"""KServe's v1 and v2 inference protocols: requests in, answers out, and the v2 model metadata.
 
-With ``service_envelope=kserve`` (v1) the handler receives the request's ``instances``; with
-``kservev2`` it receives the request's ``inputs`` (``{name, shape, datatype, data}``, BYTES data
-already reduced to its first element); with no envelope, TorchServe's own request dicts holding
-the raw ``.npy`` bytes. This module tells the three apart, turns each item into what
-:meth:`Classifier.decode` takes (``.npy`` bytes or an array) and each answer into what the
-envelope formats. It also builds requests and reads answers in each protocol, for deploy's smoke
-test and for clients.
+Without an envelope (how we serve) the handler takes KServe requests itself, one per TorchServe
+request, so they are batched like ``.npy`` bodies and fail alone (:func:`parse_raw_request`): a
+v1 or v2 JSON body, or v2 with the binary-data extension (header
+``Inference-Header-Content-Length``), on ``/predictions/<model>`` or, through our frontend plugin
+(plugins/v2), on ``/v2/models/<model>/infer``. With TorchServe's ``service_envelope=kserve`` (v1)
+the handler receives the request's ``instances``; with ``kservev2`` its ``inputs`` (BYTES data
+already reduced to its first element). This module tells the forms apart, turns each item into
+what :meth:`Classifier.decode` takes (``.npy`` bytes or an array) and each answer into the
+caller's protocol. It also builds requests and reads answers, for deploy's smoke test and clients.
 
 Accepted items:
 - v1 instance: ``{"data": "<base64 of .npy bytes>"}`` (or ``"b64"``), or the image itself as a
   nested list (integers 0..255 as uint8, floats in [0, 1]).
-- v2 input: datatype UINT8, FP32 or FP64 with shape [H, W, 3] (or [H, W], [H, W, 1|4]), or
-  BYTES holding the base64 of ``.npy`` bytes.
+- v2 input: datatype UINT8, FP32 or FP64 holding one image, shape [H, W, 3] (or [H, W],
+  [H, W, 1|4]), or a batch of them, shape [N, H, W, C]; or BYTES, shape [N], each element the
+  ``.npy`` bytes of one image (base64 in JSON, length-prefixed under the binary-data extension).
+  A request may hold several inputs, whatever their names.
+A v2 answer has one output, :data:`OUTPUT_NAME`, FP32: shape [classes] for a request holding one
+image without a batch dimension, [N, classes] for N images otherwise, in the order sent. It comes
+as JSON, or under the binary-data extension when the request asks for it (``binary_data_output``,
+or ``binary_data`` on the requested output), as tritonclient does by default.
 TorchServe's envelopes answer one request per server batch (they read only the first request),
 so a model behind one must be registered with ``batch_size=1``.
-
-Without an envelope the handler also takes KServe requests itself, one per TorchServe request,
-so they are batched like ``.npy`` bodies and fail alone (:func:`parse_raw_request`): a v1 or v2
-JSON body, or v2 with the binary-data extension (header ``Inference-Header-Content-Length``).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from b4serve.serving.codec import encode_npy
+from b4serve.serving.config import ModelConfig
 from b4serve.serving.errors import (
     InferenceError,
     InvalidInput,
@@ -44,23 +50,35 @@ from b4serve.serving.errors import (
 
 __all__ = [
     "BINARY_HEADER",
+    "INPUT_NAME",
+    "METADATA_FILE",
+    "OUTPUT_NAME",
     "ParsedRequest",
     "Protocol",
+    "RawAnswer",
     "answer_of",
     "detect_protocol",
     "encode_request",
     "encode_v2_binary",
     "header_length",
+    "model_metadata",
     "parse_raw_request",
     "payload_of",
     "probabilities_of",
     "raw_answer",
+    "write_model_metadata",
 ]
 
 Protocol = Literal["raw", "v1", "v2"]
 _V2_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
 # The v2 binary-data extension: the JSON header's length in bytes; the tensors' bytes follow it.
 BINARY_HEADER = "Inference-Header-Content-Length"
+# The v2 names: the input our metadata declares (any name is accepted) and the one output.
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+# v2 model metadata, written into the archive at export; the frontend plugin serves it.
+METADATA_FILE = "v2_metadata.json"
+_PLATFORMS = {"torchscript": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx"}
 
 
 @dataclass
@@ -74,8 +92,19 @@ class ParsedRequest:
 
     payloads: list[object]  # .npy bytes, arrays, or the InferenceError an item failed with
     form: Literal["npy", "v1", "v2"] = "npy"
-    names: list[str] = field(default_factory=list)  # v2 input names, for the outputs
     request_id: str | None = None
+    # v2: one image sent without a batch dimension, answered with shape [classes], not [N, ...]
+    single: bool = False
+    binary_output: bool = False  # v2: answer under the binary-data extension
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """The body of one answer without an envelope, its content type and extra headers."""
+
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def header_length(headers: Mapping[str, str]) -> int | None:
@@ -97,8 +126,8 @@ def parse_raw_request(item: Any, binary_header_length: int | None = None) -> Par
             return _v2_document(*_split_binary(body, binary_header_length))
         if isinstance(body, bytes | bytearray) and body[:1] == b"{":
             return _json_document(bytes(body))
-    except InferenceError as error:
-        return ParsedRequest([error])
+    except InferenceError as error:  # a KServe request, if unusable: KServe's error object
+        return ParsedRequest([error], form="v2")
     return ParsedRequest([body])
 
 
@@ -137,33 +166,74 @@ def _empty() -> InferenceError:
 
 
 def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
+    request_id = document.get("id") if isinstance(document.get("id"), str) else None
+    try:
+        binary_output = _wants_binary_output(document)
+    except InvalidInput as error:
+        return ParsedRequest([error], form="v2", request_id=request_id)
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        return ParsedRequest([_empty()], form="v2")
+        return ParsedRequest([_empty()], form="v2", request_id=request_id)
     payloads: list[object] = []
+    batched = False
     offset = 0
     for tensor in inputs:
         if not isinstance(tensor, dict):
             payloads.append(InvalidInput("each v2 input must be an object"))
             continue
+        batched = batched or _has_batch_dimension(tensor)
         try:
             size = _binary_data_size(tensor)
         except InvalidInput as error:
             payloads.append(error)
             continue
         if size is None:  # JSON data
-            payloads.append(payload_of(tensor, "v2"))
+            payloads.extend(_v2_images(tensor))
             continue
         chunk = binary[offset : offset + size]
         offset += size
-        payloads.append(_binary_tensor(tensor, chunk, size))
+        payloads.extend(_binary_images(tensor, chunk, size))
     if offset < len(binary):  # (too little data is reported by the input it cut short)
         extra = InvalidInput(f"{len(binary) - offset} bytes of binary data no input claims")
         payloads = [extra] * len(payloads)
-    names = [str(t.get("name", f"input-{i}")) if isinstance(t, dict) else f"input-{i}"
-             for i, t in enumerate(inputs)]  # fmt: skip
-    request_id = document.get("id") if isinstance(document.get("id"), str) else None
-    return ParsedRequest(payloads, form="v2", names=names, request_id=request_id)
+    return ParsedRequest(
+        payloads or [_empty()],
+        form="v2",
+        request_id=request_id,
+        single=len(inputs) == 1 and len(payloads) == 1 and not batched,
+        binary_output=binary_output,
+    )
+
+
+def _wants_binary_output(document: dict[str, Any]) -> bool:
+    """Whether the answer goes under the binary-data extension; refuses unknown outputs."""
+    parameters = document.get("parameters")
+    wanted = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
+    requested = document.get("outputs")
+    if requested is None:
+        return wanted
+    if not isinstance(requested, list):
+        raise InvalidInput(f'"outputs" must be a list of requested outputs, got {requested!r}')
+    for output in requested:
+        name = output.get("name") if isinstance(output, dict) else None
+        if name != OUTPUT_NAME:
+            raise InvalidInput(
+                f"unknown output {name!r}: this model has one output, {OUTPUT_NAME!r}"
+            )
+        options = output.get("parameters")
+        if isinstance(options, dict) and "binary_data" in options:
+            wanted = options["binary_data"] is True
+    return wanted
+
+
+def _has_batch_dimension(tensor: dict[str, Any]) -> bool:
+    """A leading image dimension: [N, H, W, C] tensors, BYTES of shape [N] with N != 1."""
+    shape = tensor.get("shape")
+    if not isinstance(shape, list):
+        return False
+    if str(tensor.get("datatype")) == "BYTES":
+        return shape != [1]
+    return len(shape) == 4
 
 
 def _binary_data_size(tensor: dict[str, Any]) -> int | None:
@@ -183,32 +253,55 @@ def _binary_data_size(tensor: dict[str, Any]) -> int | None:
     return size
 
 
-def _binary_tensor(tensor: dict[str, Any], chunk: memoryview, size: int) -> object:
-    """One input's bytes under the binary-data extension: raw little-endian tensor, or BYTES
-    elements each preceded by its 4-byte little-endian length (the first one is the .npy)."""
+def _binary_images(tensor: dict[str, Any], chunk: memoryview, size: int) -> list[object]:
+    """One input's images under the binary-data extension: a raw little-endian tensor, or BYTES
+    elements each preceded by its 4-byte little-endian length (each the .npy of one image)."""
     name = tensor.get("name")
     if len(chunk) < size:
-        return InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
+        return [
+            InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
+        ]
     datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
-    if datatype == "BYTES":
-        if size < 4:
-            return InvalidInput(f"input {name!r}: BYTES data needs a 4-byte length")
-        (length,) = struct.unpack_from("<I", chunk)
-        if length > size - 4:
-            return InvalidInput(
-                f"input {name!r}: BYTES element of {length} bytes overruns the data"
-            )
-        return bytes(chunk[4 : 4 + length])
-    if datatype not in _V2_DTYPES:
-        return _unsupported_datatype(name, datatype)
-    dtype = np.dtype(_V2_DTYPES[datatype]).newbyteorder("<")
     try:
-        shape = tuple(int(side) for side in tensor.get("shape", ()))
-        if int(np.prod(shape)) * dtype.itemsize != size or min(shape, default=0) < 0:
+        shape = _shape(tensor)
+        if datatype == "BYTES":
+            return list(_bytes_elements(chunk, int(np.prod(shape))))
+        if datatype not in _V2_DTYPES:
+            return [_unsupported_datatype(name, datatype)]
+        dtype = np.dtype(_V2_DTYPES[datatype]).newbyteorder("<")
+        if int(np.prod(shape)) * dtype.itemsize != size:
             raise ValueError(f"{size} bytes do not hold a {datatype} tensor of shape {list(shape)}")
-        return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        return _split_batch(np.frombuffer(chunk, dtype=dtype).reshape(shape))
     except (TypeError, ValueError) as error:
-        return InvalidInput(f"input {name!r}: {error}")
+        return [InvalidInput(f"input {name!r}: {error}")]
+
+
+def _bytes_elements(chunk: memoryview, count: int) -> list[bytes]:
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(chunk):
+        if len(chunk) - offset < 4:
+            raise ValueError("BYTES data needs a 4-byte length before each element")
+        (length,) = struct.unpack_from("<I", chunk, offset)
+        if length > len(chunk) - offset - 4:
+            raise ValueError(f"BYTES element of {length} bytes overruns the data")
+        elements.append(bytes(chunk[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    if len(elements) != count or not elements:
+        raise ValueError(f"{len(elements)} BYTES elements for shape of {count}")
+    return elements
+
+
+def _shape(tensor: dict[str, Any]) -> tuple[int, ...]:
+    shape = tuple(int(side) for side in tensor.get("shape", ()))
+    if min(shape, default=0) < 0:
+        raise ValueError(f"shape {list(shape)} has a negative side")
+    return shape
+
+
+def _split_batch(array: np.ndarray) -> list[object]:
+    """The images of one tensor: itself, or each [H, W, C] of an [N, H, W, C] batch."""
+    return list(array) if array.ndim == 4 else [array]
 
 
 def detect_protocol(items: list[Any]) -> Protocol:
@@ -233,8 +326,9 @@ def _is_torchserve_request(item: Any) -> bool:
 
 
 def payload_of(item: Any, protocol: Literal["v1", "v2"]) -> object:
-    """``.npy`` bytes or an ndarray for one KServe instance or input; an
-    :class:`InferenceError` if it is unusable. (Raw requests: :func:`parse_raw_request`.)
+    """``.npy`` bytes or an ndarray for one KServe instance, or for an input under the kservev2
+    envelope (one image each); an :class:`InferenceError` if it is unusable. (Without an
+    envelope: :func:`parse_raw_request`.)
 
     Errors are returned, not raised, so the caller can fail that item alone.
     """
@@ -244,6 +338,27 @@ def payload_of(item: Any, protocol: Literal["v1", "v2"]) -> object:
         return _v1_payload(item)
     except InferenceError as error:
         return error
+
+
+def _v2_images(tensor: dict[str, Any]) -> list[object]:
+    """The images of one v2 input with JSON data (one, or N of a batch); each error alone."""
+    datatype = str(tensor.get("datatype"))
+    data = tensor.get("data")
+    if datatype == "BYTES" and isinstance(data, list):
+        try:
+            count = int(np.prod(_shape(tensor)))
+        except (TypeError, ValueError) as error:
+            return [InvalidInput(f"input {tensor.get('name')!r}: {error}")]
+        if count != len(data) or not data:
+            name = tensor.get("name")
+            return [
+                InvalidInput(f"input {name!r}: {len(data)} BYTES elements for shape of {count}")
+            ]
+        return [payload_of({**tensor, "data": element}, "v2") for element in data]
+    try:
+        return _split_batch(_v2_payload(tensor))
+    except InferenceError as error:
+        return [error]
 
 
 def answer_of(
@@ -265,25 +380,51 @@ def raw_answer(
     results: list[tuple[list[float] | None, InferenceError | None]],
     model_name: str,
     model_version: str,
-) -> bytes:
-    """The JSON body answering one request without an envelope, in the form it came in."""
+) -> RawAnswer:
+    """The answer to one request without an envelope, in the form it came in."""
     if request.form == "npy":
         ((probabilities, error),) = results
-        return answer_of(probabilities, error, "raw")
+        return RawAnswer(answer_of(probabilities, error, "raw"))
     failed = next((error for _, error in results if error is not None), None)
     if failed is not None:  # KServe's error object (v1 and v2), with our fields beside it
         body = {"error": f"{failed.type}: {failed.message}", **error_fields(failed)}
-        return json.dumps(body).encode()
+        return RawAnswer(json.dumps(body).encode())
     if request.form == "v1":
-        return json.dumps({"predictions": [p for p, _ in results]}).encode()
-    outputs = [
-        {"name": name, "datatype": "FP32", "shape": [len(p or [])], "data": p}
-        for name, (p, _) in zip(request.names, results, strict=True)
-    ]
+        return RawAnswer(json.dumps({"predictions": [p for p, _ in results]}).encode())
+    rows = np.asarray([p for p, _ in results], dtype=np.float32)
+    probabilities = rows[0] if request.single else rows
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.request_id:
         document["id"] = request.request_id
-    return json.dumps({**document, "outputs": outputs}).encode()
+    output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32",
+                              "shape": list(probabilities.shape)}  # fmt: skip
+    if not request.binary_output:
+        output["data"] = probabilities.ravel().tolist()
+        return RawAnswer(json.dumps({**document, "outputs": [output]}).encode())
+    data = probabilities.astype("<f4").tobytes()
+    output["parameters"] = {"binary_data_size": len(data)}
+    header = json.dumps({**document, "outputs": [output]}).encode()
+    return RawAnswer(header + data, "application/octet-stream", {BINARY_HEADER: str(len(header))})
+
+
+def model_metadata(config: ModelConfig) -> dict[str, Any]:
+    """The v2 model metadata of an exported model: platform, the input, the one output.
+
+    The input declared is the plain tensor form; a request may also send FP32/FP64 pixels in
+    [0, 1], BYTES holding ``.npy`` bytes, or a batch [N, H, W, 3] (module docstring).
+    """
+    return {
+        "platform": _PLATFORMS.get(config.runtime, config.runtime),
+        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, -1, 3]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [config.num_classes]}],
+    }
+
+
+def write_model_metadata(config: ModelConfig, directory: str | Path) -> Path:
+    """Write :func:`model_metadata` as ``v2_metadata.json`` into ``directory`` (the archive's)."""
+    path = Path(directory) / METADATA_FILE
+    path.write_text(json.dumps(model_metadata(config), indent=2) + "\n")
+    return path
 
 
 def _raw_body(item: Any) -> object:
@@ -312,7 +453,7 @@ def _v1_payload(instance: Any) -> object:
     raise InvalidInput(f"a v1 instance must be an object or a nested list, not {kind}")
 
 
-def _v2_payload(tensor: dict[str, Any]) -> object:
+def _v2_payload(tensor: dict[str, Any]) -> Any:
     datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     data = tensor.get("data")
     if datatype == "BYTES":
@@ -336,7 +477,7 @@ def _v2_payload(tensor: dict[str, Any]) -> object:
 def _unsupported_datatype(name: object, datatype: object) -> InvalidInput:
     return InvalidInput(
         f"input {name!r} has datatype {datatype!r}; send {', '.join(_V2_DTYPES)} [H, W, 3] "
-        "or BYTES (.npy)"
+        "(or [N, H, W, 3]) or BYTES (.npy)"
     )
 
 
@@ -363,7 +504,9 @@ def _base64_npy(text: str | bytes | bytearray, where: str) -> bytes:
         ) from None
 
 
-def encode_request(image: np.ndarray, protocol: Protocol, name: str = "image") -> tuple[bytes, str]:
+def encode_request(
+    image: np.ndarray, protocol: Protocol, name: str = INPUT_NAME
+) -> tuple[bytes, str]:
     """A request body and its content type carrying ``image`` in ``protocol``."""
     if protocol == "raw":
         return encode_npy(image), "application/octet-stream"
@@ -378,7 +521,7 @@ def encode_request(image: np.ndarray, protocol: Protocol, name: str = "image") -
     return json.dumps({"inputs": [tensor]}).encode(), "application/json"
 
 
-def encode_v2_binary(image: np.ndarray, name: str = "image") -> tuple[bytes, dict[str, str]]:
+def encode_v2_binary(image: np.ndarray, name: str = INPUT_NAME) -> tuple[bytes, dict[str, str]]:
     """A v2 request carrying ``image`` with the binary-data extension, and its headers."""
     datatype = {np.dtype(v): k for k, v in _V2_DTYPES.items()}.get(image.dtype)
     if datatype is None:
@@ -392,9 +535,19 @@ def encode_v2_binary(image: np.ndarray, name: str = "image") -> tuple[bytes, dic
 
 
 def probabilities_of(answer: Any, protocol: Protocol) -> list[list[float]]:
-    """The probability lists in a parsed JSON answer, one per image sent."""
+    """The probability lists in a parsed JSON answer, one per image sent.
+
+    A v2 answer's :data:`OUTPUT_NAME` rows, from one [N, classes] output or (under TorchServe's
+    kservev2 envelope) one [classes] output per image.
+    """
     if protocol == "raw":
         return [answer]
     if protocol == "v1":
         return list(answer["predictions"])
-    return [output["data"] for output in answer["outputs"]]
+    rows: list[list[float]] = []
+    for output in answer["outputs"]:
+        if output["name"] == OUTPUT_NAME:
+            shape = output["shape"]
+            data = np.asarray(output["data"], dtype=np.float64).reshape(shape)
+            rows.extend(data.reshape(-1, shape[-1]).tolist())
+    return rows

@@ -148,13 +148,19 @@ def test_serves_our_config_in_the_foreground() -> None:
     assert argv[argv.index("--ts-config") + 1] == f"{workdir}/config.properties"
     assert argv[argv.index("--log-config") + 1] == f"{workdir}/log4j.properties"
     assert argv[argv.index("--model-store") + 1] == f"{workdir}/model-store"
+    # the v2 plugin, built into that directory by scripts/build_plugin.sh
+    plugins = argv[argv.index("--plugins-path") + 1]
+    assert any(f"B4_PLUGINS_DIR={plugins} scripts/build_plugin.sh" in run
+               for run in instructions("RUN"))  # fmt: skip
 
 
-def test_exposes_inference_only_never_management_or_metrics() -> None:
+def test_exposes_inference_and_v2_never_management_or_metrics() -> None:
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV")).replace("\\", " ")))
     exposed = {int(port) for port in " ".join(instructions("EXPOSE")).split()}
     ports = {key: int(env[key].rsplit(":", 1)[1]) for key in env if key.endswith("_ADDRESS")}
-    assert exposed == {ports["TS_INFERENCE_ADDRESS"]}  # `docker run -P` publishes no more
+    public = ("TS_INFERENCE_ADDRESS", "B4_V2_ADDRESS")  # `docker run -P` publishes no more
+    assert exposed == {ports[key] for key in public}
+    assert ports["B4_V2_ADDRESS"] == int(env["B4_V2_PORT"])
     assert env["TS_MANAGEMENT_ADDRESS"].startswith("http://127.0.0.1:")
     assert ports["TS_INFERENCE_ADDRESS"] == int(env["B4_INFERENCE_PORT"])
     assert ports["TS_MANAGEMENT_ADDRESS"] == int(env["B4_MANAGEMENT_PORT"])

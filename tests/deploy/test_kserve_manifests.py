@@ -1,11 +1,13 @@
 """deploy/kserve: manifests valid against KServe's and Kubernetes' schemas, offline and strictly,
-and pointing at exactly the layout scripts/build_mar.sh + scripts/kserve_layout.sh produce.
+naming our own runtime (never KServe's kserve-torchserve), and pointing at exactly the layout
+scripts/build_mar.sh + scripts/kserve_layout.sh produce and the image our Dockerfile builds.
 
-Schemas: the InferenceService is checked against the models the ``kserve`` SDK generates from
-KServe's OpenAPI spec (``openapi_types`` / ``attribute_map``, read from the installed files with
-``ast``: importing ``kserve`` needs its whole server stack); Kubernetes types inside it and core
-resources against ``kubernetes-validate``'s strict JSON schemas. Unknown fields, wrong types and
-missing required fields fail, as ``kubectl apply --validate=strict`` would.
+Schemas: the InferenceService and the (Cluster)ServingRuntime are checked against the models the
+``kserve`` SDK generates from KServe's OpenAPI spec (``openapi_types`` / ``attribute_map``, read
+from the installed files with ``ast``: importing ``kserve`` needs its whole server stack);
+Kubernetes types inside them and core resources against ``kubernetes-validate``'s strict JSON
+schemas. Unknown fields, wrong types and missing required fields fail, as ``kubectl apply
+--validate=strict`` would.
 """
 
 from __future__ import annotations
@@ -36,17 +38,15 @@ KSERVE_DIR = ROOT / "deploy" / "kserve"
 TEMPLATE = KSERVE_DIR / "config.properties"
 K8S_VERSION = "1.33"
 MODEL = "b4"
-# KServe's kserve-torchserve ClusterServingRuntime (config/runtimes/kserve-torchserve.yaml) starts
-# torchserve with --model-store=/mnt/models/model-store and
-# --ts-config=/mnt/models/config/config.properties, and annotates pods with
-# prometheus.kserve.io/port "8082"; its wrapper serves KServe's data plane on 8080 (HTTP) and 8081
-# (gRPC) in the same container.
+RUNTIME = "b4serve-torchserve"
+# KServe mounts (or downloads) storageUri at /mnt/models; our runtime's args read the layout
+# scripts/kserve_layout.sh writes there.
 MOUNT = "/mnt/models"
 CONFIG_PATH = "config/config.properties"
 STORE_DIR = "model-store"
 METRICS_PORT = 8082
-WRAPPER_PORTS = {8080, 8081}
-ENVELOPES = {"v1": "kserve", "v2": "kservev2", "grpc-v2": "kservev2"}
+# Where our image (Dockerfile) keeps the built v2 plugin and our log4j file.
+IMAGE_HOME = "/opt/b4"
 # Keys that mean the same on a laptop and in the cluster: the root config.properties is their home.
 SHARED_KEYS = (
     "metrics_mode",
@@ -114,8 +114,13 @@ class Validator:
 
     def validate(self, manifest: dict[str, Any]) -> None:
         """Raise SchemaError unless ``manifest`` is valid for its apiVersion and kind."""
-        if manifest.get("apiVersion") == "serving.kserve.io/v1beta1":
-            self.check(manifest, f"V1beta1{manifest.get('kind')}", manifest.get("kind", "?"))
+        group, _, version = str(manifest.get("apiVersion")).partition("/")
+        if group == "serving.kserve.io":
+            kind = manifest.get("kind", "?")
+            type_name = f"{version[:1].upper()}{version[1:]}{kind}"  # V1beta1InferenceService
+            if type_name not in self.models:
+                raise SchemaError(f"{kind}: KServe's SDK has no {manifest['apiVersion']} {kind}")
+            self.check(manifest, type_name, kind)
             return
         try:
             kubernetes_validate.validate(manifest, self.k8s_version, strict=True)
@@ -220,6 +225,16 @@ def predictor_model() -> dict[str, Any]:
     return manifest("InferenceService")["spec"]["predictor"]["model"]
 
 
+def runtime_container() -> dict[str, Any]:
+    (container,) = manifest("ServingRuntime")["spec"]["containers"]
+    return container
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """``--name=value`` arguments as a mapping (``--foreground`` and the like map to "")."""
+    return dict(arg.partition("=")[::2] for arg in args if arg.startswith("--"))
+
+
 # --- config.properties -----------------------------------------------------------------------
 
 
@@ -253,9 +268,15 @@ def test_every_manifest_is_valid_for_its_kind(
     validator.validate(document)
 
 
-def test_manifests_cover_inference_service_volume_and_network_policy() -> None:
+def test_manifests_cover_runtimes_inference_service_volume_and_network_policy() -> None:
     kinds = sorted(doc["kind"] for _, doc in manifests())
-    assert kinds == ["InferenceService", "NetworkPolicy", "PersistentVolumeClaim"]
+    assert kinds == [
+        "ClusterServingRuntime",
+        "InferenceService",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "ServingRuntime",
+    ]
 
 
 MUTATIONS = {
@@ -289,6 +310,42 @@ def test_broken_inference_service_is_rejected(validator: Validator, mutation: st
         validator.validate(broken)
 
 
+RUNTIME_MUTATIONS = {
+    "unknown spec field": (("spec",), "supportedModelFormat", []),
+    "unknown container field": (("spec", "containers", 0), "arguments", ["torchserve"]),
+    "containers as a mapping": (("spec",), "containers", {"name": "kserve-container"}),
+    "port as a string": (("spec", "containers", 0, "ports", 0), "containerPort", "8080"),
+    "autoSelect as a string": (("spec", "supportedModelFormats", 0), "autoSelect", "false"),
+    "protocol versions as a string": (("spec",), "protocolVersions", "v2"),
+    "annotation value as a number": (("spec", "annotations"), "prometheus.kserve.io/port", 8082),
+}
+
+
+@pytest.mark.parametrize("kind", ["ServingRuntime", "ClusterServingRuntime"])
+@pytest.mark.parametrize("mutation", RUNTIME_MUTATIONS, ids=list(RUNTIME_MUTATIONS))
+def test_broken_runtime_is_rejected(validator: Validator, kind: str, mutation: str) -> None:
+    keys, field, value = RUNTIME_MUTATIONS[mutation]
+    broken = copy.deepcopy(manifest(kind))
+    target = broken
+    for key in keys:
+        target = target[key]
+    target[field] = value
+    with pytest.raises(SchemaError, match=re.escape(field)):
+        validator.validate(broken)
+
+
+@pytest.mark.parametrize("kind", ["ServingRuntime", "ClusterServingRuntime"])
+def test_runtime_without_containers_or_of_an_unknown_version_is_rejected(
+    validator: Validator, kind: str
+) -> None:
+    broken = copy.deepcopy(manifest(kind))
+    del broken["spec"]["containers"]
+    with pytest.raises(SchemaError, match="missing required field containers"):
+        validator.validate(broken)
+    with pytest.raises(SchemaError, match=re.escape("no serving.kserve.io/v1beta1")):
+        validator.validate({**manifest(kind), "apiVersion": "serving.kserve.io/v1beta1"})
+
+
 def test_inference_service_without_model_format_is_rejected(validator: Validator) -> None:
     broken = copy.deepcopy(manifest("InferenceService"))
     del broken["spec"]["predictor"]["model"]["modelFormat"]
@@ -309,25 +366,52 @@ def test_broken_network_policy_is_rejected(validator: Validator, field: str, val
 # --- tests: what the manifests say -------------------------------------------------------------
 
 
-def test_predictor_uses_kserve_torchserve_runtime_with_matching_envelope() -> None:
+def test_predictor_uses_our_runtime_never_kserves_torchserve() -> None:
     model = predictor_model()
-    assert model["modelFormat"]["name"] == "pytorch"
-    assert model["runtime"] == "kserve-torchserve"
-    # The archive was built by torch-model-archiver 0.12 for TorchServe 0.12.
-    assert model["runtimeVersion"].startswith("0.12.")
-    # KServe passes the envelope of the protocolVersion as TS_SERVICE_ENVELOPE; the file's value
-    # is the fallback and must be the same.
-    envelope = read_properties(TEMPLATE)["service_envelope"]
-    assert ENVELOPES[model["protocolVersion"]] == envelope
+    assert model["runtime"] == RUNTIME != "kserve-torchserve"
+    assert "runtimeVersion" not in model  # the runtime's image is ours, not KServe's
+    for kind in ("ServingRuntime", "ClusterServingRuntime"):
+        runtime = manifest(kind)
+        assert runtime["metadata"]["name"] == RUNTIME
+        formats = runtime["spec"]["supportedModelFormats"]
+        assert model["modelFormat"]["name"] in [f["name"] for f in formats]
+        assert all(f["autoSelect"] is False for f in formats)  # other pytorch models keep theirs
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
 
 
-def test_readiness_probe_asks_the_wrapper_for_model_b4() -> None:
-    probe = predictor_model()["readinessProbe"]["httpGet"]
-    assert probe["port"] == 8080
-    protocol = predictor_model()["protocolVersion"]
-    expected = f"/v2/models/{MODEL}/ready" if protocol == "v2" else f"/v1/models/{MODEL}"
-    assert probe["path"] == expected
-    assert "httpHeaders" not in probe  # no token: TorchServe's token auth is off in the pod
+def test_cluster_runtime_is_the_namespaced_runtime_cluster_wide() -> None:
+    assert manifest("ClusterServingRuntime")["spec"] == manifest("ServingRuntime")["spec"]
+
+
+def test_runtime_serves_the_layout_with_our_plugin_on_the_v2_port() -> None:
+    container = runtime_container()
+    assert container["name"] == "kserve-container"  # where KServe merges the predictor's fields
+    args = container["args"]
+    assert args[0] == "torchserve" and "--foreground" in args  # the container's main process
+    options = flags(args)
+    assert options["--model-store"] == f"{MOUNT}/{STORE_DIR}"
+    assert options["--ts-config"] == f"{MOUNT}/{CONFIG_PATH}"
+    assert options["--plugins-path"] == f"{IMAGE_HOME}/plugins"
+    assert options["--log-config"] == f"{IMAGE_HOME}/log4j.properties"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"B4_PLUGINS_DIR={IMAGE_HOME}/plugins" in dockerfile  # the image has it built there
+    assert "COPY config.properties log4j.properties metrics.yaml ./" in dockerfile
+    (port,) = container["ports"]
+    config = read_properties(TEMPLATE)
+    assert host_port(config["b4_v2_address"]) == ("0.0.0.0", port["containerPort"])
+    assert port["name"] == "http1"  # Knative's name for an HTTP/1 serving port
+    annotations = manifest("ServingRuntime")["spec"]["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == METRICS_PORT
+    assert container["resources"] == predictor_model()["resources"]  # the same pod either way
+
+
+def test_probes_ask_the_v2_listener_for_model_b4_without_a_token() -> None:
+    port = runtime_container()["ports"][0]["containerPort"]
+    readiness = predictor_model()["readinessProbe"]["httpGet"]
+    liveness = predictor_model()["livenessProbe"]["httpGet"]
+    assert readiness == {"path": f"/v2/models/{MODEL}/ready", "port": port}
+    assert liveness == {"path": "/v2/health/live", "port": port}
+    assert read_properties(TEMPLATE)["disable_token_authorization"] == "true"
 
 
 def test_resources_fit_b4_on_cpu_and_threads_follow_the_cpu_limit() -> None:
@@ -348,14 +432,16 @@ def test_autoscaling_keeps_a_warm_replica_and_scales_on_concurrency() -> None:
     assert predictor["enableServiceLinks"] is False  # no stray TS_* variables
 
 
-def test_network_policy_selects_the_predictor_and_opens_the_metrics_port() -> None:
+def test_network_policy_opens_the_v2_and_metrics_ports_only() -> None:
     policy = manifest("NetworkPolicy")
     isvc = manifest("InferenceService")
     labels = policy["spec"]["podSelector"]["matchLabels"]
     assert labels == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
     ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
-    assert METRICS_PORT in ports
-    assert 8085 not in ports  # TorchServe's own APIs never leave the pod
+    assert {runtime_container()["ports"][0]["containerPort"], METRICS_PORT} <= ports
+    config = read_properties(TEMPLATE)
+    inside = {host_port(config[key])[1] for key in ("inference_address", "management_address")}
+    assert not inside & ports  # TorchServe's own APIs never leave the pod
 
 
 def test_storage_uri_is_a_version_directory_on_the_claim() -> None:
@@ -366,17 +452,18 @@ def test_storage_uri_is_a_version_directory_on_the_claim() -> None:
 # --- tests: config.properties -----------------------------------------------------------------
 
 
-def test_config_keeps_torchserve_inside_the_pod_and_metrics_scrapable() -> None:
+def test_config_keeps_torchserve_inside_the_pod_and_serves_v2_without_an_envelope() -> None:
     config = read_properties(TEMPLATE)
-    inference = host_port(config["inference_address"])
-    assert inference == host_port(config["management_address"])  # one loopback port for both
-    assert inference[0] == "127.0.0.1"
-    assert inference[1] not in WRAPPER_PORTS
+    v2_port = runtime_container()["ports"][0]["containerPort"]
+    for key in ("inference_address", "management_address"):
+        host, port = host_port(config[key])
+        assert host == "127.0.0.1" and port not in (v2_port, METRICS_PORT), key
     assert host_port(config["metrics_address"]) == ("0.0.0.0", METRICS_PORT)
-    assert config["grpc_inference_address"] == "127.0.0.1"
-    assert int(config["grpc_inference_port"]) not in WRAPPER_PORTS
+    assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
+    assert "service_envelope" not in config  # the handler reads v2 itself, batched
+    # The image's TS_* and B4_V2_ADDRESS defaults (Dockerfile ENV) must not override this file.
+    assert config["enable_envvars_config"] == "false"
     assert config["model_store"] == f"{MOUNT}/{STORE_DIR}"
-    assert config["enable_envvars_config"] == "true"
     assert config["disable_token_authorization"] == "true"
     assert config["enable_model_api"] == "false"
     assert config["metrics_config"] == f"{MOUNT}/config/metrics.yaml"  # laid out beside it
@@ -400,10 +487,8 @@ def test_snapshot_registers_b4_with_the_registration_defaults() -> None:
     assert entry["maxBatchDelay"] == defaults.max_batch_delay_ms
     assert entry["responseTimeout"] == defaults.response_timeout_s
     assert int(config["default_response_timeout"]) == defaults.response_timeout_s
-    # KServe's envelopes (ts/torch_handler/request_envelope/kserve*.py) parse only the first
-    # request of a TorchServe batch and answer once: any batchSize above 1 fails whole batches
-    # with 503. A client batches instead by sending several inputs in one request.
-    assert entry["batchSize"] == 1
+    # No envelope: requests from many clients share batches, as on the local server.
+    assert entry["batchSize"] == defaults.batch_size
 
 
 # --- tests: the layout, from the real scripts ----------------------------------------------------

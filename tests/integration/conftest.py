@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from b4serve.lab.sandbox import Server, server_env
+from b4serve.lab.sandbox import ROOT, Server, server_env
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def v2_plugin() -> None:
+    """Fail with the reason if deploy.sh cannot build the v2 plugin (it would serve without)."""
+    check = subprocess.run([str(ROOT / "scripts" / "build_plugin.sh"), "--check"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    if check.returncode != 0:
+        pytest.fail(f"the v2 API tests need the plugin: {check.stderr.strip()}")

@@ -1,13 +1,12 @@
-"""KServe v1 and v2 on real TorchServe, with and without its envelopes, against the raw path.
+"""KServe requests on real TorchServe: without an envelope (how we serve), and under TorchServe's
+kservev2 envelope, which KServe's retired TorchServe runtime turned on.
 
-Each protocol gets a throwaway server started by scripts/deploy.sh with B4_PROTOCOL set (so
-TorchServe runs with service_envelope=kserve or kservev2); the session server (raw .npy bodies)
-gives the reference answers for the same demo model.
+The session server (no envelope) gives the reference answers for the demo model; a throwaway
+server started by scripts/deploy.sh with B4_ENVELOPE=kservev2 runs the envelope.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 
@@ -18,9 +17,9 @@ import requests
 from b4serve.lab.demo import generate_images
 from b4serve.lab.sandbox import Server, server_env
 from b4serve.serving.codec import encode_npy
-from b4serve.serving.protocol import encode_request, encode_v2_binary
+from b4serve.serving.protocol import OUTPUT_NAME, encode_request, encode_v2_binary
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("v2_plugin")]
 
 IMAGES, _ = generate_images(per_class=1, seed=21)
 
@@ -37,91 +36,75 @@ def raw_answers(server: Server) -> list[list[float]]:
     return answers
 
 
-@pytest.fixture(scope="module", params=["v1", "v2"])
-def enveloped(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp(f"kserve-{request.param}")
-    server = Server(env={**server_env(root), "B4_PROTOCOL": request.param}, root=root)
+@pytest.fixture(scope="module")
+def enveloped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("kservev2")
+    env = {**server_env(root), "B4_ENVELOPE": "kservev2", "B4_PROTOCOL": "v2"}
+    server = Server(env=env, root=root)
     try:
-        # its smoke test already speaks the protocol; the runtime is not what this tests
+        # its smoke test already speaks v2 JSON through the envelope; the runtime is not tested here
         server.deploy(B4_RUNTIME="torchscript")
         yield server
     finally:
         server.stop()
 
 
-def post_json(server: Server, payload: dict) -> requests.Response:
-    headers = {"Content-Type": "application/json", **server.keys.auth_headers("inference")}
-    return requests.post(server.endpoints.predictions_url, data=json.dumps(payload),
-                         headers=headers, timeout=120)  # fmt: skip
+def post(server: Server, url: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    auth = server.keys.auth_headers("inference")
+    return requests.post(url, data=body, headers={**headers, **auth}, timeout=120)
 
 
-def b64_npy(image: np.ndarray) -> str:
-    return base64.b64encode(encode_npy(image)).decode()
+def test_the_envelope_answers_json_with_outputs_named_for_what_they_are(
+    enveloped: Server, raw_answers: list[list[float]]
+) -> None:
+    first, second = encode_request(IMAGES[0], "v2")[0], encode_request(IMAGES[1], "v2")[0]
+    inputs = [json.loads(first)["inputs"][0], json.loads(second)["inputs"][0] | {"name": "b"}]
+    body = json.dumps({"id": "req-7", "inputs": inputs}).encode()
+    v2_infer = f"{enveloped.endpoints.v2_url}/v2/models/b4/infer"
+    response = post(enveloped, v2_infer, body, {"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["id"] == "req-7" and answer["model_name"] == "b4"
+    # the envelope gives each input its own output; the handler names them all the same
+    assert [o["name"] for o in answer["outputs"]] == [OUTPUT_NAME, OUTPUT_NAME]
+    assert all(o["datatype"] == "FP32" and o["shape"] == [6] for o in answer["outputs"])
+    np.testing.assert_allclose([o["data"] for o in answer["outputs"]], raw_answers, atol=1e-5)
 
 
-def test_kserve_request_answers_equal_the_raw_path(enveloped: Server, raw_answers) -> None:
-    first, second = IMAGES[0], IMAGES[1]
-    if enveloped.env["B4_PROTOCOL"] == "v1":
-        payload = {"instances": [{"data": b64_npy(first)}, {"data": b64_npy(second)}]}
-        response = post_json(enveloped, payload)
-        assert response.status_code == 200, response.text
-        served = response.json()["predictions"]
-    else:
-        payload = {"id": "req-7", "inputs": [
-            {"name": "tensor", "shape": list(first.shape), "datatype": "UINT8",
-             "data": first.ravel().tolist()},
-            {"name": "npy", "shape": [1], "datatype": "BYTES", "data": [b64_npy(second)]},
-        ]}  # fmt: skip
-        response = post_json(enveloped, payload)
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        assert answer["id"] == "req-7" and answer["model_name"] == "b4"
-        assert [o["name"] for o in answer["outputs"]] == ["tensor", "npy"]
-        assert all(o["datatype"] == "FP32" and o["shape"] == [6] for o in answer["outputs"])
-        served = [o["data"] for o in answer["outputs"]]
-    np.testing.assert_allclose(served, raw_answers, atol=1e-5)
-
-
-def test_a_bad_kserve_input_gets_a_clear_4xx_and_the_server_goes_on(enveloped: Server) -> None:
-    if enveloped.env["B4_PROTOCOL"] == "v1":
-        bad = {"instances": [{"data": b64_npy(np.full((8, 8, 3), np.nan, np.float32))}]}
-    else:
-        bad = {
-            "inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]
-        }
-    response = post_json(enveloped, bad)
-    assert response.status_code == 400
-    assert "InvalidInput" in response.text
-    good = {"instances": [{"data": b64_npy(IMAGES[2])}]} if enveloped.env["B4_PROTOCOL"] == "v1" \
-        else {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
-                          "data": [b64_npy(IMAGES[2])]}]}  # fmt: skip
-    assert post_json(enveloped, good).status_code == 200
+def test_a_binary_body_under_the_envelope_gets_a_clear_415_and_the_server_goes_on(
+    enveloped: Server,
+) -> None:
+    binary, headers = encode_v2_binary(IMAGES[0])
+    v2_infer = f"{enveloped.endpoints.v2_url}/v2/models/b4/infer"
+    refused = post(enveloped, v2_infer, binary, headers)
+    assert refused.status_code == 415
+    assert "kservev2 envelope, which reads JSON bodies only" in refused.json()["error"]
+    bad = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]}
+    invalid = post(enveloped, v2_infer, json.dumps(bad).encode(), {})
+    assert invalid.status_code == 400 and "InvalidInput" in invalid.text
+    good, content_type = encode_request(IMAGES[2], "v2")
+    assert post(enveloped, v2_infer, good, {"Content-Type": content_type}).status_code == 200
 
 
 def test_kserve_requests_without_an_envelope_match_the_raw_path(
-    server: Server, raw_answers
+    server: Server, raw_answers: list[list[float]]
 ) -> None:
     # The session server runs without an envelope: the handler reads KServe requests itself,
     # binary-data extension included, and batches them with everything else.
-    auth = server.keys.auth_headers("inference")
     image = IMAGES[0]
     binary, binary_headers = encode_v2_binary(image, name="pixels")
     v2_json, json_type = encode_request(image, "v2")
     v1_json, _ = encode_request(image, "v1")
+    url = server.endpoints.predictions_url
     sent = [(binary, binary_headers), (v2_json, {"Content-Type": json_type}),
             (v1_json, {"Content-Type": json_type})]  # fmt: skip
-    answers = [
-        requests.post(server.endpoints.predictions_url, data=body, headers={**h, **auth},
-                      timeout=120)
-        for body, h in sent
-    ]  # fmt: skip
+    answers = [post(server, url, body, headers) for body, headers in sent]
     assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
     binary_answer, json_answer, v1_answer = (a.json() for a in answers)
-    assert binary_answer["outputs"][0]["name"] == "pixels"
+    assert binary_answer["outputs"][0]["name"] == OUTPUT_NAME  # not the input's name
     assert binary_answer["model_name"] == "b4"
     for probabilities in (binary_answer["outputs"][0]["data"], json_answer["outputs"][0]["data"],
                           v1_answer["predictions"][0]):  # fmt: skip
         np.testing.assert_allclose(probabilities, raw_answers[0], atol=1e-5)
-    truncated = requests.post(server.endpoints.predictions_url, data=binary[:-10],
-                              headers={**binary_headers, **auth}, timeout=60)  # fmt: skip
+    truncated = post(server, url, binary[:-10], binary_headers)
     assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]

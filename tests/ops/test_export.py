@@ -69,6 +69,9 @@ def test_export_writes_a_scripted_model_equal_to_eager_and_its_metadata(trained,
     assert config.class_names == tuple("abcdef")
     labels = json.loads((output.parent / "index_to_name.json").read_text())
     assert labels == {str(i): name for i, name in enumerate("abcdef")}
+    metadata = json.loads((output.parent / "v2_metadata.json").read_text())  # for /v2/models/b4
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [6]}]
+    assert metadata["platform"] == "pytorch_torchscript"
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_raw_request_body_takes_data_then_body() -> None:
 def test_replies_regroup_images_into_their_requests() -> None:
     requests = [
         ParsedRequest([b"npy"]),
-        ParsedRequest([b"a", b"b"], form="v2", names=["a", "b"]),
+        ParsedRequest([b"a", b"b"], form="v2"),
         ParsedRequest([b"bad"]),
     ]
     outcomes = [Outcome([0.5, 0.5]), Outcome([1.0, 0.0]), Outcome(error=InvalidInput("no")),
@@ -98,6 +98,11 @@ def test_replies_regroup_images_into_their_requests() -> None:
     assert second.failures == [(1, outcomes[2].error)] and second.images == 2
     assert json.loads(second.body)["error"] == "InvalidInput: no"
     assert third.error is outcomes[3].error
+    assert first.content_type == second.content_type == "application/json"
+    binary = ParsedRequest([b"a"], form="v2", single=True, binary_output=True)
+    (answer,) = replies([binary], [Outcome([0.5, 0.5])], "raw", "b4", "7")
+    assert answer.content_type == "application/octet-stream"
+    assert int(answer.headers["Inference-Header-Content-Length"]) == len(answer.body) - 8
 
 
 def test_under_an_envelope_one_reply_holds_every_images_answer() -> None:

@@ -11,18 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from b4serve.serving.codec import decode_npy, encode_npy
+from b4serve.serving.config import ModelConfig
 from b4serve.serving.errors import InferenceError, InvalidInput, UnsupportedMediaType
 from b4serve.serving.protocol import (
+    BINARY_HEADER,
+    OUTPUT_NAME,
     ParsedRequest,
     answer_of,
     detect_protocol,
     encode_request,
     encode_v2_binary,
     header_length,
+    model_metadata,
     parse_raw_request,
     payload_of,
     probabilities_of,
     raw_answer,
+    write_model_metadata,
 )
 
 # Keys KServe requests use, so generated documents reach the parser's deeper paths.
@@ -109,8 +114,13 @@ def test_requests_built_for_each_protocol_decode_back_to_the_image(protocol) -> 
 def test_probabilities_are_read_from_each_answer_form() -> None:
     assert probabilities_of([0.5, 0.5], "raw") == [[0.5, 0.5]]
     assert probabilities_of({"predictions": [[0.5, 0.5]]}, "v1") == [[0.5, 0.5]]
-    answer = {"outputs": [{"name": "image", "datatype": "FP32", "shape": [2], "data": [0.5, 0.5]}]}
-    assert probabilities_of(answer, "v2") == [[0.5, 0.5]]
+    one = {"outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [2], "data": [0.5, 0.5]}]}
+    assert probabilities_of(one, "v2") == [[0.5, 0.5]]
+    two = {"outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [2, 2],
+                        "data": [1.0, 0.0, 0.25, 0.75]}]}  # fmt: skip
+    assert probabilities_of(two, "v2") == [[1.0, 0.0], [0.25, 0.75]]
+    # TorchServe's kservev2 envelope: one output per image
+    assert probabilities_of({"outputs": one["outputs"] * 2}, "v2") == [[0.5, 0.5]] * 2
 
 
 # --- KServe requests without an envelope: one per TorchServe request ---------------------------
@@ -124,7 +134,7 @@ def test_a_raw_npy_body_is_one_image() -> None:
 def test_v2_json_and_v1_json_bodies_are_kserve_requests() -> None:
     body, _ = encode_request(IMAGE, "v2")
     v2 = parse_raw_request({"body": body})
-    assert v2.form == "v2" and v2.names == ["image"]
+    assert v2.form == "v2" and v2.single and not v2.binary_output
     assert np.array_equal(v2.payloads[0], IMAGE)
     v1 = parse_raw_request({"body": encode_request(IMAGE, "v1")[0]})
     assert v1.form == "v1" and decode_npy(v1.payloads[0], 10**6).shape == (4, 5, 3)
@@ -171,19 +181,123 @@ def test_unusable_kserve_bodies_get_clear_errors() -> None:
     assert header_length({"Content-Type": "application/json"}) is None
 
 
+def answer_json(request: ParsedRequest, results: list) -> dict:
+    answer = raw_answer(request, results, "b4", "abc")
+    assert answer.content_type == "application/json" and answer.headers == {}
+    return json.loads(answer.body)
+
+
 def test_raw_answers_are_kserve_documents() -> None:
-    v2 = ParsedRequest([IMAGE], form="v2", names=["image"], request_id="r1")
-    answer = json.loads(raw_answer(v2, [([0.25, 0.75], None)], "b4", "abc"))
+    v2 = ParsedRequest([IMAGE], form="v2", request_id="r1", single=True)
+    answer = answer_json(v2, [([0.25, 0.75], None)])
     assert answer == {"model_name": "b4", "model_version": "abc", "id": "r1", "outputs": [
-        {"name": "image", "datatype": "FP32", "shape": [2], "data": [0.25, 0.75]}]}  # fmt: skip
-    failed = json.loads(raw_answer(v2, [(None, InvalidInput("NaN"))], "b4", "abc"))
+        {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [2], "data": [0.25, 0.75]}]}  # fmt: skip
+    failed = answer_json(v2, [(None, InvalidInput("NaN"))])
     assert failed["error"] == "InvalidInput: NaN" and failed["code"] == 400
     v1 = ParsedRequest([IMAGE, IMAGE], form="v1")
-    ok = json.loads(raw_answer(v1, [([1.0, 0.0], None), ([0.0, 1.0], None)], "b4", "1"))
+    ok = answer_json(v1, [([1.0, 0.0], None), ([0.0, 1.0], None)])
     assert ok == {"predictions": [[1.0, 0.0], [0.0, 1.0]]}
-    one_bad = json.loads(raw_answer(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))], "b4", "1"))
+    one_bad = answer_json(v1, [([1.0, 0.0], None), (None, InvalidInput("x"))])
     assert one_bad == {"error": "InvalidInput: x", "code": 400, "type": "InvalidInput",
                        "message": "x"}  # fmt: skip
+
+
+def b64(image: np.ndarray) -> str:
+    return base64.b64encode(encode_npy(image)).decode()
+
+
+def test_several_images_in_one_v2_request_answer_one_output_with_a_row_each() -> None:
+    batch = np.stack([IMAGE, IMAGE + 1])
+    document = {"inputs": [
+        {"name": "a", "shape": [4, 5, 3], "datatype": "UINT8", "data": IMAGE.ravel().tolist()},
+        {"name": "b", "shape": [2, 4, 5, 3], "datatype": "UINT8", "data": batch.ravel().tolist()},
+        {"name": "c", "shape": [2], "datatype": "BYTES", "data": [b64(IMAGE), b64(IMAGE + 2)]},
+    ]}  # fmt: skip
+    request = parse_raw_request({"body": json.dumps(document).encode()})
+    assert len(request.payloads) == 5 and not request.single
+    np.testing.assert_array_equal(request.payloads[2], IMAGE + 1)
+    np.testing.assert_array_equal(decode_npy(request.payloads[4], 10**6), IMAGE + 2)
+    rows = [[0.1 * i, 1 - 0.1 * i] for i in range(5)]
+    answer = answer_json(request, [(row, None) for row in rows])
+    (output,) = answer["outputs"]
+    assert output["name"] == OUTPUT_NAME and output["shape"] == [5, 2]
+    np.testing.assert_allclose(probabilities_of(answer, "v2"), rows, rtol=1e-6)
+    # a batch of one keeps its batch dimension: [1, classes]
+    alone = {"inputs": [document["inputs"][1] | {"shape": [1, 4, 5, 3],
+                                                 "data": IMAGE.ravel().tolist()}]}  # fmt: skip
+    one = parse_raw_request({"body": json.dumps(alone).encode()})
+    assert not one.single
+    assert answer_json(one, [([0.5, 0.5], None)])["outputs"][0]["shape"] == [1, 2]
+
+
+def test_binary_bytes_inputs_carry_several_npy_elements() -> None:
+    npys = [encode_npy(IMAGE), encode_npy(IMAGE + 3)]
+    data = b"".join(len(n).to_bytes(4, "little") + n for n in npys)
+    tensor = {"name": "npy", "shape": [2], "datatype": "BYTES",
+              "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    request = parse_raw_request({"body": header + data}, len(header))
+    assert [decode_npy(p, 10**6)[0, 0, 0] for p in request.payloads] == [0, 3]
+    short = {**tensor, "shape": [3]}
+    header = json.dumps({"inputs": [short]}).encode()
+    (error,) = parse_raw_request({"body": header + data}, len(header)).payloads
+    assert isinstance(error, InvalidInput) and "2 BYTES elements for shape of 3" in error.message
+
+
+@pytest.mark.parametrize(
+    ("document", "binary"),
+    [
+        ({"parameters": {"binary_data_output": True}}, True),  # tritonclient, no outputs named
+        ({"outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}]}, True),
+        ({"outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": False}}]}, False),
+        ({"outputs": [{"name": OUTPUT_NAME}]}, False),
+        ({}, False),
+    ],
+)
+def test_binary_output_is_what_the_request_asks_for(document: dict, binary: bool) -> None:
+    body, headers = encode_v2_binary(IMAGE)
+    header = json.loads(body[: header_length(headers)])
+    header.update(document)
+    text = json.dumps(header).encode()
+    request = parse_raw_request({"body": text + body[header_length(headers) :]}, len(text))
+    assert request.binary_output is binary
+    answer = raw_answer(request, [([0.25, 0.75], None)], "b4", "abc")
+    if not binary:
+        assert json.loads(answer.body)["outputs"][0]["data"] == [0.25, 0.75]
+        return
+    length = int(answer.headers[BINARY_HEADER])
+    assert answer.content_type == "application/octet-stream"
+    (output,) = json.loads(answer.body[:length])["outputs"]
+    assert output == {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [2],
+                      "parameters": {"binary_data_size": 8}}  # fmt: skip
+    np.testing.assert_array_equal(np.frombuffer(answer.body[length:], "<f4"), [0.25, 0.75])
+
+
+def test_an_unknown_requested_output_fails_the_request_naming_ours() -> None:
+    body, _ = encode_request(IMAGE, "v2")
+    document = {**json.loads(body), "outputs": [{"name": "image"}]}
+    request = parse_raw_request({"body": json.dumps(document).encode()})
+    (error,) = request.payloads
+    assert isinstance(error, InvalidInput)
+    assert f"unknown output 'image': this model has one output, '{OUTPUT_NAME}'" in error.message
+
+
+def test_model_metadata_declares_the_input_and_the_output_answers_use(tmp_path) -> None:
+    config = ModelConfig.for_arch("efficientnet_b4", 6)
+    metadata = model_metadata(config)
+    assert metadata == {
+        "platform": "pytorch_torchscript",
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [6]}],
+    }
+    path = write_model_metadata(config, tmp_path)
+    assert path.name == "v2_metadata.json" and json.loads(path.read_text()) == metadata
+    # what the metadata declares is what a request gets back
+    body, _ = encode_request(np.zeros((8, 8, 3), np.uint8), "v2")
+    answer = answer_json(parse_raw_request({"body": body}), [([1 / 6] * 6, None)])
+    (output,) = answer["outputs"]
+    declared = metadata["outputs"][0]
+    assert {k: output[k] for k in declared} == declared
 
 
 JSON = st.recursive(
