@@ -32,7 +32,12 @@ from b4serve.ops.parity import ParityProbe
 from b4serve.serving.archs import ARCHS, arch_spec
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import WARM_UP_CALLS, Classifier
-from b4serve.serving.runtime import RUNTIMES, OnnxRuntimeModel, load_model, load_torchscript
+from b4serve.serving.runtime import (
+    OnnxRuntimeModel,
+    load_runtime_file,
+    load_torchscript,
+    runtime_spec,
+)
 
 __all__ = [
     "FORMS",
@@ -172,7 +177,9 @@ def measure(arch: str, folder: Path, *, onnx: bool) -> dict[str, float]:
         calls=WARM_UP_CALLS,
     )
     if onnx:
-        row["onnx"] = probe.difference(OnnxRuntimeModel(output.with_name(RUNTIMES["onnxruntime"])))
+        row["onnx"] = probe.difference(
+            OnnxRuntimeModel(output.with_name(runtime_spec("onnxruntime").file))
+        )
     other = _other_padding(arch)
     row["as " + other] = probe.difference(_rebuilt(other, module))
     # the worker's path (decode, normalise, flip TTA) on uint8 images, against the user's own
@@ -180,8 +187,10 @@ def measure(arch: str, folder: Path, *, onnx: bool) -> dict[str, float]:
     expected = flip_tta_reference(module, images, arch_spec(arch).mean, arch_spec(arch).std)
     for runtime in ["torchscript", "onnxruntime"] if onnx else ["torchscript"]:
         runtime_config = dataclasses.replace(config, runtime=runtime)
-        path = output.with_name(RUNTIMES[runtime])
-        classifier = Classifier(load_model(path, runtime_config, cpu), runtime_config, cpu)
+        path = output.with_name(runtime_spec(runtime).file)
+        classifier = Classifier(
+            load_runtime_file(runtime, path, runtime_config, cpu), runtime_config, cpu
+        )
         got = np.array([outcome.probabilities for outcome in classifier.classify(list(images))])
         row[f"tta {runtime}"] = float(np.abs(got - expected).max())
     return row

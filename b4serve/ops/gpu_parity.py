@@ -23,7 +23,7 @@ from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.gpu import DTYPES, DeviceBatches, load_device_torchscript
 from b4serve.serving.pipeline import Classifier, Outcome
-from b4serve.serving.runtime import load_model
+from b4serve.serving.runtime import load_runtime_file
 
 __all__ = [
     "PROBABILITY_TOLERANCE",
@@ -86,7 +86,7 @@ def measure_gpu_parity(
     if images is None:
         images = list(check_images(config.input_size))
     bodies = [encode_npy(image) for image in images]
-    reference = Classifier(load_model(model_path, config, CPU), config, CPU)
+    reference = Classifier(load_runtime_file("torchscript", model_path, config, CPU), config, CPU)
     model = load_device_torchscript(model_path, device, config.gpu_precision)
     dtype = DTYPES[config.gpu_precision]
     on_device = Classifier(model, config, device, DeviceBatches(model, config, device, dtype))

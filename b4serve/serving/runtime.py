@@ -204,7 +204,13 @@ def load_model(
 
 def load_runtime(runtime: str, directory: Path, config: ModelConfig, device: torch.device) -> Model:
     """``runtime``'s model from its file in ``directory``, set up as ``config`` says."""
-    path = directory / runtime_spec(runtime).file
+    return load_runtime_file(runtime, directory / runtime_spec(runtime).file, config, device)
+
+
+def load_runtime_file(
+    runtime: str, path: str | Path, config: ModelConfig, device: torch.device
+) -> Model:
+    """``runtime``'s model from the file ``path``, set up as ``config`` says (no host check)."""
     if runtime == "torchscript" and device.type == "cuda" and config.optimize:
         from b4serve.serving.gpu import load_device_torchscript  # imports this module
 

@@ -151,7 +151,9 @@ def test_each_variant_saved_the_seeds_way_exports_equal_to_the_users_module(
     module = user_module(arch, seed=3)
     checkpoint = save_checkpoint(module, "module", tmp_path / "seed.pth")
     output = tmp_path / "out" / "model.pt"
-    assert export(checkpoint, output, "--trust-checkpoint", "--no-optimize") == 0
+    # the runtime is not what this tests (tests/ops/test_runtimes.py is): the reference alone
+    pinned = ("--runtime", "torchscript")
+    assert export(checkpoint, output, "--trust-checkpoint", "--no-optimize", *pinned) == 0
     printed = capsys.readouterr().out
     assert "TorchScript model.pt reproduces your module: max |logit difference|" in printed
     config = ModelConfig.load(output.parent)
@@ -253,7 +255,7 @@ def test_a_tf_b4_saved_the_seeds_way_is_served_as_itself_not_as_efficientnet_b4(
     module = user_module("tf_efficientnet_b4_ns", seed=6)
     checkpoint = save_checkpoint(module, "module", tmp_path / "seed.pth")
     output = tmp_path / "model.pt"
-    assert export(checkpoint, output, "--trust-checkpoint") == 0
+    assert export(checkpoint, output, "--trust-checkpoint", "--runtime", "torchscript") == 0
     captured = capsys.readouterr()
     assert "your module is tf_efficientnet_b4 (b4 widths and depths, TensorFlow 'same' " \
         "padding, batch-norm eps 0.001)" in captured.out  # fmt: skip

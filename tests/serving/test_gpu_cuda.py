@@ -15,7 +15,7 @@ from torch import nn
 from b4serve.ops.gpu_parity import check_gpu_parity
 from b4serve.serving.gpu import DTYPES
 from b4serve.serving.pipeline import Classifier
-from b4serve.serving.runtime import load_model
+from b4serve.serving.runtime import load_runtime_file
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,7 +73,9 @@ def probabilities(outcomes) -> np.ndarray:
 def test_the_model_loads_frozen_in_half_precision_with_cudnn_autotuning(
     model_path, config, precision
 ) -> None:
-    model = load_model(model_path, dataclasses.replace(config, gpu_precision=precision), CUDA)
+    model = load_runtime_file(
+        "torchscript", model_path, dataclasses.replace(config, gpu_precision=precision), CUDA
+    )
     assert not hasattr(model, "features")  # frozen
     assert torch.backends.cudnn.benchmark
     batch = torch.rand(2, 3, 32, 32, device=CUDA).to(DTYPES[precision])
@@ -83,10 +85,10 @@ def test_the_model_loads_frozen_in_half_precision_with_cudnn_autotuning(
 
 
 def test_the_cuda_path_answers_like_the_cpu_path_batch_after_batch(model_path, config, rng):
-    on_gpu = Classifier(load_model(model_path, config, CUDA), config, CUDA)
+    on_gpu = Classifier(load_runtime_file("torchscript", model_path, config, CUDA), config, CUDA)
     assert on_gpu.device_batches is not None and on_gpu.device_batches.dtype == torch.float16
     on_gpu.warm_up()
-    reference = Classifier(load_model(model_path, config, CPU), config, CPU)
+    reference = Classifier(load_runtime_file("torchscript", model_path, config, CPU), config, CPU)
     first = mixed_bodies(rng, config.input_size)
     second = uint8_bodies(rng, config.input_size, 8)  # reuses the pinned buffer at once
     for bodies in (first, second, first):
@@ -109,7 +111,9 @@ def test_a_real_out_of_memory_in_torchscript_gives_507_and_the_worker_goes_on(
     tmp_path, config, rng
 ) -> None:
     path = scripted(tmp_path / "hungry.pt", HungryInScript(limit=4))
-    classifier = Classifier(load_model(path, config, CUDA), with_buckets(config, 2, 4), CUDA)
+    classifier = Classifier(
+        load_runtime_file("torchscript", path, config, CUDA), with_buckets(config, 2, 4), CUDA
+    )
     bodies = uint8_bodies(rng, config.input_size, 3)
     outcomes = classifier.classify(bodies)  # 3 images, padded to 4, with mirrors: 8 > 4
     assert [o.status for o in outcomes] == [507] * 3
