@@ -15,8 +15,11 @@
 #   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, B4_METRICS_CONFIG,
 #   B4_PROTOCOL (raw: .npy bodies; v1 or v2: the server starts with TorchServe's KServe
 #   envelope for that protocol, and the model is registered with batch size 1), VENV.
-# Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
-# registered beside the old version, made the default once it answers, then the old one retired.
+# Starts TorchServe if it is not running, under a supervisor that starts it again within seconds
+# if it dies, with the versions it had (logs: $B4_LOG_DIR/supervisor.log); `torchserve --stop`
+# stops both. Running it twice changes nothing; a new checkpoint is registered beside the old
+# version, made the default once it answers, then the old one retired. Refuses to start when
+# config.properties' memory cannot hold its worst case (python -m b4serve.ops.budget shows it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -34,35 +37,18 @@ if [ -z "$checkpoint" ]; then
 fi
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
 [ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
+# The frontend's memory must hold its worst case with these workers and batches (config.properties).
+budget_args=(--config "$B4_TS_CONFIG")
+[ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
+[ -n "${B4_BATCH_SIZE:-}" ] && budget_args+=(--batch-size "$B4_BATCH_SIZE")
+"$PY" -m b4serve.ops.budget "${budget_args[@]}" >/dev/null
 
 start_server() {
-  mkdir -p "$B4_RUN_DIR" "$B4_LOG_DIR" "$B4_MODEL_STORE"
-  local tmp_env=()
-  # TMPDIR holds the pid file, TEMP becomes the JVM's tmpdir (worker sockets, unpacked archives).
-  [ -n "$B4_TMPDIR" ] && mkdir -p "$B4_TMPDIR" && tmp_env=(TMPDIR="$B4_TMPDIR" TEMP="$B4_TMPDIR")
-  local envelope_env=()
-  case "$B4_PROTOCOL" in
-    raw) ;;
-    v1) envelope_env=(TS_SERVICE_ENVELOPE=kserve) ;;
-    v2) envelope_env=(TS_SERVICE_ENVELOPE=kservev2) ;;
-    *) die "B4_PROTOCOL must be raw, v1 or v2, not $B4_PROTOCOL" ;;
-  esac
-  local expiry_env=()
-  [ -n "$B4_TOKEN_EXPIRATION_MIN" ] && expiry_env=(TS_TOKEN_EXPIRATION_TIME_MIN="$B4_TOKEN_EXPIRATION_MIN")
-  log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
-  # The server writes key_file.json into its working directory: the run dir. setsid detaches
-  # it, so Ctrl-C on this script does not stop the server.
-  (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" "${envelope_env[@]}" \
-    LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
-    TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
-    TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \
-    TS_METRICS_ADDRESS="http://$B4_HOST:$B4_METRICS_PORT" \
-    TS_GRPC_INFERENCE_PORT="$B4_GRPC_INFERENCE_PORT" \
-    TS_GRPC_MANAGEMENT_PORT="$B4_GRPC_MANAGEMENT_PORT" \
-    TS_METRICS_CONFIG="$B4_METRICS_CONFIG" \
-    setsid "$VENV/bin/torchserve" --start --ncs --ts-config "$B4_TS_CONFIG" \
-      --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" \
-      >>"$B4_LOG_DIR/console.log" 2>&1 </dev/null)
+  # Under its supervisor (b4serve/ops/supervise.py): checks that the ports are free, quotes
+  # TorchServe's reason if it refuses to start, and starts it again if it dies (with the models
+  # of TorchServe's snapshot). `torchserve --stop` stops both. setsid inside: Ctrl-C on this
+  # script stops neither.
+  "$PY" -m b4serve.ops.supervise start
   manage --timeout 120 wait-ping
 }
 

@@ -12,10 +12,10 @@ from b4serve.serving.archs import arch_spec
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "LABELS_FILE",
+    "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
     "META_FILE",
     "ModelConfig",
-    "max_body_bytes",
 ]
 
 META_FILE = "model_meta.json"
@@ -25,14 +25,13 @@ LABELS_FILE = "index_to_name.json"  # TorchServe's conventional name for the cla
 DEFAULT_MAX_PIXELS = 2048 * 2048
 # np.save writes ~128-byte headers; anything far larger is hostile, refused before parsing.
 MAX_HEADER_BYTES = 4096
-_WIDEST_ITEMSIZE = 8  # float64
-_MOST_CHANNELS = 4  # RGBA
-
-
-def max_body_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Size of the largest body the decoder accepts: a float64 RGBA image of ``max_pixels``."""
-    # magic (6) + version (2) + header length field (<= 4) + header + data
-    return 12 + MAX_HEADER_BYTES + max_pixels * _MOST_CHANNELS * _WIDEST_ITEMSIZE
+# The largest request body, in bytes, that any path accepts (.npy, KServe JSON, v2 binary): a
+# uint8 RGBA image of DEFAULT_MAX_PIXELS as .npy, the largest header included. Images held in
+# memory are mostly uint8; every body the frontend holds counts against its memory budget
+# (b4serve/ops/budget.py), so float images are accepted up to this size, not up to the pixel
+# limit. config.properties' max_request_size is this number (tests keep the two equal).
+# magic (6) + version (2) + header length field (<= 4) + header + data
+MAX_BODY_BYTES = 12 + MAX_HEADER_BYTES + DEFAULT_MAX_PIXELS * 4
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,20 @@ def test_503_gives_up_after_the_retry_budget(server: FakeTorchServe) -> None:
     assert [r.ok for r in results] == [True, False, True]
 
 
+def test_a_worker_that_died_with_the_batch_is_retried_within_the_same_budget(
+    server: FakeTorchServe,
+) -> None:
+    server.worker_died = {1: 2}
+    results = run(server, [image(0), image(1)])
+    assert [r.probabilities for r in results] == [expected_probabilities(i) for i in range(2)]
+    assert [r.attempts for r in results] == [1, 3]
+    # urllib3's retries (503) and ours (worker died) share one budget: 2 retries, 3 failures
+    server.fail_503, server.worker_died = {2: 1}, {2: 2}
+    [result] = run(server, [image(2)], retry=RetryPolicy(retries=2, backoff_s=0))
+    assert result.error is not None and result.error["status"] == 500
+    assert result.attempts == 3
+
+
 def test_dropped_connection_is_retried(server: FakeTorchServe) -> None:
     server.drop = {0: 1, 2: 2}
     results = run(server, [image(i) for i in range(3)], concurrency=2)
@@ -238,14 +252,23 @@ def test_without_token_auth_no_key_is_needed_or_sent(tmp_path: Path) -> None:
 # --- progress and CLI -------------------------------------------------------------------------
 
 
-def test_progress_line_counts_inputs_on_stderr(
+def test_progress_line_counts_inputs_and_failures_on_stderr(
     server: FakeTorchServe, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    server.reject = {3: (400, b'{"code": 400, "type": "InvalidInput", "message": "no"}')}
     run(server, [image(i) for i in range(5)], progress=True)
     err = capsys.readouterr().err
-    assert "\r5/5 " in err
+    assert "| 5/5 [" in err  # tqdm's line: done/total, elapsed<ETA, rate
     assert "img/s" in err
+    assert "1 failed" in err
     assert err.endswith("\n")
+
+
+def test_progress_is_quiet_when_stderr_is_not_a_terminal(
+    server: FakeTorchServe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(server, [image(i) for i in range(3)], progress=None)  # pytest's stderr is no terminal
+    assert capsys.readouterr().err == ""
 
 
 def write_inputs(directory: Path, idents: list[int]) -> list[str]:

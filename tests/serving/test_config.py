@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig, max_body_bytes
+from b4serve.serving.config import MAX_BODY_BYTES, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +45,8 @@ def test_model_config_refuses_inconsistent_values() -> None:
         ModelConfig.for_arch("efficientnet_b4", 3, malloc_keep_mb=2048)
 
 
-def test_max_request_size_is_the_largest_body_the_decoder_accepts() -> None:
-    assert int(server_properties()["max_request_size"]) == max_body_bytes(DEFAULT_MAX_PIXELS)
+def test_max_request_size_is_the_largest_body_the_handler_accepts() -> None:
+    assert int(server_properties()["max_request_size"]) == MAX_BODY_BYTES
 
 
 def test_server_defaults_are_safe() -> None:
