@@ -92,14 +92,14 @@ class Budget:
         if "vmargs" not in properties:
             raise ValueError("the config sets no vmargs: the JVM would size its heap from RAM")
         heap, direct = jvm_memory(properties["vmargs"])
-        return cls(
-            heap=heap,
-            direct=direct,
-            body=int(properties.get("max_request_size", 6553500)),
-            queue=int(properties.get("job_queue_size", 100)),
-            netty_threads=int(properties.get("number_of_netty_threads", 0)),
-            **settings,
-        )
+        values = {
+            "heap": heap,
+            "direct": direct,
+            "body": int(properties.get("max_request_size", 6553500)),
+            "queue": int(properties.get("job_queue_size", 100)),
+            "netty_threads": int(properties.get("number_of_netty_threads", 0)),
+        }
+        return cls(**{**values, **settings})
 
     @property
     def threads(self) -> int:

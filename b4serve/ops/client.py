@@ -34,6 +34,7 @@ from urllib3.util.retry import Retry
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileError, bearer, is_invalid_key_response
+from b4serve.serving.config import MAX_BODY_BYTES
 
 __all__ = [
     "ImageInput",
@@ -199,15 +200,24 @@ def _error(status: int | None, kind: str, message: str) -> dict[str, Any]:
     return {"status": status, "type": kind, "message": message}
 
 
-def _response_error(response: requests.Response) -> dict[str, Any]:
-    """The ``{"code", "type", "message"}`` body TorchServe and our handler send, else the text."""
+def _response_error(response: requests.Response, sent_bytes: int) -> dict[str, Any]:
+    """The ``{"code", "type", "message"}`` body TorchServe and our handler send, else the text.
+
+    TorchServe's HTTP layer refuses a body over its ``max_request_size`` with an empty 413
+    before reading it: that one is explained here."""
     try:
         body = response.json()
     except ValueError:
         body = None
     if isinstance(body, dict) and "message" in body:
         return _error(response.status_code, str(body.get("type", "HTTPError")), body["message"])
-    return _error(response.status_code, "HTTPError", response.text.strip()[:500] or response.reason)
+    text = response.text.strip()[:500]
+    if response.status_code == 413 and not text:
+        return _error(413, "PayloadTooLarge", (
+            f"the server refused the {sent_bytes}-byte body unread: it is over its "
+            f"max_request_size ({MAX_BODY_BYTES} bytes by default, a 2048x2048 RGBA uint8 image); "
+            "send uint8 pixels, or a smaller image"))  # fmt: skip
+    return _error(response.status_code, "HTTPError", text or response.reason)
 
 
 def _probabilities(response: requests.Response) -> list[float]:
@@ -330,7 +340,7 @@ class _Predictor:
                 return _Attempt(_probabilities(response), None, "done", sent)
             except ValueError as exc:
                 return _Attempt(None, _error(200, "UnexpectedResponse", str(exc)), "done", sent)
-        error = _response_error(response)
+        error = _response_error(response, len(body))
         if key and is_invalid_key_response(response):
             return _Attempt(None, error, "renew", sent)
         return _Attempt(None, error, "retry" if _worker_died(error) else "done", sent)

@@ -35,9 +35,11 @@ from pathlib import Path
 import psutil
 
 __all__ = [
+    "Holder",
     "Launch",
     "Life",
     "StartError",
+    "describe",
     "latest_snapshot",
     "port_holder",
     "restart_config",
@@ -71,6 +73,7 @@ _REASON = re.compile(
     r"Address already in use|Failed"
 )
 _NOT_A_REASON = "is using non-default JVM parameters"
+_SNAPSHOT_NAME = re.compile(r"\d{17}-\w+\.cfg")
 
 
 class StartError(RuntimeError):
@@ -205,17 +208,18 @@ class Launch:
 # --- TorchServe's snapshot -----------------------------------------------------------------------
 
 
-def latest_snapshot(directory: Path, since: float = 0.0) -> Path | None:
-    """TorchServe's newest snapshot (``<yyyyMMddHHmmssSSS>-<kind>.cfg``, newest by the time in
-    its name, as TorchServe picks) among those written at or after ``since`` (epoch seconds)."""
+def _snapshots(directory: Path) -> list[Path]:
+    """TorchServe's snapshot files (``<yyyyMMddHHmmssSSS>-<kind>.cfg``), oldest first."""
     if not directory.is_dir():
-        return None
-    found = [
-        path
-        for path in directory.glob("*.cfg")
-        if re.fullmatch(r"\d{17}-\w+\.cfg", path.name) and path.stat().st_mtime >= since
-    ]
-    return max(found, key=lambda path: path.name[:17], default=None)
+        return []
+    found = [path for path in directory.glob("*.cfg") if _SNAPSHOT_NAME.fullmatch(path.name)]
+    return sorted(found, key=lambda path: path.name[:17])  # by the time in the name, as TS does
+
+
+def latest_snapshot(directory: Path, since: float = 0.0) -> Path | None:
+    """TorchServe's newest snapshot among those written at or after ``since`` (epoch s)."""
+    recent = [path for path in _snapshots(directory) if path.stat().st_mtime >= since]
+    return recent[-1] if recent else None
 
 
 def _java_unescape(value: str) -> str:
@@ -265,30 +269,44 @@ def restart_config(base: Path, snapshot: Path | None, out: Path) -> Path:
 
 
 def prune_snapshots(directory: Path, keep: int = _SNAPSHOTS_KEPT) -> None:
-    snapshots = (
-        sorted(directory.glob("*.cfg"), key=lambda path: path.name) if directory.is_dir() else []
-    )
-    for old in snapshots[:-keep]:
+    for old in _snapshots(directory)[:-keep]:
         old.unlink(missing_ok=True)
 
 
 # --- processes and ports -------------------------------------------------------------------------
 
 
-def _describe(pid: int) -> str:
-    """``TorchServe (pid 12, run dir /srv/.run, TMPDIR /tmp/ts)`` or ``pid 12 (nginx)``."""
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds a port or a pid file, and how to stop it if it is a TorchServe."""
+
+    text: str
+    stop: str | None = None
+
+    def advice(self) -> str:
+        how = f"`{self.stop}`" if self.stop else "`TMPDIR=<its TMPDIR> torchserve --stop`"
+        return (
+            f"stop that server ({how}), or give this one other ports (B4_*_PORT) and its own "
+            "B4_TMPDIR"
+        )
+
+
+def describe(pid: int) -> Holder:
+    """``TorchServe pid 12 (run dir /srv/.run, TMPDIR /tmp/ts)`` or ``pid 12 (nginx ...)``."""
     try:
         process = psutil.Process(pid)
         cmdline = process.cmdline()
         if _TORCHSERVE_MAIN in cmdline:
-            tmpdir = process.environ().get("TMPDIR") or "unset"
-            return f"TorchServe (pid {pid}, run dir {process.cwd()}, TMPDIR {tmpdir})"
-        return f"pid {pid} ({' '.join(cmdline)[:80] or process.name()})"
+            tmpdir = process.environ().get("TMPDIR")
+            stop = f"TMPDIR={tmpdir} torchserve --stop" if tmpdir else "torchserve --stop"
+            where = f"run dir {process.cwd()}, TMPDIR {tmpdir or 'unset'}"
+            return Holder(f"TorchServe pid {pid} ({where})", stop)
+        return Holder(f"pid {pid} ({' '.join(cmdline)[:80] or process.name()})")
     except psutil.Error:
-        return f"pid {pid}"
+        return Holder(f"pid {pid}")
 
 
-def port_holder(host: str, port: int) -> str | None:
+def port_holder(host: str, port: int) -> Holder | None:
     """Who holds ``host:port``, or None when it is free to bind."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -308,8 +326,8 @@ def port_holder(host: str, port: int) -> str | None:
             and connection.laddr.port == port
             and connection.pid
         ):
-            return _describe(connection.pid)
-    return "a process this user cannot see (`sudo ss -ltnp` names it)"
+            return describe(connection.pid)
+    return Holder("a process this user cannot see (`sudo ss -ltnp` names it)")
 
 
 def pid_from_file(path: Path) -> int | None:
@@ -374,6 +392,7 @@ def live(launch: Launch, config: Path, stop: _Stop, say: Callable[[str], None]) 
     launch.make_dirs()
     if launch.pid_file.is_file() and not alive(pid_from_file(launch.pid_file)):
         launch.pid_file.unlink(missing_ok=True)  # the dead frontend's: not this life's pid
+    other = pid_from_file(launch.pid_file)  # a live server's: torchserve will refuse to start
     offset = launch.console_log.stat().st_size if launch.console_log.is_file() else 0
     started = time.monotonic()
     inference_port = launch.ports["B4_INFERENCE_PORT"]
@@ -394,8 +413,9 @@ def live(launch: Launch, config: Path, stop: _Stop, say: Callable[[str], None]) 
         return child.poll() is None or alive(pid)
 
     while running():
-        if pid is None:
-            pid = pid_from_file(launch.pid_file) if child.poll() is None else None
+        if pid is None and child.poll() is None:
+            written = pid_from_file(launch.pid_file)
+            pid = written if written != other else None
         if not came_up and pid is not None and listening(launch.host, inference_port):
             came_up = True
             say(f"TorchServe is up: pid {pid}, {launch.host}:{inference_port}")
@@ -410,10 +430,12 @@ def live(launch: Launch, config: Path, stop: _Stop, say: Callable[[str], None]) 
                 timeout=120,
                 check=False,
             )
-        time.sleep(0.25)
+        time.sleep(0.1)
     seconds = time.monotonic() - started
     reason = reason_in(launch.console_log, offset)
-    if not came_up and not stopping:
+    # Never seen listening, and either no frontend at all or one that said why: a refusal. A
+    # frontend killed the moment it bound its port says nothing: that is a death.
+    if not came_up and not stopping and (pid is None or reason):
         return Life("refused", pid, seconds, reason)
     deadline = time.monotonic() + _STOP_GRACE_S
     while time.monotonic() < deadline and pid_from_file(launch.pid_file) == pid:
@@ -427,9 +449,10 @@ def watch(launch: Launch, say: Callable[[str], None]) -> int:
     """Keep TorchServe up until it is stopped; 1 if its first start was refused."""
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
+    launch.make_dirs()
     launch.supervisor_pid_file.write_text(f"{os.getpid()}\n")
     since = time.time()
-    config, delay, restarts = launch.ts_config, 1.0, 0
+    config, delay, restarts = launch.ts_config, 0.0, 0
     try:
         while True:
             life = live(launch, config, stop, say)
@@ -439,7 +462,8 @@ def watch(launch: Launch, say: Callable[[str], None]) -> int:
             if life.ended == "stopped" or stop.requested:
                 say(f"TorchServe (pid {life.pid}) was stopped; the supervisor ends")
                 return 0
-            delay = 1.0 if life.seconds >= _STEADY_S else min(_MAX_DELAY_S, delay * 2)
+            # at once after a steady life; a crash loop waits 1, 2, 4... s, up to a minute
+            delay = 0.0 if life.seconds >= _STEADY_S else min(_MAX_DELAY_S, max(1.0, delay * 2))
             snapshot = latest_snapshot(launch.snapshot_dir, since)
             restarts += 1
             say(
@@ -464,6 +488,7 @@ def run_once(launch: Launch, say: Callable[[str], None]) -> int:
     """One life in the foreground with the newest snapshot's models (systemd restarts it)."""
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
+    launch.make_dirs()
     snapshot = latest_snapshot(launch.snapshot_dir)
     prune_snapshots(launch.snapshot_dir)
     config = restart_config(launch.ts_config, snapshot, launch.restart_config_file)
@@ -493,9 +518,7 @@ def start(launch: Launch, say: Callable[[str], None], timeout_s: float = 180.0) 
         holder = port_holder(launch.host, port)
         if holder is not None:
             raise StartError(
-                f"port {port} ({name}) is already in use by {holder}: stop that server "
-                "(`TMPDIR=<its TMPDIR> torchserve --stop`), or give this one other ports "
-                "(B4_*_PORT) and its own B4_TMPDIR"
+                f"port {port} ({name}) is already in use by {holder.text}: {holder.advice()}"
             )
     launch.make_dirs()
     supervisor_log = launch.log_dir / "supervisor.log"
@@ -537,10 +560,12 @@ def _refusal(launch: Launch, supervisor_log: Path) -> str:
         f"TorchServe exited at once; see {launch.console_log}",
     )
     holder = pid_from_file(launch.pid_file)
-    if "already running" in said and alive(holder):
+    if "already running" in said and holder is not None and alive(holder):
+        who = describe(holder)
         said += (
-            f" ({_describe(holder or 0)} holds its pid file {launch.pid_file}: stop it, or "
-            "give this server its own B4_TMPDIR)"
+            f" {who.text} holds its pid file {launch.pid_file}: stop it"
+            + (f" (`{who.stop}`)" if who.stop else "")
+            + ", or give this server its own B4_TMPDIR"
         )
     return said
 

@@ -176,6 +176,15 @@ def test_client_error_fails_alone_and_predict_batch_names_its_index(
     assert "InvalidInput" in str(raised.value)
 
 
+def test_an_empty_413_says_the_body_was_over_the_servers_limit(server: FakeTorchServe) -> None:
+    server.reject = {0: (413, b"")}  # TorchServe's HTTP layer, before reading the body
+    [result] = run(server, [image(0)])
+    assert result.error is not None and result.error["status"] == 413
+    assert result.error["type"] == "PayloadTooLarge"
+    assert "over its max_request_size (16781324 bytes" in result.error["message"]
+    assert result.attempts == 1
+
+
 def test_error_body_that_is_not_json_is_kept_as_text(server: FakeTorchServe) -> None:
     server.reject = {0: (500, b"Internal Server Error: worker crashed")}
     [result] = run(server, [image(0)])
