@@ -346,6 +346,14 @@ def alive(pid: int | None) -> bool:
         return False
 
 
+def _is_supervisor(pid: int | None) -> bool:
+    """Whether ``pid`` is a live ``supervise watch`` (not another process that got its pid)."""
+    try:
+        return alive(pid) and "b4serve.ops.supervise" in psutil.Process(pid or 0).cmdline()
+    except psutil.Error:
+        return False
+
+
 def listening(host: str, port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1.0)
@@ -508,7 +516,12 @@ def start(launch: Launch, say: Callable[[str], None], timeout_s: float = 180.0) 
     it does not listen within ``timeout_s``.
     """
     running = pid_from_file(launch.supervisor_pid_file)
-    if alive(running):
+    deadline = time.monotonic() + 5.0  # one that was just told to stop ends within a second
+    while _is_supervisor(running) and not alive(pid_from_file(launch.pid_file)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if _is_supervisor(running):
         say(
             f"TorchServe's supervisor (pid {running}) is already running for {launch.run_dir}: "
             "the server is (re)starting under it"
