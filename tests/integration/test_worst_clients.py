@@ -268,7 +268,7 @@ def test_deploy_names_the_torchserve_that_holds_its_port(server: Server, tmp_pat
 def test_a_frontend_killed_mid_job_comes_back_by_itself_and_the_job_loses_nothing(
     server: Server, reference: Classifier, tmp_path: Path
 ) -> None:
-    images = good_images(seed=905) * 2
+    images = good_images(seed=905)
     paths = []
     for number, image in enumerate(images):
         paths.append(str(tmp_path / f"image{number}.npy"))

@@ -63,7 +63,7 @@ def test_server_defaults_are_safe() -> None:
 @pytest.mark.parametrize(
     "script",
     ["bootstrap.sh", "build_mar.sh", "deploy.sh", "test.sh", "health.sh", "soak.sh", "bench.sh",
-     "kserve_layout.sh"],
+     "kserve_layout.sh", "serve.sh"],
 )  # fmt: skip
 def test_every_script_answers_help(script: str) -> None:
     result = subprocess.run(
