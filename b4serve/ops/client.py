@@ -132,7 +132,8 @@ class _AbandonableRetry(Retry):
             delay = self.get_retry_after(response)
         if delay is None:
             delay = self.get_backoff_time()
-        if self.abandoned is not None and self.abandoned.wait(delay):
+        abandoned = self.abandoned or threading.Event()  # never set: a plain wait
+        if abandoned.wait(delay):
             raise _Abandoned("the job was abandoned before this input could be sent again")
 
 
@@ -213,10 +214,12 @@ def _response_error(response: requests.Response, sent_bytes: int) -> dict[str, A
         return _error(response.status_code, str(body.get("type", "HTTPError")), body["message"])
     text = response.text.strip()[:500]
     if response.status_code == 413 and not text:
-        return _error(413, "PayloadTooLarge", (
+        message = (
             f"the server refused the {sent_bytes}-byte body unread: it is over its "
-            f"max_request_size ({MAX_BODY_BYTES} bytes by default, a 2048x2048 RGBA uint8 image); "
-            "send uint8 pixels, or a smaller image"))  # fmt: skip
+            f"max_request_size ({MAX_BODY_BYTES} bytes by default, a 2048x2048 RGBA uint8 "
+            "image); send uint8 pixels, or a smaller image"
+        )
+        return _error(413, "PayloadTooLarge", message)
     return _error(response.status_code, "HTTPError", text or response.reason)
 
 
