@@ -19,9 +19,11 @@ import os
 import random
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -95,9 +97,12 @@ class RetryPolicy:
         jitter = random.uniform(0, self.backoff_s)
         return min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1) + jitter)
 
-    def urllib3_retry(self, total: int, abandoned: threading.Event) -> Retry:
+    def urllib3_retry(
+        self, total: int, abandoned: threading.Event, send_by: float | None = None
+    ) -> Retry:
         """urllib3's Retry for one request with ``total`` retries left; POSTs are retried too
-        (a prediction can be sent again), and the last answer is returned, never raised."""
+        (a prediction can be sent again), and the last answer is returned, never raised.
+        ``send_by`` (``time.monotonic()``): when the request's key may no longer be valid."""
         retry = _AbandonableRetry(
             total=total,
             allowed_methods=None,
@@ -108,7 +113,7 @@ class RetryPolicy:
             raise_on_status=False,
             redirect=False,
         )
-        retry.abandoned = abandoned
+        retry.abandoned, retry.send_by = abandoned, send_by
         return retry
 
 
@@ -116,14 +121,26 @@ class _Abandoned(Exception):
     """The job was abandoned while a request waited to be retried."""
 
 
+class _KeyExpiring(Exception):
+    """urllib3's next retry would carry a key past its expiry (it sends the same headers):
+    we wait ``delay_s`` ourselves and send it with a fresh key. ``sent``: requests so far."""
+
+    def __init__(self, sent: int, delay_s: float) -> None:
+        super().__init__(f"the key expires before retry {sent}")
+        self.sent = sent
+        self.delay_s = delay_s
+
+
 class _AbandonableRetry(Retry):
-    """urllib3's Retry whose waits end at once when the job is abandoned (Ctrl-C, a break)."""
+    """urllib3's Retry whose waits end at once when the job is abandoned (Ctrl-C, a break),
+    and that hands a retry back to us when the key it would send expires first."""
 
     abandoned: threading.Event | None = None
+    send_by: float | None = None  # time.monotonic() after which the key may be refused
 
     def new(self, **kw: Any) -> _AbandonableRetry:
         retry = super().new(**kw)
-        retry.abandoned = self.abandoned
+        retry.abandoned, retry.send_by = self.abandoned, self.send_by
         return retry
 
     def sleep(self, response: BaseHTTPResponse | None = None) -> None:
@@ -132,6 +149,8 @@ class _AbandonableRetry(Retry):
             delay = self.get_retry_after(response)
         if delay is None:
             delay = self.get_backoff_time()
+        if self.send_by is not None and time.monotonic() + delay >= self.send_by:
+            raise _KeyExpiring(len(self.history), delay)
         abandoned = self.abandoned or threading.Event()  # never set: a plain wait
         if abandoned.wait(delay):
             raise _Abandoned("the job was abandoned before this input could be sent again")
@@ -265,12 +284,14 @@ class _Sessions:
 
 class _Attempt(NamedTuple):
     """What one request gave (after urllib3's retries: ``sent`` requests in all), and what to
-    do next: ``done``, ``retry`` (a worker died with the batch) or ``renew`` the key."""
+    do next: ``done``, ``retry`` (a worker died with the batch, or urllib3's next retry
+    needs a fresh key: after ``wait_s``) or ``renew`` the key."""
 
     probabilities: list[float] | None
     error: dict[str, Any] | None
     then: Literal["done", "retry", "renew"]
     sent: int = 1
+    wait_s: float | None = None  # None: our own backoff
 
 
 @dataclass
@@ -303,8 +324,8 @@ class _Predictor:
         try:
             body = npy_bytes(item)
             while True:
-                key = self.keys.key("inference") if self.keys else None
-                attempt = self._send(body, key, self.retry.retries - retried)
+                key, send_by = self._key()
+                attempt = self._send(body, key, self.retry.retries - retried, send_by)
                 attempts += attempt.sent
                 retried += attempt.sent - 1
                 if attempt.then == "renew" and self.keys and renewals < self.retry.key_renewals:
@@ -314,7 +335,8 @@ class _Predictor:
                 if attempt.then != "retry" or retried >= self.retry.retries:
                     break
                 retried += 1
-                if self.stop.wait(self.retry.delay_s(retried)):
+                wait_s = attempt.wait_s
+                if self.stop.wait(self.retry.delay_s(retried) if wait_s is None else wait_s):
                     break  # the job was abandoned: report the last error, do not retry
         except (OSError, ValueError, KeyFileError) as exc:
             # Unreadable file, unsavable array, key file gone: this input fails, the others go on.
@@ -322,14 +344,30 @@ class _Predictor:
             return Result(index, name, error=error, attempts=attempts)
         return Result(index, name, attempt.probabilities, attempt.error, attempts)
 
-    def _send(self, body: bytes, key: str | None, retries_left: int) -> _Attempt:
+    def _key(self) -> tuple[str | None, float | None]:
+        """A valid inference key, and when (``time.monotonic()``) it may stop being valid."""
+        if self.keys is None:
+            return None, None
+        key = self.keys.key("inference")
+        entry = self.keys.read()["inference"]
+        if entry.key != key or entry.expires is None:  # renewed meanwhile, or no expiry
+            return key, None
+        left_s = (entry.expires - datetime.now(timezone.utc)).total_seconds()
+        return key, time.monotonic() + left_s - self.keys.margin_s
+
+    def _send(
+        self, body: bytes, key: str | None, retries_left: int, send_by: float | None
+    ) -> _Attempt:
         headers = {**_CONTENT_TYPE, **(bearer(key) if key else {})}
         session, adapter = self.sessions.get()
-        adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop)
+        adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop, send_by)
         try:
             response = session.post(self.url, data=body, headers=headers, timeout=self.timeout_s)
         except _Abandoned as exc:
             return _Attempt(None, _error(None, "Abandoned", str(exc)), "done")
+        except _KeyExpiring as exc:
+            error = _error(None, "KeyExpiring", str(exc))
+            return _Attempt(None, error, "retry", exc.sent, wait_s=exc.delay_s)
         except _TRANSIENT_ERRORS as exc:
             # urllib3 retries connection errors and timeouts until the budget is spent; an
             # answer cut short after it began is ours to send again.
@@ -369,18 +407,20 @@ def iter_results(
     timeout_s: float = 60.0,
     token_auth: bool = True,
     progress: bool | None = None,
+    keys: KeyFile | None = None,
 ) -> Iterator[Result]:
     """Send every input to the model with up to ``concurrency`` requests in flight.
 
     Yields one ``Result`` per input, in input order, as soon as all before it are done.
     ``token_auth=False`` sends no key (server started with ``--disable-token-auth``); otherwise
-    a missing or unreadable key file raises ``KeyFileError`` before anything is sent.
+    a missing or unreadable key file raises ``KeyFileError`` before anything is sent. ``keys``
+    shares one :class:`KeyFile` between jobs (default: one for ``endpoints``' key file).
     ``progress=None`` shows progress on stderr only when stderr is a terminal.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     endpoints = endpoints or Endpoints.from_env()
-    keys = KeyFile.from_endpoints(endpoints) if token_auth else None
+    keys = (keys or KeyFile.from_endpoints(endpoints)) if token_auth else None
     if keys is not None:
         keys.key("inference")  # fail fast, once, rather than once per input
     bar = tqdm(

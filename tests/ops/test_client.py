@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from fake_torchserve import (
 from b4serve.ops import client
 from b4serve.ops.client import PredictionError, RetryPolicy, predict_batch, predict_many
 from b4serve.ops.endpoints import _DEFAULTS, REPO_ROOT, Endpoints
-from b4serve.ops.keys import KeyFileMissingError
+from b4serve.ops.keys import KeyFile, KeyFileMissingError
 
 FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
 
@@ -233,6 +234,24 @@ def test_key_rejected_for_many_requests_at_once_is_renewed_once(server: FakeTorc
     results = run(server, [image(i) for i in range(16)], concurrency=8)
     assert all(r.ok for r in results)
     assert len(server.rejected_keys) >= 1
+    assert server.token_calls == {"inference": 1}
+
+
+def test_a_key_that_expires_during_the_backoff_is_renewed_before_the_retry(
+    server: FakeTorchServe,
+) -> None:
+    # urllib3 sends a retry with the headers of the first try: when the key would expire
+    # during the wait, the retry comes back to the client, which renews the key first.
+    key, _ = server.keys["inference"]
+    server.keys["inference"] = key, datetime.now(timezone.utc) + timedelta(seconds=1)
+    server.write_key_file()
+    server.fail_503 = {0: 2}  # retry 1 at once, retry 2 after 1.5 to 2.25 s: past the expiry
+    keys = KeyFile.from_endpoints(server.endpoints, margin_s=0.2)
+    policy = RetryPolicy(retries=3, backoff_s=0.75, max_backoff_s=5.0)
+    [result] = run(server, [image(0)], retry=policy, keys=keys)
+    assert result.probabilities == expected_probabilities(0)
+    assert result.attempts == 3
+    assert server.rejected_keys == []  # never sent once it had expired
     assert server.token_calls == {"inference": 1}
 
 
