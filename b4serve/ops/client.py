@@ -19,11 +19,9 @@ import os
 import random
 import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -98,11 +96,15 @@ class RetryPolicy:
         return min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1) + jitter)
 
     def urllib3_retry(
-        self, total: int, abandoned: threading.Event, send_by: float | None = None
+        self,
+        total: int,
+        abandoned: threading.Event,
+        key_is_fresh: Callable[[], bool] | None = None,
     ) -> Retry:
         """urllib3's Retry for one request with ``total`` retries left; POSTs are retried too
         (a prediction can be sent again), and the last answer is returned, never raised.
-        ``send_by`` (``time.monotonic()``): when the request's key may no longer be valid."""
+        ``key_is_fresh()``: whether the request's key may still be sent, asked before each
+        retry (urllib3 resends the first try's headers)."""
         retry = _AbandonableRetry(
             total=total,
             allowed_methods=None,
@@ -113,7 +115,7 @@ class RetryPolicy:
             raise_on_status=False,
             redirect=False,
         )
-        retry.abandoned, retry.send_by = abandoned, send_by
+        retry.abandoned, retry.key_is_fresh = abandoned, key_is_fresh
         return retry
 
 
@@ -121,26 +123,26 @@ class _Abandoned(Exception):
     """The job was abandoned while a request waited to be retried."""
 
 
-class _KeyExpiring(Exception):
-    """urllib3's next retry would carry a key past its expiry (it sends the same headers):
-    we wait ``delay_s`` ourselves and send it with a fresh key. ``sent``: requests so far."""
+class _StaleKey(Exception):
+    """After its wait, urllib3's next retry would carry a stale key (it resends the first
+    try's headers): renewed meanwhile, or about to expire. We send that retry ourselves, with
+    the file's key. ``sent``: requests sent so far."""
 
-    def __init__(self, sent: int, delay_s: float) -> None:
-        super().__init__(f"the key expires before retry {sent}")
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"the key went stale before retry {sent}")
         self.sent = sent
-        self.delay_s = delay_s
 
 
 class _AbandonableRetry(Retry):
     """urllib3's Retry whose waits end at once when the job is abandoned (Ctrl-C, a break),
-    and that hands a retry back to us when the key it would send expires first."""
+    and that hands a retry back to us when the key it would send is stale by then."""
 
     abandoned: threading.Event | None = None
-    send_by: float | None = None  # time.monotonic() after which the key may be refused
+    key_is_fresh: Callable[[], bool] | None = None  # may the request's key still be sent?
 
     def new(self, **kw: Any) -> _AbandonableRetry:
         retry = super().new(**kw)
-        retry.abandoned, retry.send_by = self.abandoned, self.send_by
+        retry.abandoned, retry.key_is_fresh = self.abandoned, self.key_is_fresh
         return retry
 
     def sleep(self, response: BaseHTTPResponse | None = None) -> None:
@@ -149,11 +151,11 @@ class _AbandonableRetry(Retry):
             delay = self.get_retry_after(response)
         if delay is None:
             delay = self.get_backoff_time()
-        if self.send_by is not None and time.monotonic() + delay >= self.send_by:
-            raise _KeyExpiring(len(self.history), delay)
         abandoned = self.abandoned or threading.Event()  # never set: a plain wait
         if abandoned.wait(delay):
             raise _Abandoned("the job was abandoned before this input could be sent again")
+        if self.key_is_fresh is not None and not self.key_is_fresh():
+            raise _StaleKey(len(self.history))
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,7 @@ class _Sessions:
 class _Attempt(NamedTuple):
     """What one request gave (after urllib3's retries: ``sent`` requests in all), and what to
     do next: ``done``, ``retry`` (a worker died with the batch, or urllib3's next retry
-    needs a fresh key: after ``wait_s``) or ``renew`` the key."""
+    needs the file's key: at once) or ``renew`` the key."""
 
     probabilities: list[float] | None
     error: dict[str, Any] | None
@@ -324,8 +326,8 @@ class _Predictor:
         try:
             body = npy_bytes(item)
             while True:
-                key, send_by = self._key()
-                attempt = self._send(body, key, self.retry.retries - retried, send_by)
+                key = self.keys.key("inference") if self.keys else None
+                attempt = self._send(body, key, self.retry.retries - retried)
                 attempts += attempt.sent
                 retried += attempt.sent - 1
                 if attempt.then == "renew" and self.keys and renewals < self.retry.key_renewals:
@@ -344,30 +346,18 @@ class _Predictor:
             return Result(index, name, error=error, attempts=attempts)
         return Result(index, name, attempt.probabilities, attempt.error, attempts)
 
-    def _key(self) -> tuple[str | None, float | None]:
-        """A valid inference key, and when (``time.monotonic()``) it may stop being valid."""
-        if self.keys is None:
-            return None, None
-        key = self.keys.key("inference")
-        entry = self.keys.read()["inference"]
-        if entry.key != key or entry.expires is None:  # renewed meanwhile, or no expiry
-            return key, None
-        left_s = (entry.expires - datetime.now(timezone.utc)).total_seconds()
-        return key, time.monotonic() + left_s - self.keys.margin_s
-
-    def _send(
-        self, body: bytes, key: str | None, retries_left: int, send_by: float | None
-    ) -> _Attempt:
+    def _send(self, body: bytes, key: str | None, retries_left: int) -> _Attempt:
         headers = {**_CONTENT_TYPE, **(bearer(key) if key else {})}
         session, adapter = self.sessions.get()
-        adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop, send_by)
+        fresh = _key_is_fresh(self.keys, key) if key and self.keys else None
+        adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop, fresh)
         try:
             response = session.post(self.url, data=body, headers=headers, timeout=self.timeout_s)
         except _Abandoned as exc:
             return _Attempt(None, _error(None, "Abandoned", str(exc)), "done")
-        except _KeyExpiring as exc:
-            error = _error(None, "KeyExpiring", str(exc))
-            return _Attempt(None, error, "retry", exc.sent, wait_s=exc.delay_s)
+        except _StaleKey as exc:  # the wait is over: send it again now, with the file's key
+            error = _error(None, "StaleKey", str(exc))
+            return _Attempt(None, error, "retry", exc.sent, wait_s=0.0)
         except _TRANSIENT_ERRORS as exc:
             # urllib3 retries connection errors and timeouts until the budget is spent; an
             # answer cut short after it began is ours to send again.
@@ -385,6 +375,16 @@ class _Predictor:
         if key and is_invalid_key_response(response):
             return _Attempt(None, error, "renew", sent)
         return _Attempt(None, error, "retry" if _worker_died(error) else "done", sent)
+
+
+def _key_is_fresh(keys: KeyFile, key: str) -> Callable[[], bool]:
+    """Whether ``key`` is still the file's (nobody renewed it) and not about to expire."""
+
+    def fresh() -> bool:
+        entry = keys.read()["inference"]
+        return entry.key == key and not entry.expires_within(keys.margin_s)
+
+    return fresh
 
 
 def _requests_sent(response: requests.Response) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -240,8 +241,8 @@ def test_key_rejected_for_many_requests_at_once_is_renewed_once(server: FakeTorc
 def test_a_key_that_expires_during_the_backoff_is_renewed_before_the_retry(
     server: FakeTorchServe,
 ) -> None:
-    # urllib3 sends a retry with the headers of the first try: when the key would expire
-    # during the wait, the retry comes back to the client, which renews the key first.
+    # urllib3 resends the first try's headers: when the key went stale during the wait, the
+    # retry comes back to the client, which renews the key first.
     key, _ = server.keys["inference"]
     server.keys["inference"] = key, datetime.now(timezone.utc) + timedelta(seconds=1)
     server.write_key_file()
@@ -253,6 +254,27 @@ def test_a_key_that_expires_during_the_backoff_is_renewed_before_the_retry(
     assert result.attempts == 3
     assert server.rejected_keys == []  # never sent once it had expired
     assert server.token_calls == {"inference": 1}
+
+
+def test_a_key_renewed_by_another_client_during_the_backoff_is_the_one_retried(
+    server: FakeTorchServe,
+) -> None:
+    server.fail_503 = {0: 2}  # retry 2 waits 0.6 to 0.9 s; the key is renewed 0.3 s in
+
+    def renew_elsewhere() -> None:
+        with server.lock:  # as /token does
+            server.rotate("inference")
+
+    renewal = threading.Timer(0.3, renew_elsewhere)
+    renewal.start()
+    policy = RetryPolicy(retries=3, backoff_s=0.3, max_backoff_s=5.0)
+    try:
+        [result] = run(server, [image(0)], retry=policy)
+    finally:
+        renewal.join()
+    assert result.probabilities == expected_probabilities(0)
+    assert server.rejected_keys == []  # the retry carried the new key, not the voided one
+    assert server.token_calls == {}  # the file already held it: nothing to renew
 
 
 def test_missing_key_file_is_a_clear_error_before_any_request(server: FakeTorchServe) -> None:
