@@ -24,8 +24,11 @@
 #   plugin; 1: required; 0: off), B4_PLUGINS_DIR, B4_ENVELOPE (empty; kserve or kservev2 starts
 #   TorchServe's KServe envelope, as KServe's retired TorchServe runtime did, and registers
 #   batch size 1: the envelopes answer one request per batch), VENV.
-# Starts TorchServe if it is not running. Running it twice changes nothing; a new checkpoint is
-# registered beside the old version, made the default once it answers, then the old one retired.
+# Starts TorchServe if it is not running, under a supervisor that starts it again within seconds
+# if it dies, with the versions it had (logs: $B4_LOG_DIR/supervisor.log); `torchserve --stop`
+# stops both. Running it twice changes nothing; a new checkpoint is registered beside the old
+# version, made the default once it answers, then the old one retired. Refuses to start when
+# config.properties' memory cannot hold its worst case (python -m b4serve.ops.budget shows it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -51,39 +54,27 @@ if [ -z "$checkpoint" ]; then
 fi
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
 [ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
+# The frontend's memory must hold its worst case with these workers and batches (config.properties).
+budget_args=(--config "$B4_TS_CONFIG")
+[ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
+[ -n "${B4_BATCH_SIZE:-}" ] && budget_args+=(--batch-size "$B4_BATCH_SIZE")
+"$PY" -m b4serve.ops.budget "${budget_args[@]}" >/dev/null
 
 start_server() {
-  mkdir -p "$B4_RUN_DIR" "$B4_LOG_DIR" "$B4_MODEL_STORE"
-  local tmp_env=()
-  # TMPDIR holds the pid file, TEMP becomes the JVM's tmpdir (worker sockets, unpacked archives).
-  [ -n "$B4_TMPDIR" ] && mkdir -p "$B4_TMPDIR" && tmp_env=(TMPDIR="$B4_TMPDIR" TEMP="$B4_TMPDIR")
-  local envelope_env=()
-  [ -n "$B4_ENVELOPE" ] && envelope_env=(TS_SERVICE_ENVELOPE="$B4_ENVELOPE")
-  local plugin_args=() v2_env=()
+  # The v2 REST API: a TorchServe frontend plugin, built here when a JDK can (B4_V2_PLUGIN).
   if [ "$B4_V2_PLUGIN" = 1 ] || { [ "$B4_V2_PLUGIN" = auto ] \
       && "$B4_ROOT/scripts/build_plugin.sh" --check 2>/dev/null; }; then
-    plugin_args=(--plugins-path "$("$B4_ROOT/scripts/build_plugin.sh")")
-    v2_env=(B4_V2_ADDRESS="http://$B4_HOST:$B4_V2_PORT")
+    B4_TS_PLUGINS_PATH="$("$B4_ROOT/scripts/build_plugin.sh")"
+    B4_V2_ADDRESS="http://$B4_HOST:$B4_V2_PORT"
+    export B4_TS_PLUGINS_PATH B4_V2_ADDRESS
   elif [ "$B4_V2_PLUGIN" = auto ]; then
     log "v2 REST API off: $("$B4_ROOT/scripts/build_plugin.sh" --check 2>&1 || true)"
   fi
-  local expiry_env=()
-  [ -n "$B4_TOKEN_EXPIRATION_MIN" ] && expiry_env=(TS_TOKEN_EXPIRATION_TIME_MIN="$B4_TOKEN_EXPIRATION_MIN")
-  log "starting TorchServe on $B4_HOST:$B4_INFERENCE_PORT (logs in $B4_LOG_DIR)"
-  # The server writes key_file.json into its working directory: the run dir. setsid detaches
-  # it, so Ctrl-C on this script does not stop the server.
-  (cd "$B4_RUN_DIR" && env -u PYTHONPATH "${tmp_env[@]}" "${expiry_env[@]}" "${envelope_env[@]}" \
-    "${v2_env[@]}" \
-    LOG_LOCATION="$B4_LOG_DIR" METRICS_LOCATION="$B4_LOG_DIR" \
-    TS_INFERENCE_ADDRESS="http://$B4_HOST:$B4_INFERENCE_PORT" \
-    TS_MANAGEMENT_ADDRESS="http://$B4_HOST:$B4_MANAGEMENT_PORT" \
-    TS_METRICS_ADDRESS="http://$B4_HOST:$B4_METRICS_PORT" \
-    TS_GRPC_INFERENCE_PORT="$B4_GRPC_INFERENCE_PORT" \
-    TS_GRPC_MANAGEMENT_PORT="$B4_GRPC_MANAGEMENT_PORT" \
-    TS_METRICS_CONFIG="$B4_METRICS_CONFIG" \
-    setsid "$VENV/bin/torchserve" --start --ncs --ts-config "$B4_TS_CONFIG" \
-      --model-store "$B4_MODEL_STORE" --log-config "$B4_LOG_CONFIG" "${plugin_args[@]}" \
-      >>"$B4_LOG_DIR/console.log" 2>&1 </dev/null)
+  # Under its supervisor (b4serve/ops/supervise.py): checks that the ports are free, quotes
+  # TorchServe's reason if it refuses to start, and starts it again if it dies (with the models
+  # of TorchServe's snapshot). `torchserve --stop` stops both. setsid inside: Ctrl-C on this
+  # script stops neither.
+  "$PY" -m b4serve.ops.supervise start
   manage --timeout 120 wait-ping
 }
 

@@ -50,7 +50,8 @@ class FakeTorchServe:
     """Token auth, ``/token`` and ``/predictions/b4`` as TorchServe 0.12 does them, on loopback.
 
     Failure plans are keyed by image id (the posted array's mean): ``fail_503[i] = n`` answers
-    503 to the first n requests for image i, ``drop`` closes the connection without answering,
+    503 to the first n requests for image i, ``worker_died`` TorchServe's 500 for a batch whose
+    worker died, ``drop`` closes the connection without answering,
     ``stall`` answers after ``stall_s``, ``reject[i] = (status, body)`` always fails image i.
     """
 
@@ -67,6 +68,7 @@ class FakeTorchServe:
         self.content_types: set[str | None] = set()
         self.auth_headers: set[str | None] = set()
         self.fail_503: dict[int, int] = {}
+        self.worker_died: dict[int, int] = {}
         self.drop: dict[int, int] = {}
         self.stall: dict[int, int] = {}
         self.stall_s = 0.6
@@ -186,7 +188,7 @@ class FakeTorchServe:
                 self.in_flight -= 1
 
     def _take_failure(self, ident: int) -> str | None:
-        for name in ("fail_503", "drop", "stall"):
+        for name in ("fail_503", "worker_died", "drop", "stall"):
             plan: dict[int, int] = getattr(self, name)
             if plan.get(ident, 0) > 0:
                 plan[ident] -= 1
@@ -203,6 +205,10 @@ class FakeTorchServe:
                     "type": "ServiceUnavailableException",
                     "message": 'Model "b4" has no worker to serve inference request.',
                 },
+            )
+        elif plan == "worker_died":  # what TorchServe answers for a batch whose worker died
+            request.send_json(
+                500, {"code": 500, "type": "InternalServerException", "message": "Worker died."}
             )
         elif plan == "drop":
             request.close_connection = True  # no answer at all: the client sees a reset

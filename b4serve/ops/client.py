@@ -2,6 +2,11 @@
 
 ``predict_batch`` is the one-call API; ``iter_results`` and ``predict_many`` give one ``Result``
 per input, in input order, and never let one failed input abort the others.
+
+Retries after connection errors, timeouts and the statuses of a busy or restarting server
+(a full queue's 503 among them) are urllib3's ``Retry``, with exponential backoff and jitter.
+Two cases are this module's own: a rejected key, renewed and sent again, and an answer that
+says the worker died with the batch (or was cut short), sent again within the same budget.
 """
 
 from __future__ import annotations
@@ -15,18 +20,22 @@ import random
 import secrets
 import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TextIO
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+from urllib3.response import BaseHTTPResponse
+from urllib3.util.retry import Retry
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileError, bearer, is_invalid_key_response
+from b4serve.serving.config import MAX_BODY_BYTES
 from b4serve.serving.request_ids import REQUEST_ID_HEADER, is_request_id
 
 __all__ = [
@@ -46,7 +55,9 @@ ImageInput = np.ndarray | str | os.PathLike
 
 # Without an explicit type TorchServe parses the body as form data and the handler gets no bytes.
 _CONTENT_TYPE = {"Content-Type": "application/octet-stream"}
-# The request may not have reached a worker, or the answer was lost: sending it again is safe.
+# What requests raises once urllib3's retries are spent (or an answer was cut short after it
+# began): the request may not have reached a worker, or its answer was lost. Sending a
+# prediction again is safe.
 _TRANSIENT_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
@@ -58,16 +69,19 @@ _TRANSIENT_ERRORS = (
 class RetryPolicy:
     """How often and how patiently to retry an input that failed for a passing reason.
 
-    ``retries`` bounds the retries after connection errors, timeouts and ``retry_statuses``
-    (waiting ``backoff_s * 2**n``, capped, with jitter); ``key_renewals`` separately bounds how
-    often a rejected key is renewed and the request sent again.
+    ``retries`` bounds the retries after connection errors, timeouts, ``retry_statuses`` and
+    dead workers, all together (urllib3 waits ``backoff_s * 2**(n-1)`` before retry n > 1, plus
+    up to ``backoff_s`` of jitter, at most ``max_backoff_s``). The default rides out a frontend
+    that restarts (about 25 s of waits). ``key_renewals`` separately bounds how often a rejected
+    key is renewed and the request sent again.
     """
 
-    retries: int = 4
+    retries: int = 6
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     key_renewals: int = 2
-    # 503: worker busy or restarting; 507: worker out of memory; 502/504: a proxy in between.
+    # 503: queue full, or the worker busy or restarting; 507: the server out of memory;
+    # 502/504: a proxy in between.
     retry_statuses: frozenset[int] = frozenset({502, 503, 504, 507})
 
     def __post_init__(self) -> None:
@@ -77,9 +91,73 @@ class RetryPolicy:
             raise ValueError("backoff_s and max_backoff_s must be >= 0")
 
     def delay_s(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based): half fixed, half random."""
-        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        """Seconds before our own retry number ``retry`` (1-based), as urllib3 would wait."""
+        if retry <= 1:
+            return 0.0
+        jitter = random.uniform(0, self.backoff_s)
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1) + jitter)
+
+    def urllib3_retry(
+        self,
+        total: int,
+        abandoned: threading.Event,
+        key_is_fresh: Callable[[], bool] | None = None,
+    ) -> Retry:
+        """urllib3's Retry for one request with ``total`` retries left; POSTs are retried too
+        (a prediction can be sent again), and the last answer is returned, never raised.
+        ``key_is_fresh()``: whether the request's key may still be sent, asked before each
+        retry (urllib3 resends the first try's headers)."""
+        retry = _AbandonableRetry(
+            total=total,
+            allowed_methods=None,
+            status_forcelist=self.retry_statuses,
+            backoff_factor=self.backoff_s,
+            backoff_jitter=self.backoff_s,
+            backoff_max=self.max_backoff_s,
+            raise_on_status=False,
+            redirect=False,
+        )
+        retry.abandoned, retry.key_is_fresh = abandoned, key_is_fresh
+        return retry
+
+
+class _Abandoned(Exception):
+    """The job was abandoned while a request waited to be retried."""
+
+
+class _StaleKey(Exception):
+    """After its wait, urllib3's next retry would carry a stale key (it resends the first
+    try's headers): renewed meanwhile, or about to expire. We send that retry ourselves, with
+    the file's key. ``sent``: requests sent so far."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"the key went stale before retry {sent}")
+        self.sent = sent
+
+
+class _AbandonableRetry(Retry):
+    """urllib3's Retry whose waits end at once when the job is abandoned (Ctrl-C, a break),
+    and that hands a retry back to us when the key it would send is stale by then."""
+
+    abandoned: threading.Event | None = None
+    key_is_fresh: Callable[[], bool] | None = None  # may the request's key still be sent?
+
+    def new(self, **kw: Any) -> _AbandonableRetry:
+        retry = super().new(**kw)
+        retry.abandoned, retry.key_is_fresh = self.abandoned, self.key_is_fresh
+        return retry
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        delay = None
+        if response is not None and self.respect_retry_after_header:
+            delay = self.get_retry_after(response)
+        if delay is None:
+            delay = self.get_backoff_time()
+        abandoned = self.abandoned or threading.Event()  # never set: a plain wait
+        if abandoned.wait(delay):
+            raise _Abandoned("the job was abandoned before this input could be sent again")
+        if self.key_is_fresh is not None and not self.key_is_fresh():
+            raise _StaleKey(len(self.history))
 
 
 @dataclass(frozen=True)
@@ -149,15 +227,26 @@ def _error(status: int | None, kind: str, message: str) -> dict[str, Any]:
     return {"status": status, "type": kind, "message": message}
 
 
-def _response_error(response: requests.Response) -> dict[str, Any]:
-    """The ``{"code", "type", "message"}`` body TorchServe and our handler send, else the text."""
+def _response_error(response: requests.Response, sent_bytes: int) -> dict[str, Any]:
+    """The ``{"code", "type", "message"}`` body TorchServe and our handler send, else the text.
+
+    TorchServe's HTTP layer refuses a body over its ``max_request_size`` with an empty 413
+    before reading it: that one is explained here."""
     try:
         body = response.json()
     except ValueError:
         body = None
     if isinstance(body, dict) and "message" in body:
         return _error(response.status_code, str(body.get("type", "HTTPError")), body["message"])
-    return _error(response.status_code, "HTTPError", response.text.strip()[:500] or response.reason)
+    text = response.text.strip()[:500]
+    if response.status_code == 413 and not text:
+        message = (
+            f"the server refused the {sent_bytes}-byte body unread: it is over its "
+            f"max_request_size ({MAX_BODY_BYTES} bytes by default, a 2048x2048 RGBA uint8 "
+            "image); send uint8 pixels, or a smaller image"
+        )
+        return _error(413, "PayloadTooLarge", message)
+    return _error(response.status_code, "HTTPError", text or response.reason)
 
 
 def _probabilities(response: requests.Response) -> list[float]:
@@ -171,20 +260,27 @@ def _probabilities(response: requests.Response) -> list[float]:
 
 
 class _Sessions:
-    """One ``requests.Session`` per thread (sessions are not thread-safe), all closed at the end."""
+    """One ``requests.Session`` per thread (sessions are not thread-safe), all closed at the end.
+
+    Each has one adapter, for every URL; its ``max_retries`` is set before each request (the
+    retries an input has left), which is safe because only its own thread uses it.
+    """
 
     def __init__(self) -> None:
         self._local = threading.local()
         self._all: list[requests.Session] = []
         self._lock = threading.Lock()
 
-    def get(self) -> requests.Session:
+    def get(self) -> tuple[requests.Session, HTTPAdapter]:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            self._local.adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1)
+            for prefix in ("http://", "https://"):
+                session.mount(prefix, self._local.adapter)
             with self._lock:
                 self._all.append(session)
-        return session
+        return session, self._local.adapter
 
     def close(self) -> None:
         with self._lock:
@@ -193,50 +289,16 @@ class _Sessions:
             self._all.clear()
 
 
-class _Progress:
-    """``done/total, img/s, ETA`` on one rewritten stderr line, redrawn every ``interval_s``."""
-
-    def __init__(self, total: int, stream: TextIO, interval_s: float = 0.25) -> None:
-        self.total = total
-        self.stream = stream
-        self.interval_s = interval_s
-        self.done = self.failed = 0
-        self._start = self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def advance(self, ok: bool) -> None:
-        with self._lock:
-            self.done += 1
-            self.failed += not ok
-            now = time.monotonic()
-            if now - self._last >= self.interval_s or self.done == self.total:
-                self._last = now
-                self._write(now)
-
-    def close(self) -> None:
-        with self._lock:
-            self._write(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _write(self, now: float) -> None:
-        elapsed = max(now - self._start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta != float("inf") else "?"
-        failed = f", {self.failed} failed" if self.failed else ""
-        self.stream.write(
-            f"\r{self.done}/{self.total}  {rate:.1f} img/s  ETA {eta_text}{failed}\x1b[K"
-        )
-        self.stream.flush()
-
-
 class _Attempt(NamedTuple):
-    """What one request gave, and what to do next: ``done``, ``retry`` or ``renew`` the key."""
+    """What one request gave (after urllib3's retries: ``sent`` requests in all), and what to
+    do next: ``done``, ``retry`` (a worker died with the batch, or urllib3's next retry
+    needs the file's key: at once) or ``renew`` the key."""
 
     probabilities: list[float] | None
     error: dict[str, Any] | None
     then: Literal["done", "retry", "renew"]
+    sent: int = 1
+    wait_s: float | None = None  # None: our own backoff
 
 
 @dataclass
@@ -247,33 +309,41 @@ class _Predictor:
     keys: KeyFile | None
     retry: RetryPolicy
     timeout_s: float
-    progress: _Progress | None = None
+    progress: tqdm | None = None
     sessions: _Sessions = field(default_factory=_Sessions)
     stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _failed: int = 0
 
     def __call__(self, index: int, item: ImageInput, request_id: str | None = None) -> Result:
         result = self._predict(index, item, request_id)
         if self.progress is not None:
-            self.progress.advance(result.ok)
+            with self._lock:
+                self._failed += not result.ok
+                if self._failed:
+                    self.progress.set_postfix_str(f"{self._failed} failed", refresh=False)
+                self.progress.update()
         return result
 
     def _predict(self, index: int, item: ImageInput, request_id: str | None) -> Result:
         name = input_name(index, item)
-        attempts = retries = renewals = 0
+        attempts = retried = renewals = 0
         try:
             body = npy_bytes(item)
             while True:
-                attempts += 1
                 key = self.keys.key("inference") if self.keys else None
-                attempt = self._send(body, key, request_id)
+                attempt = self._send(body, key, request_id, self.retry.retries - retried)
+                attempts += attempt.sent
+                retried += attempt.sent - 1
                 if attempt.then == "renew" and self.keys and renewals < self.retry.key_renewals:
                     renewals += 1  # a budget of its own: a renewed key is not a struggling server
                     self.keys.renew("inference", stale_key=key or "")
                     continue
-                if attempt.then != "retry" or retries == self.retry.retries:
+                if attempt.then != "retry" or retried >= self.retry.retries:
                     break
-                retries += 1
-                if self.stop.wait(self.retry.delay_s(retries)):
+                retried += 1
+                wait_s = attempt.wait_s
+                if self.stop.wait(self.retry.delay_s(retried) if wait_s is None else wait_s):
                     break  # the job was abandoned: report the last error, do not retry
         except (OSError, ValueError, KeyFileError) as exc:
             # Unreadable file, unsavable array, key file gone: this input fails, the others go on.
@@ -281,27 +351,55 @@ class _Predictor:
             return Result(index, name, error=error, attempts=attempts, request_id=request_id)
         return Result(index, name, attempt.probabilities, attempt.error, attempts, request_id)
 
-    def _send(self, body: bytes, key: str | None, request_id: str | None) -> _Attempt:
+    def _send(
+        self, body: bytes, key: str | None, request_id: str | None, retries_left: int
+    ) -> _Attempt:
         headers = {**_CONTENT_TYPE, **(bearer(key) if key else {})}
         if request_id is not None:
             headers[REQUEST_ID_HEADER] = request_id
+        session, adapter = self.sessions.get()
+        fresh = _key_is_fresh(self.keys, key) if key and self.keys else None
+        adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop, fresh)
         try:
-            response = self.sessions.get().post(
-                self.url, data=body, headers=headers, timeout=self.timeout_s
-            )
+            response = session.post(self.url, data=body, headers=headers, timeout=self.timeout_s)
+        except _Abandoned as exc:
+            return _Attempt(None, _error(None, "Abandoned", str(exc)), "done")
+        except _StaleKey as exc:  # the wait is over: send it again now, with the file's key
+            error = _error(None, "StaleKey", str(exc))
+            return _Attempt(None, error, "retry", exc.sent, wait_s=0.0)
         except _TRANSIENT_ERRORS as exc:
-            return _Attempt(None, _error(None, type(exc).__name__, str(exc)), "retry")
+            # urllib3 retries connection errors and timeouts until the budget is spent; an
+            # answer cut short after it began is ours to send again.
+            cut_short = isinstance(exc, requests.exceptions.ChunkedEncodingError)
+            sent = 1 if cut_short else retries_left + 1
+            then = "retry" if cut_short else "done"
+            return _Attempt(None, _error(None, type(exc).__name__, str(exc)), then, sent)
+        sent = _requests_sent(response)
         if response.status_code == 200:
             try:
-                return _Attempt(_probabilities(response), None, "done")
+                return _Attempt(_probabilities(response), None, "done", sent)
             except ValueError as exc:
-                return _Attempt(None, _error(200, "UnexpectedResponse", str(exc)), "done")
-        error = _response_error(response)
+                return _Attempt(None, _error(200, "UnexpectedResponse", str(exc)), "done", sent)
+        error = _response_error(response, len(body))
         if key and is_invalid_key_response(response):
-            return _Attempt(None, error, "renew")
-        if response.status_code in self.retry.retry_statuses or _worker_died(error):
-            return _Attempt(None, error, "retry")
-        return _Attempt(None, error, "done")
+            return _Attempt(None, error, "renew", sent)
+        return _Attempt(None, error, "retry" if _worker_died(error) else "done", sent)
+
+
+def _key_is_fresh(keys: KeyFile, key: str) -> Callable[[], bool]:
+    """Whether ``key`` is still the file's (nobody renewed it) and not about to expire."""
+
+    def fresh() -> bool:
+        entry = keys.read()["inference"]
+        return entry.key == key and not entry.expires_within(keys.margin_s)
+
+    return fresh
+
+
+def _requests_sent(response: requests.Response) -> int:
+    """Requests sent for this answer: the last one and urllib3's retries before it."""
+    retries = getattr(response.raw, "retries", None)
+    return 1 + len(retries.history) if isinstance(retries, Retry) else 1
 
 
 def _worker_died(error: dict[str, object]) -> bool:
@@ -319,6 +417,7 @@ def iter_results(
     token_auth: bool = True,
     progress: bool | None = None,
     request_ids: Sequence[str] | None = None,
+    keys: KeyFile | None = None,
 ) -> Iterator[Result]:
     """Send every input to the model with up to ``concurrency`` requests in flight.
 
@@ -327,7 +426,8 @@ def iter_results(
     which the server logs for each request it answers: ``request_ids``, or ``<job>-<index>``
     with a random job name.
     ``token_auth=False`` sends no key (server started with ``--disable-token-auth``); otherwise
-    a missing or unreadable key file raises ``KeyFileError`` before anything is sent.
+    a missing or unreadable key file raises ``KeyFileError`` before anything is sent. ``keys``
+    shares one :class:`KeyFile` between jobs (default: one for ``endpoints``' key file).
     ``progress=None`` shows progress on stderr only when stderr is a terminal.
     """
     if concurrency < 1:
@@ -342,16 +442,22 @@ def iter_results(
             "request ids must be 1 to 128 of A-Z a-z 0-9 . _ : - (the server logs them)"
         )
     endpoints = endpoints or Endpoints.from_env()
-    keys = KeyFile.from_endpoints(endpoints) if token_auth else None
+    keys = (keys or KeyFile.from_endpoints(endpoints)) if token_auth else None
     if keys is not None:
         keys.key("inference")  # fail fast, once, rather than once per input
-    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(
+        total=len(inputs),
+        unit="img",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,  # None: on a terminal only
+        dynamic_ncols=True,
+    )
     predictor = _Predictor(
         url=endpoints.predictions_url,
         keys=keys,
         retry=retry or RetryPolicy(),
         timeout_s=timeout_s,
-        progress=_Progress(len(inputs), sys.stderr) if show and inputs else None,
+        progress=bar,
     )
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="b4client")
     try:
@@ -362,8 +468,7 @@ def iter_results(
         predictor.stop.set()
         executor.shutdown(wait=True, cancel_futures=True)
         predictor.sessions.close()
-        if predictor.progress is not None:
-            predictor.progress.close()
+        bar.close()
 
 
 def predict_many(inputs: Sequence[ImageInput], **kwargs: Any) -> list[Result]:

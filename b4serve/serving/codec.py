@@ -8,10 +8,10 @@ import tokenize
 
 import numpy as np
 
-from b4serve.serving.config import MAX_HEADER_BYTES
+from b4serve.serving.config import MAX_BODY_BYTES, MAX_HEADER_BYTES
 from b4serve.serving.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["ACCEPTED_DTYPES", "check_array", "decode_npy", "encode_npy"]
+__all__ = ["ACCEPTED_DTYPES", "check_array", "check_body_size", "decode_npy", "encode_npy"]
 
 _MAGIC = b"\x93NUMPY"
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
@@ -29,13 +29,24 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def check_body_size(size: int, limit: int = MAX_BODY_BYTES) -> None:
+    """Refuse a body of ``size`` bytes over ``limit`` (:class:`PayloadTooLarge`), before any
+    parsing: every request form is bounded by bytes, not only by what its header declares."""
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the body is {size} bytes; the limit is {limit} (a 2048x2048 RGBA uint8 image as "
+            ".npy): send uint8 pixels, or a smaller image"
+        )
+
+
 def decode_npy(body: object, max_pixels: int) -> np.ndarray:
     """Decode one request body written by ``np.save`` into an image-shaped array.
 
     Accepts uint8, float32 and float64 arrays shaped HxW or HxWxC with C in (1, 3, 4), in either
     byte order and memory order. The returned array is a read-only view of ``body`` when
     possible. Raises :class:`UnsupportedMediaType` for bodies that are not .npy at all,
-    :class:`PayloadTooLarge` above ``max_pixels``, :class:`InvalidInput` for everything else.
+    :class:`PayloadTooLarge` above ``max_pixels`` or :data:`MAX_BODY_BYTES`, :class:`InvalidInput`
+    for everything else.
     Pickled (object) arrays are refused from the header alone and never unpickled.
     """
     if body is None:
@@ -51,6 +62,7 @@ def decode_npy(body: object, max_pixels: int) -> np.ndarray:
     if not isinstance(body, bytes | bytearray | memoryview):
         raise UnsupportedMediaType(f"expected raw .npy bytes, got {type(body).__name__}")
     data = memoryview(body).cast("B")
+    check_body_size(len(data))
     if len(data) == 0:
         raise InvalidInput("empty body: expected the bytes written by numpy.save")
     prefix = bytes(data[: len(_MAGIC)])

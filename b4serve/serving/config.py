@@ -14,10 +14,10 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "GPU_PRECISIONS",
     "LABELS_FILE",
+    "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
     "META_FILE",
     "ModelConfig",
-    "max_body_bytes",
 ]
 
 META_FILE = "model_meta.json"
@@ -32,14 +32,13 @@ GPU_PRECISIONS = ("fp16", "bf16", "fp32")
 # Forward sizes on a GPU: a batch is padded up to the next one, so each worker compiles and
 # autotunes a handful of shapes at warm-up instead of one per batch size it ever sees.
 DEFAULT_GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-_WIDEST_ITEMSIZE = 8  # float64
-_MOST_CHANNELS = 4  # RGBA
-
-
-def max_body_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Size of the largest body the decoder accepts: a float64 RGBA image of ``max_pixels``."""
-    # magic (6) + version (2) + header length field (<= 4) + header + data
-    return 12 + MAX_HEADER_BYTES + max_pixels * _MOST_CHANNELS * _WIDEST_ITEMSIZE
+# The largest request body, in bytes, that any path accepts (.npy, KServe JSON, v2 binary): a
+# uint8 RGBA image of DEFAULT_MAX_PIXELS as .npy, the largest header included. Images held in
+# memory are mostly uint8; every body the frontend holds counts against its memory budget
+# (b4serve/ops/budget.py), so float images are accepted up to this size, not up to the pixel
+# limit. config.properties' max_request_size is this number (tests keep the two equal).
+# magic (6) + version (2) + header length field (<= 4) + header + data
+MAX_BODY_BYTES = 12 + MAX_HEADER_BYTES + DEFAULT_MAX_PIXELS * 4
 
 
 @dataclass(frozen=True)

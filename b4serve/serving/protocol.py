@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from b4serve.serving.codec import encode_npy
+from b4serve.serving.codec import check_body_size, encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.errors import (
     InferenceError,
@@ -119,9 +119,14 @@ def header_length(headers: Mapping[str, str]) -> int | None:
 
 
 def parse_raw_request(item: Any, binary_header_length: int | None = None) -> ParsedRequest:
-    """What one request without an envelope carries: ``.npy`` bytes, or a KServe request."""
+    """What one request without an envelope carries: ``.npy`` bytes, or a KServe request.
+
+    A body over the byte limit is refused before it is parsed (a JSON document costs many times
+    its size in Python objects)."""
     body = _raw_body(item)
     try:
+        if isinstance(body, bytes | bytearray | memoryview):
+            check_body_size(memoryview(body).nbytes)
         if binary_header_length is not None:
             return _v2_document(*_split_binary(body, binary_header_length))
         if isinstance(body, bytes | bytearray) and body[:1] == b"{":

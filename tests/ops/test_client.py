@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from fake_torchserve import (
 from b4serve.ops import client
 from b4serve.ops.client import PredictionError, RetryPolicy, predict_batch, predict_many
 from b4serve.ops.endpoints import _DEFAULTS, REPO_ROOT, Endpoints
-from b4serve.ops.keys import KeyFileMissingError
+from b4serve.ops.keys import KeyFile, KeyFileMissingError
 
 FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
 
@@ -129,6 +131,20 @@ def test_503_gives_up_after_the_retry_budget(server: FakeTorchServe) -> None:
     assert [r.ok for r in results] == [True, False, True]
 
 
+def test_a_worker_that_died_with_the_batch_is_retried_within_the_same_budget(
+    server: FakeTorchServe,
+) -> None:
+    server.worker_died = {1: 2}
+    results = run(server, [image(0), image(1)])
+    assert [r.probabilities for r in results] == [expected_probabilities(i) for i in range(2)]
+    assert [r.attempts for r in results] == [1, 3]
+    # urllib3's retries (503) and ours (worker died) share one budget: 2 retries, 3 failures
+    server.fail_503, server.worker_died = {2: 1}, {2: 2}
+    [result] = run(server, [image(2)], retry=RetryPolicy(retries=2, backoff_s=0))
+    assert result.error is not None and result.error["status"] == 500
+    assert result.attempts == 3
+
+
 def test_dropped_connection_is_retried(server: FakeTorchServe) -> None:
     server.drop = {0: 1, 2: 2}
     results = run(server, [image(i) for i in range(3)], concurrency=2)
@@ -160,6 +176,15 @@ def test_client_error_fails_alone_and_predict_batch_names_its_index(
         predict_batch(images, endpoints=server.endpoints, progress=False)
     assert [r.index for r in raised.value.failures] == [3]
     assert "InvalidInput" in str(raised.value)
+
+
+def test_an_empty_413_says_the_body_was_over_the_servers_limit(server: FakeTorchServe) -> None:
+    server.reject = {0: (413, b"")}  # TorchServe's HTTP layer, before reading the body
+    [result] = run(server, [image(0)])
+    assert result.error is not None and result.error["status"] == 413
+    assert result.error["type"] == "PayloadTooLarge"
+    assert "over its max_request_size (16781324 bytes" in result.error["message"]
+    assert result.attempts == 1
 
 
 def test_error_body_that_is_not_json_is_kept_as_text(server: FakeTorchServe) -> None:
@@ -213,6 +238,45 @@ def test_key_rejected_for_many_requests_at_once_is_renewed_once(server: FakeTorc
     assert server.token_calls == {"inference": 1}
 
 
+def test_a_key_that_expires_during_the_backoff_is_renewed_before_the_retry(
+    server: FakeTorchServe,
+) -> None:
+    # urllib3 resends the first try's headers: when the key went stale during the wait, the
+    # retry comes back to the client, which renews the key first.
+    key, _ = server.keys["inference"]
+    server.keys["inference"] = key, datetime.now(timezone.utc) + timedelta(seconds=1)
+    server.write_key_file()
+    server.fail_503 = {0: 2}  # retry 1 at once, retry 2 after 1.5 to 2.25 s: past the expiry
+    keys = KeyFile.from_endpoints(server.endpoints, margin_s=0.2)
+    policy = RetryPolicy(retries=3, backoff_s=0.75, max_backoff_s=5.0)
+    [result] = run(server, [image(0)], retry=policy, keys=keys)
+    assert result.probabilities == expected_probabilities(0)
+    assert result.attempts == 3
+    assert server.rejected_keys == []  # never sent once it had expired
+    assert server.token_calls == {"inference": 1}
+
+
+def test_a_key_renewed_by_another_client_during_the_backoff_is_the_one_retried(
+    server: FakeTorchServe,
+) -> None:
+    server.fail_503 = {0: 2}  # retry 2 waits 0.6 to 0.9 s; the key is renewed 0.3 s in
+
+    def renew_elsewhere() -> None:
+        with server.lock:  # as /token does
+            server.rotate("inference")
+
+    renewal = threading.Timer(0.3, renew_elsewhere)
+    renewal.start()
+    policy = RetryPolicy(retries=3, backoff_s=0.3, max_backoff_s=5.0)
+    try:
+        [result] = run(server, [image(0)], retry=policy)
+    finally:
+        renewal.join()
+    assert result.probabilities == expected_probabilities(0)
+    assert server.rejected_keys == []  # the retry carried the new key, not the voided one
+    assert server.token_calls == {}  # the file already held it: nothing to renew
+
+
 def test_missing_key_file_is_a_clear_error_before_any_request(server: FakeTorchServe) -> None:
     server.key_file.unlink()
     with pytest.raises(KeyFileMissingError) as raised:
@@ -238,14 +302,23 @@ def test_without_token_auth_no_key_is_needed_or_sent(tmp_path: Path) -> None:
 # --- progress and CLI -------------------------------------------------------------------------
 
 
-def test_progress_line_counts_inputs_on_stderr(
+def test_progress_line_counts_inputs_and_failures_on_stderr(
     server: FakeTorchServe, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    server.reject = {3: (400, b'{"code": 400, "type": "InvalidInput", "message": "no"}')}
     run(server, [image(i) for i in range(5)], progress=True)
     err = capsys.readouterr().err
-    assert "\r5/5 " in err
+    assert "| 5/5 [" in err  # tqdm's line: done/total, elapsed<ETA, rate
     assert "img/s" in err
+    assert "1 failed" in err
     assert err.endswith("\n")
+
+
+def test_progress_is_quiet_when_stderr_is_not_a_terminal(
+    server: FakeTorchServe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(server, [image(i) for i in range(3)], progress=None)  # pytest's stderr is no terminal
+    assert capsys.readouterr().err == ""
 
 
 def write_inputs(directory: Path, idents: list[int]) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from b4serve.serving.codec import decode_npy, encode_npy
-from b4serve.serving.config import max_body_bytes
+from b4serve.serving.config import DEFAULT_MAX_PIXELS, MAX_BODY_BYTES
 from b4serve.serving.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 LIMIT = 256 * 256
@@ -148,8 +148,13 @@ def test_pixel_limit_is_exact() -> None:
     assert caught.value.status == 413
 
 
-def test_largest_accepted_body_fits_max_body_bytes() -> None:
-    side = 64
-    body = encode_npy(np.zeros((side, side, 4), np.float64))
-    assert len(body) <= max_body_bytes(side * side)
-    assert decode_npy(body, side * side).shape == (side, side, 4)
+def test_the_largest_uint8_image_is_accepted_and_one_byte_more_is_not() -> None:
+    body = encode_npy(np.zeros((2048, 2048, 4), np.uint8))
+    assert len(body) <= MAX_BODY_BYTES
+    assert decode_npy(body, DEFAULT_MAX_PIXELS).shape == (2048, 2048, 4)
+    # the same pixels as float32 are 4x the bytes: refused for their size, before the header
+    too_big = encode_npy(np.zeros((1200, 1200, 3), np.float32))
+    assert len(too_big) > MAX_BODY_BYTES
+    with pytest.raises(PayloadTooLarge, match=f"limit is {MAX_BODY_BYTES}.*send uint8") as caught:
+        decode_npy(too_big, DEFAULT_MAX_PIXELS)
+    assert caught.value.status == 413

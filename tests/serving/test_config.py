@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from b4serve.serving.config import DEFAULT_MAX_PIXELS, ModelConfig, max_body_bytes
+from b4serve.serving.config import MAX_BODY_BYTES, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,8 +55,8 @@ def test_model_config_records_the_variant_and_refuses_one_its_arch_is_not() -> N
         dataclasses.replace(config, padding="valid")
 
 
-def test_max_request_size_is_the_largest_body_the_decoder_accepts() -> None:
-    assert int(server_properties()["max_request_size"]) == max_body_bytes(DEFAULT_MAX_PIXELS)
+def test_max_request_size_is_the_largest_body_the_handler_accepts() -> None:
+    assert int(server_properties()["max_request_size"]) == MAX_BODY_BYTES
 
 
 def test_server_defaults_are_safe() -> None:
@@ -73,7 +73,7 @@ def test_server_defaults_are_safe() -> None:
 @pytest.mark.parametrize(
     "script",
     ["bootstrap.sh", "build_mar.sh", "deploy.sh", "test.sh", "health.sh", "soak.sh", "bench.sh",
-     "kserve_layout.sh"],
+     "kserve_layout.sh", "serve.sh"],
 )  # fmt: skip
 def test_every_script_answers_help(script: str) -> None:
     result = subprocess.run(

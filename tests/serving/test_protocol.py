@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,8 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from b4serve.serving.codec import decode_npy, encode_npy
-from b4serve.serving.config import ModelConfig
-from b4serve.serving.errors import InferenceError, InvalidInput, UnsupportedMediaType
+from b4serve.serving.config import MAX_BODY_BYTES, ModelConfig
+from b4serve.serving.errors import (
+    InferenceError,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from b4serve.serving.protocol import (
     BINARY_HEADER,
     OUTPUT_NAME,
@@ -163,6 +169,28 @@ def test_binary_data_that_does_not_add_up_is_refused(cut: int, words: str) -> No
     body = body[:cut] if cut < 0 else body + b"\0" * cut
     (payload,) = parse_raw_request({"body": body}, header_length(headers)).payloads
     assert isinstance(payload, InvalidInput) and words in payload.message
+
+
+def test_kserve_bodies_over_the_byte_limit_are_refused_before_parsing() -> None:
+    # A valid v2 document of a 2048x2048 image, within the pixel limit but over the byte limit:
+    # parsing it would cost hundreds of MB of Python objects before any size check could run.
+    values = 2048 * 2048
+    document = (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2048, 2048], '
+                b'"data": [' + b"255, " * (values - 1) + b"255]}]}")  # fmt: skip
+    assert len(document) > MAX_BODY_BYTES
+    binary_header = b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [4096, 4097]}]}'
+    binary = binary_header + bytes(MAX_BODY_BYTES)
+    tracemalloc.start()
+    try:
+        (json_payload,) = parse_raw_request({"body": document}).payloads
+        (binary_payload,) = parse_raw_request({"body": binary}, len(binary_header)).payloads
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for payload in (json_payload, binary_payload):
+        assert isinstance(payload, PayloadTooLarge) and payload.status == 413
+        assert f"the limit is {MAX_BODY_BYTES}" in payload.message
+    assert peak < 1 << 20, f"{peak} bytes allocated while refusing"
 
 
 def test_unusable_kserve_bodies_get_clear_errors() -> None:
