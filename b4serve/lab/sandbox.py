@@ -20,6 +20,7 @@ import torch
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
+from b4serve.ops.supervise import is_supervisor, pid_from_file
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.runtime import load_model
@@ -101,10 +102,16 @@ class Server:
             capture_output=True,
             timeout=120,
         )
-        pid_file = Path(self.env["B4_TMPDIR"]) / ".model_server.pid"
-        if pid_file.is_file():  # --stop failed: do not leave a server behind
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        frontend = pid_from_file(Path(self.env["B4_TMPDIR"]) / ".model_server.pid")
+        if frontend is None:
+            return  # stopped; its supervisor ends by itself once the pid file is gone
+        # --stop failed: do not leave a server behind. Its supervisor first, or it would start
+        # the server again.
+        supervisor = pid_from_file(Path(self.env["B4_RUN_DIR"]) / "supervisor.pid")
+        for pid in (supervisor if is_supervisor(supervisor) else None, frontend):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def server_env(root: Path, token_expiration_min: float | None = None) -> dict[str, str]:

@@ -355,7 +355,7 @@ def alive(pid: int | None) -> bool:
         return False
 
 
-def _is_supervisor(pid: int | None) -> bool:
+def is_supervisor(pid: int | None) -> bool:
     """Whether ``pid`` is a live ``supervise watch`` (not another process that got its pid)."""
     try:
         return alive(pid) and "b4serve.ops.supervise" in psutil.Process(pid or 0).cmdline()
@@ -526,11 +526,11 @@ def start(launch: Launch, say: Callable[[str], None], timeout_s: float = 180.0) 
     """
     running = pid_from_file(launch.supervisor_pid_file)
     deadline = time.monotonic() + 5.0  # one that was just told to stop ends within a second
-    while _is_supervisor(running) and not alive(pid_from_file(launch.pid_file)):
+    while is_supervisor(running) and not alive(pid_from_file(launch.pid_file)):
         if time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    if _is_supervisor(running):
+    if is_supervisor(running):
         say(
             f"TorchServe's supervisor (pid {running}) is already running for {launch.run_dir}: "
             "the server is (re)starting under it"
