@@ -12,7 +12,6 @@ import sys
 
 import atheris
 import numpy  # noqa: F401 - imported first so that only b4serve is instrumented
-import torch  # noqa: F401 - (b4serve.serving.config imports it through the model factory)
 
 with atheris.instrument_imports():
     from b4serve.serving.codec import decode_npy

@@ -87,13 +87,22 @@ def user_module(arch: str, num_classes: int = 6, seed: int = 0) -> nn.Module:
 def calibration_batch(
     size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int
 ) -> torch.Tensor:
-    """Images like those the tests serve (the demo's discs and uniform noise), normalised as the
-    variant's users normalise them: what "training" measures the batch-norm statistics on."""
+    """Images like those the tests serve and export checks (the demo's discs, uniform noise,
+    flat, striped and graded images), normalised as the variant's users normalise them: what
+    "training" measures the batch-norm statistics on. A network whose statistics never saw flat
+    or striped images gives them logits in the thousands, which no trained model does."""
     from b4serve.lab.demo import generate_images
+    from b4serve.ops.runtimes import probe_images
 
     discs, _ = generate_images(per_class=1, seed=1000 + seed, size=size)
     noise = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-    batch = torch.from_numpy(np.concatenate([discs, noise])).float().div(255).permute(0, 3, 1, 2)
+    probes = [  # the full-size ones, grey as RGB
+        np.broadcast_to(image.reshape(size, size, -1), (size, size, 3)).astype(np.uint8)
+        for _, image in probe_images(size)
+        if image.shape[:2] == (size, size)
+    ]
+    images = np.concatenate([discs, noise, np.stack(probes)])
+    batch = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
     return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import requests
@@ -212,16 +212,39 @@ class LogWatch:
 
     def __init__(self, log_dir: Path | None, name: str = "model_log.log") -> None:
         self.path = log_dir / name if log_dir else None
-        self.offset = self.path.stat().st_size if self.path and self.path.is_file() else 0
+        # The file as it is at the mark, held open: log4j rolls the logs over at midnight and at
+        # 100 MB (renaming the file), and an open file follows its bytes through the rename.
+        self._marked: BinaryIO | None = None
+        self.offset = 0
+        if self.path is not None and self.path.is_file():
+            self._marked = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self.offset = self._marked.seek(0, os.SEEK_END)
 
     def lines(self) -> list[str]:
-        """The complete lines written since the mark (a line still being written waits)."""
-        if self.path is None or not self.path.is_file():
-            return []
-        with open(self.path, "rb") as stream:
-            stream.seek(self.offset)
-            text = stream.read().decode(errors="replace")
+        """The complete lines written since the mark (a line still being written waits),
+        across one rollover of the file."""
+        chunks: list[bytes] = []
+        current = self.path if self.path is not None and self.path.is_file() else None
+        if self._marked is not None:
+            self._marked.seek(self.offset)
+            chunks.append(self._marked.read())
+            rolled = current is not None and (
+                current.stat().st_ino != os.fstat(self._marked.fileno()).st_ino
+            )
+            if rolled:  # the new file holds the rest
+                chunks.append(current.read_bytes())
+        elif current is not None:  # created after the mark: all of it is new
+            chunks.append(current.read_bytes())
+        text = b"".join(chunks).decode(errors="replace")
         return text[: text.rfind("\n") + 1].splitlines()
+
+    def close(self) -> None:
+        if self._marked is not None:
+            self._marked.close()
+            self._marked = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def failures(self, limit: int = 25) -> list[str]:
         lines = self.lines()

@@ -40,6 +40,22 @@ def test_log_watch_reads_only_lines_written_after_it_started(tmp_path: Path) -> 
     assert not any(line.startswith("old:") for line in failures)
 
 
+def test_log_watch_follows_the_log_through_a_rollover(tmp_path: Path) -> None:
+    log = tmp_path / "access_log.log"
+    log.write_text("before the mark\n")
+    watch = LogWatch(tmp_path, "access_log.log")
+    with open(log, "a") as stream:
+        stream.write("after the mark, before midnight\n")
+    log.rename(tmp_path / "access_log.2026-12-01.1.log")  # log4j's rollover renames the file
+    log.write_text("after midnight\n")
+    assert watch.lines() == ["after the mark, before midnight", "after midnight"]
+    (tmp_path / "access_log.2026-12-01.1.log").unlink()  # then compresses and removes it
+    with open(log, "a") as stream:
+        stream.write("later\n")
+    assert watch.lines() == ["after the mark, before midnight", "after midnight", "later"]
+    watch.close()
+
+
 def test_settle_waits_for_failures_the_asynchronous_log_writes_late(tmp_path: Path) -> None:
     (tmp_path / "model_log.log").write_text("")
     watch = LogWatch(tmp_path)

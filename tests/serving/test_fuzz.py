@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,12 @@ def test_decoder_survives_a_bounded_fuzz_run(tmp_path: Path) -> None:
     seeds = [np.zeros((4, 4, 3), np.uint8), np.ones((3, 5), ">f8"), np.zeros((2, 2, 4), "f4")]
     for number, seed in enumerate(seeds):
         (corpus / f"seed{number}").write_bytes(encode_npy(seed))
+    # libFuzzer bounds the peak RSS getrusage reports, and a child starts from its parent's peak
+    # (pytest's, gigabytes after the integration tests): the bound is 2 GB above that.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     result = subprocess.run(
         [sys.executable, str(ROOT / "fuzz" / "fuzz_decode.py"), "-runs=20000", "-seed=1",
-         f"-artifact_prefix={tmp_path}/", str(corpus)],
+         f"-rss_limit_mb={inherited_mb + 2048}", f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
