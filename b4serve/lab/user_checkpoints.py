@@ -88,7 +88,7 @@ def calibration_batch(
     size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int
 ) -> torch.Tensor:
     """Images like those the tests serve and export checks (the demo's discs, uniform noise,
-    flat, striped and graded images), normalised as the variant's users normalise them: what
+    flat, striped and graded images, and the mirror of each), normalised as the variant's users normalise them: what
     "training" measures the batch-norm statistics on. A network whose statistics never saw flat
     or striped images gives them logits in the thousands, which no trained model does."""
     from b4serve.lab.demo import generate_images
@@ -102,6 +102,7 @@ def calibration_batch(
         if image.shape[:2] == (size, size)
     ]
     images = np.concatenate([discs, noise, np.stack(probes)])
+    images = np.concatenate([images, images[:, :, ::-1]])  # and their mirrors, as TTA serves
     batch = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
     return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 

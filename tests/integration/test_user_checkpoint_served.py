@@ -29,7 +29,7 @@ def second_model(server: Server) -> Iterator[str]:
     yield MODEL
     api = ManagementAPI(server.endpoints, server.keys)
     for version in api.versions(MODEL):
-        api.unregister(MODEL, version["modelVersion"])
+        api.unregister(MODEL, version["modelVersion"], timeout_s=120)
 
 
 def test_a_tf_b4_saved_the_seeds_way_is_served_equal_to_the_users_module(
