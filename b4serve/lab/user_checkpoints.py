@@ -89,8 +89,9 @@ def calibration_batch(
 ) -> torch.Tensor:
     """Images like those the tests serve and export checks (the demo's discs, uniform noise,
     flat, striped and graded images, and the mirror of each), normalised as the variant's users
-    normalise them: what "training" measures the batch-norm statistics on. A network whose statistics never saw flat
-    or striped images gives them logits in the thousands, which no trained model does."""
+    normalise them: what "training" measures the batch-norm statistics on. A network whose
+    statistics never saw flat or striped images (or their mirrors) gives them logits in the
+    thousands, which no trained model does."""
     from b4serve.lab.demo import generate_images
     from b4serve.ops.runtimes import probe_images
 
