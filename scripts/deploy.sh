@@ -9,15 +9,16 @@
 # Runtime (env, see scripts/build_mar.sh --help): B4_RUNTIME (auto: the fastest runtime this
 #   host runs that matches fp32 TorchScript, chosen at build; or a name to pin one),
 #   B4_CHECK_IMAGES (your .npy images for that check). The choice is printed at the end.
-# Registration (env; defaults in b4serve/ops/manage.py): B4_BATCH_SIZE (4), B4_MAX_BATCH_DELAY (5 ms),
-#   B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s); B4_DRAIN_SECONDS (1 s: extra wait
-#   after an old version answered all it had taken); B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
+# Registration (env; defaults in b4serve/ops/manage.py): B4_BATCH_SIZE (4),
+#   B4_MAX_BATCH_DELAY (5 ms), B4_INITIAL_WORKERS (1), B4_RESPONSE_TIMEOUT (120 s);
+#   B4_DRAIN_SECONDS (1 s: extra wait after an old version answered all it had taken);
+#   B4_DEPLOY_TIMEOUT (600 s) bounds each wait.
 #   When TorchServe will give workers GPUs (B4_GPUS; default: counted as TorchServe counts
 #   them): batch size 64, 5 ms, B4_WORKERS_PER_GPU (2) workers on each GPU.
 # Server (env, defaults in scripts/env.sh): B4_HOST, B4_INFERENCE_PORT (8080),
 #   B4_MANAGEMENT_PORT (8081), B4_METRICS_PORT (8082), B4_V2_PORT (8083),
-#   B4_GRPC_INFERENCE_PORT (7070),
-#   B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run), B4_LOG_DIR, B4_MODEL_STORE (model-store),
+#   B4_GRPC_INFERENCE_PORT (7070), B4_GRPC_MANAGEMENT_PORT (7071), B4_RUN_DIR (.run),
+#   B4_LOG_DIR, B4_MODEL_STORE (model-store),
 #   B4_TMPDIR, B4_TOKEN_EXPIRATION_MIN, B4_TS_CONFIG, B4_LOG_CONFIG, B4_METRICS_CONFIG,
 #   B4_PROTOCOL (raw, v1 or v2: what the smoke test sends; the server takes all three),
 #   B4_V2_PLUGIN (auto: serve the v2 REST API on B4_V2_PORT (8083) when a JDK can build its
@@ -34,14 +35,18 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 parse_model_args "$@"
 [ ${#others[@]} -eq 0 ] || die "unknown argument: ${others[0]} (see --help)"
-case "$B4_PROTOCOL" in raw|v1|v2) ;; *) die "B4_PROTOCOL must be raw, v1 or v2: $B4_PROTOCOL" ;; esac
+case "$B4_PROTOCOL" in
+  raw|v1|v2) ;; *) die "B4_PROTOCOL must be raw, v1 or v2: $B4_PROTOCOL" ;;
+esac
 case "$B4_ENVELOPE:$B4_PROTOCOL" in
   :*|kserve:v1|kservev2:v2) ;;
   kserve:*|kservev2:*) die "B4_ENVELOPE=$B4_ENVELOPE reads KServe JSON only: set B4_PROTOCOL=$(
     [ "$B4_ENVELOPE" = kserve ] && echo v1 || echo v2) for deploy's smoke test" ;;
   *) die "B4_ENVELOPE must be empty, kserve or kservev2: $B4_ENVELOPE" ;;
 esac
-case "$B4_V2_PLUGIN" in auto|0|1) ;; *) die "B4_V2_PLUGIN must be auto, 0 or 1: $B4_V2_PLUGIN" ;; esac
+case "$B4_V2_PLUGIN" in
+  auto|0|1) ;; *) die "B4_V2_PLUGIN must be auto, 0 or 1: $B4_V2_PLUGIN" ;;
+esac
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 
 "$B4_ROOT/scripts/bootstrap.sh"

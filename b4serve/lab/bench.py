@@ -873,6 +873,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+HISTORY_MARKER = "<!-- history: the bench keeps everything below this line -->"
+
+
+def kept_history(report: Path) -> str:
+    """What follows :data:`HISTORY_MARKER` in an existing ``report``, with the marker: earlier
+    runs and experiments stay in the file that the latest run rewrites."""
+    text = report.read_text() if report.exists() else ""
+    _, marker, history = text.partition(HISTORY_MARKER)
+    return f"\n{marker}{history}" if marker else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
@@ -1012,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
+        args.output.write_text(table + kept_history(args.output))
     if args.json:
         payload = {
             "info": info,

@@ -3,7 +3,7 @@
 tritonclient.http is what most Open Inference Protocol users reach for: health, metadata and
 infer (JSON and the binary-data extension) must work with it unchanged. Answers are checked
 against the raw .npy route of the same server. KServe's own v2 REST client is not
-used: its SDK, installed with its dependencies, replaces our protobuf and psutil (docs/notes/19.md).
+used: its SDK, installed with its dependencies, replaces our protobuf and psutil (docs/V2.md).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from small_models import AVX2_ONLY, AVX512_BF16, ConvNet
 from b4serve.lab.bench import (
     DEFAULT,
     DEMO_BF16_TOLERANCE,
+    HISTORY_MARKER,
     SEED,
     TORCHSCRIPT,
     Row,
@@ -25,6 +26,7 @@ from b4serve.lab.bench import (
     compute_ratios,
     expected_key,
     fresh_process_peak_mb,
+    kept_history,
     latency_floor,
     layout_ratios,
     markdown,
@@ -232,3 +234,13 @@ def test_a_fresh_process_reports_its_own_peak_not_this_processs(tmp_path: Path) 
     # it); VmHWM is the child's own
     assert int(inherited.stdout) / 1024 >= parent_peak * 0.99
     assert 50 < own < parent_peak - 700
+
+
+def test_a_rewritten_report_keeps_the_history_below_its_marker(tmp_path: Path) -> None:
+    report = tmp_path / "PERFORMANCE.md"
+    assert kept_history(report) == ""  # no file yet
+    report.write_text(f"# old run\n\n{HISTORY_MARKER}\n## run A\nfigures\n")
+    kept = kept_history(report)
+    assert kept == f"\n{HISTORY_MARKER}\n## run A\nfigures\n"
+    report.write_text("# old run, no history\n")
+    assert kept_history(report) == ""
