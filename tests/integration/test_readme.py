@@ -49,8 +49,10 @@ def for_server(text: str, server: Server) -> str:
 
 def shell(command: str, server: Server) -> str:
     """Run ``command`` in bash from the repository root with the server's environment."""
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT,
-                            env=server.env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", command],
+        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -63,7 +65,7 @@ def python(code: str, server: Server, monkeypatch: pytest.MonkeyPatch) -> dict[s
         if name.startswith("B4_"):
             monkeypatch.setenv(name, value)
     namespace: dict[str, object] = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(code, str(README), "exec"), namespace)  # the README's own code
     return namespace
 
 

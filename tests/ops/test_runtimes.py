@@ -71,6 +71,32 @@ def test_auto_proves_every_candidate_and_keeps_the_fastest_eligible(convnet, con
     )
 
 
+def test_candidates_are_timed_as_the_worker_runs_them_each_after_the_cores_settle(
+    convnet, config, monkeypatch
+) -> None:
+    """The worker's allocator setting, and an idle pause before every timed forward: without
+    them TorchScript was timed 25% and 40% slow beside ONNX Runtime (docs/RUNTIMES.md)."""
+    net, path = convnet
+    events: list[str] = []
+    monkeypatch.setattr(runtimes, "keep_freed_memory", lambda mb: events.append(f"keep {mb}"))
+    monkeypatch.setattr(runtimes, "_settle", lambda: events.append("settle"))
+    forward = runtimes.Classifier.predict
+
+    def predict(self, images):  # type: ignore[no-untyped-def]
+        events.append("forward")
+        return forward(self, images)
+
+    monkeypatch.setattr(runtimes.Classifier, "predict", predict)
+    selection = choose_runtime("onnxruntime", net, config, path, host=AVX512_BF16,
+                               export=export_convnet, log=lambda _: None)  # fmt: skip
+    assert events[0] == f"keep {config.malloc_keep_mb}"  # before any model is run
+    timed = sum(len(c.seconds) for c in selection.candidates)
+    assert timed > 0 and events.count("settle") == timed
+    for index, event in enumerate(events):
+        if event == "settle":
+            assert events[index + 1] == "forward"
+
+
 def test_auto_on_an_avx2_only_host_tries_no_bf16_and_says_why(convnet, config) -> None:
     net, path = convnet
     selection = choose_runtime(
