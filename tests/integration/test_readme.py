@@ -6,6 +6,8 @@ file's path are rewritten to the session server's, so an example that rots fails
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -57,16 +59,20 @@ def shell(command: str, server: Server) -> str:
     return result.stdout
 
 
-def python(code: str, server: Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+def python(
+    code: str, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, object], str]:
     """Execute ``code`` in this process, from the repository root, with the server's B4_*
-    environment; return its namespace."""
+    environment; return its namespace and what it printed."""
     monkeypatch.chdir(ROOT)
     for name, value in server.env.items():
         if name.startswith("B4_"):
             monkeypatch.setenv(name, value)
     namespace: dict[str, object] = {}
-    exec(compile(code, str(README), "exec"), namespace)  # the README's own code
-    return namespace
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, str(README), "exec"), namespace)  # the README's own code
+    return namespace, printed.getvalue()
 
 
 def assert_probabilities(answer: object, expected_class: str) -> None:
@@ -84,7 +90,7 @@ def test_the_curl_example_answers_its_probabilities(server: Server) -> None:
 def test_the_python_example_answers_each_image_in_order(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    namespace = python(block("python", "predict_batch"), server, monkeypatch)
+    namespace, _ = python(block("python", "predict_batch"), server, monkeypatch)
     answers = namespace["probabilities"]
     assert isinstance(answers, list) and len(answers) == 2
     assert_probabilities(answers[0], "demo_red_blob")
@@ -109,9 +115,12 @@ def test_the_cli_example_writes_one_line_per_file_in_order(server: Server, tmp_p
 def test_the_tritonclient_example_answers_on_the_v2_port(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    namespace = python(for_server(block("python", "tritonclient"), server), server, monkeypatch)
+    code = for_server(block("python", "tritonclient"), server)
+    namespace, printed = python(code, server, monkeypatch)
     answer = namespace["answer"].as_numpy("probabilities")  # type: ignore[attr-defined]
     assert_probabilities(answer, "demo_green_blob")
+    shown = np.array(printed.strip(" []\n").split(), dtype=np.float64)  # what the user sees
+    np.testing.assert_allclose(shown, answer, rtol=1e-5)
 
 
 def test_the_operate_commands_report_the_server(server: Server) -> None:
