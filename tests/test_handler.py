@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from b4serve.lab.inprocess_worker import decode_replies
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
@@ -79,33 +80,8 @@ def _request(index: int, body: object, content_type: str = "application/octet-st
 
 
 def _decode_response(message: bytes) -> list[dict]:
-    """Parse TorchServe's worker->frontend prediction message into per-request dicts."""
-    offset = 0
-
-    def integer() -> int:
-        nonlocal offset
-        (value,) = struct.unpack_from("!i", message, offset)
-        offset += 4
-        return value
-
-    def blob() -> bytes:
-        nonlocal offset
-        size = integer()
-        offset += size
-        return message[offset - size : offset]
-
-    integer(), blob()  # batch status code and message
-    responses = []
-    while (size := integer()) != -1:  # -1 ends the list
-        offset += size
-        request_id = message[offset - size : offset].decode()
-        content_type, status, phrase = blob().decode(), integer(), blob().decode()
-        headers = {blob().decode(): blob().decode() for _ in range(integer())}
-        responses.append(
-            {"id": request_id, "content_type": content_type, "status": status,
-             "phrase": phrase, "headers": headers, "body": blob()}
-        )  # fmt: skip
-    return responses
+    """TorchServe's worker->frontend prediction message as per-request dicts."""
+    return [{**dataclasses.asdict(r), "id": r.request_id} for r in decode_replies(message)]
 
 
 def test_batch_with_a_bad_request_fails_only_that_request(service, model_dir, config, rng) -> None:

@@ -32,6 +32,7 @@ import requests
 import torch
 
 from b4serve.lab.demo import ensure_demo_checkpoint
+from b4serve.lab.host import cpu_name
 from b4serve.lab.sandbox import DEMO_CACHE, ROOT, Server, exit_on_sigterm, server_env
 from b4serve.lab.seed_handler import two_pass_tta
 from b4serve.ops.client import predict_many
@@ -497,12 +498,7 @@ def add_row(rows: list[Row], row: Row) -> None:
 
 def machine() -> str:
     """What this ran on, for the table's heading."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (
         f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from b4serve.lab.demo import generate_images
+from b4serve.lab.host import cpu_name
 from b4serve.lab.inprocess_worker import decode_replies, load_service, request, unpack_archive
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import GPU_PRECISIONS, ModelConfig
@@ -82,12 +83,7 @@ def timed(run: Callable[[], None], seconds: float, min_calls: int = 3) -> tuple[
 
 def host_facts(device: torch.device) -> dict[str, str]:
     """What this ran on, for the table's heading."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     facts = {
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "torch": torch.__version__,

@@ -15,7 +15,8 @@ appears more than once (a retry of a request the server had run). Key turnover i
 server's access log recorded (``/token``) or an inference key that changed during the run, read
 without renewing it. Worker and frontend (JVM) resident memory are compared between the end of
 the warm-up (at least ``WARMUP_REQUESTS`` requests, however long they take: the JVM's heap and
-Netty's buffer pools grow with the requests served, not with the time) and the end of the run.
+Netty's buffer pools grow with the requests served, not with the time) and the end of the run,
+each as the floor of its quarter of the readings (:func:`floors`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from b4serve.ops.health import _default_log_dir, worker_rss_mb
 from b4serve.ops.keys import KeyFile
 from b4serve.ops.manage import LogWatch, ManagementAPI
 
-__all__ = ["SoakReport", "key_renewals", "run_soak", "tally"]
+__all__ = ["SoakReport", "floors", "key_renewals", "run_soak", "tally"]
 
 # Probabilities of the same image may differ by float noise between batch compositions.
 TOLERANCE = 1e-4
@@ -70,6 +71,7 @@ class SoakReport:
     unexpected_errors: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     worker_restarts: int = 0
+    # start and end: the floors of the first and last quarter of the readings (floors())
     worker_rss_start_mb: float = 0.0
     worker_rss_end_mb: float = 0.0
     worker_rss_peak_mb: float = 0.0  # the highest of the readings after each round
@@ -140,6 +142,20 @@ class SoakReport:
             ("throughput", f"{self.images_per_s:.2f} images/s"),
         ]  # fmt: skip
         return "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def floors(readings: Sequence[float]) -> tuple[float, float]:
+    """The lowest of the first and of the last quarter of ``readings`` (at least one each).
+
+    A leak raises the floor of what a process holds between requests; a single reading does
+    not show it: the frontend's RSS, read after each round with nothing in flight, went
+    176, 185, 176, 187 MiB within 30 s (garbage not yet collected, request buffers not yet
+    returned), so one end reading against one start reading flagged 6.7% "growth" in a run
+    whose floor stayed at 176."""
+    if not readings:
+        return 0.0, 0.0
+    quarter = max(1, len(readings) // 4)
+    return min(readings[:quarter]), min(readings[-quarter:])
 
 
 def _growth(start: float, end: float) -> float:
@@ -282,8 +298,9 @@ def run_soak(
         if warm_round * size >= WARMUP_REQUESTS and time.monotonic() >= warm_until:
             break
     workers = _workers(api, endpoints.model_name)
-    report.worker_rss_start_mb = report.worker_rss_peak_mb = _resident_mb(workers)
-    report.frontend_rss_start_mb = report.frontend_rss_peak_mb = _frontend_rss_mb(workers)
+    worker_readings, frontend_readings = [_resident_mb(workers)], [_frontend_rss_mb(workers)]
+    report.worker_rss_start_mb = report.worker_rss_peak_mb = worker_readings[0]
+    report.frontend_rss_start_mb = report.frontend_rss_peak_mb = frontend_readings[0]
     key_at_start = keys.read()["inference"].key  # read, not renewed: we only look
     model_log, access_log = LogWatch(log_dir), LogWatch(log_dir, "access_log.log")
     say(f"warm: {len(workers)} worker(s) {report.worker_rss_start_mb:.0f} MiB, frontend "
@@ -293,6 +310,8 @@ def run_soak(
         one_round(measured=True)
         now = _workers(api, endpoints.model_name)
         worker_mb, frontend_mb = _resident_mb(now), _frontend_rss_mb(now)
+        worker_readings.append(worker_mb)
+        frontend_readings.append(frontend_mb)
         report.worker_rss_peak_mb = max(report.worker_rss_peak_mb, worker_mb)
         report.frontend_rss_peak_mb = max(report.frontend_rss_peak_mb, frontend_mb)
         say(f"{time.monotonic() - started:.0f} s: {sent} sent; worker {worker_mb:.0f} MiB, "
@@ -301,8 +320,10 @@ def run_soak(
     report.duration_s = elapsed
     report.images_per_s = sent / elapsed
     after = _workers(api, endpoints.model_name)
-    report.worker_rss_end_mb = _resident_mb(after)
-    report.frontend_rss_end_mb = _frontend_rss_mb(after)
+    worker_readings.append(_resident_mb(after))
+    frontend_readings.append(_frontend_rss_mb(after))
+    report.worker_rss_start_mb, report.worker_rss_end_mb = floors(worker_readings)
+    report.frontend_rss_start_mb, report.frontend_rss_end_mb = floors(frontend_readings)
     report.worker_restarts = len(set(workers) - set(after))
     report.key_changed = keys.read()["inference"].key != key_at_start
     report.key_renewals = key_renewals(access_log.lines())

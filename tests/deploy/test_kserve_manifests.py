@@ -300,8 +300,14 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=list(MUTATIONS))
 def test_broken_inference_service_is_rejected(validator: Validator, mutation: str) -> None:
-    keys, field, value = MUTATIONS[mutation]
-    broken = copy.deepcopy(manifest("InferenceService"))
+    assert_rejected(validator, "InferenceService", *MUTATIONS[mutation])
+
+
+def assert_rejected(
+    validator: Validator, kind: str, keys: tuple[str | int, ...], field: str, value: object
+) -> None:
+    """``kind``'s manifest with ``field`` (under ``keys``) set to ``value`` fails, naming it."""
+    broken = copy.deepcopy(manifest(kind))
     target = broken
     for key in keys:
         target = target[key]
@@ -324,14 +330,7 @@ RUNTIME_MUTATIONS = {
 @pytest.mark.parametrize("kind", ["ServingRuntime", "ClusterServingRuntime"])
 @pytest.mark.parametrize("mutation", RUNTIME_MUTATIONS, ids=list(RUNTIME_MUTATIONS))
 def test_broken_runtime_is_rejected(validator: Validator, kind: str, mutation: str) -> None:
-    keys, field, value = RUNTIME_MUTATIONS[mutation]
-    broken = copy.deepcopy(manifest(kind))
-    target = broken
-    for key in keys:
-        target = target[key]
-    target[field] = value
-    with pytest.raises(SchemaError, match=re.escape(field)):
-        validator.validate(broken)
+    assert_rejected(validator, kind, *RUNTIME_MUTATIONS[mutation])
 
 
 @pytest.mark.parametrize("kind", ["ServingRuntime", "ClusterServingRuntime"])

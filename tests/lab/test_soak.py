@@ -4,7 +4,7 @@ in order, each with its request id) and the lines the handler and TorchServe wri
 
 from collections import Counter
 
-from b4serve.lab.soak import SoakReport, key_renewals, tally
+from b4serve.lab.soak import SoakReport, floors, key_renewals, tally
 from b4serve.ops.client import Result
 from b4serve.serving.request_ids import Handled, handled_line, handled_requests
 
@@ -93,3 +93,18 @@ def test_worker_and_frontend_memory_must_each_stay_flat_and_be_read() -> None:
     assert report.problems() == ["worker memory grew 5.1% (1000 -> 1051 MiB)"]
     report.worker_rss_end_mb, report.frontend_rss_start_mb = 1000, 0.0
     assert report.problems() == ["frontend memory could not be read"]
+
+
+def test_memory_is_compared_floor_to_floor_so_a_leak_shows_and_a_sawtooth_does_not() -> None:
+    # the frontend of a CI run that had nothing leaking: read after each round, then at the end
+    sawtooth = [175, 176, 176, 176, 176, 176, 176, 177, 177, 177, 177, 177, 177, 177, 177, 177,
+                177, 178, 181, 177, 185, 185, 176, 176, 176, 176, 187, 187]  # fmt: skip
+    assert floors(sawtooth) == (175, 176)
+    leak = [175 + 0.5 * i for i in range(28)]  # 13.5 MiB gained, one step each round
+    start, end = floors(leak)
+    assert (start, end) == (175, 175 + 0.5 * 21)
+    report = SoakReport(duration_s=75, clients=8, healthy_after=True, worker_rss_start_mb=600,
+                        worker_rss_end_mb=600, frontend_rss_start_mb=start,
+                        frontend_rss_end_mb=end)  # fmt: skip
+    assert report.problems() == ["frontend memory grew 6.0% (175 -> 186 MiB)"]
+    assert floors([]) == (0.0, 0.0) and floors([300]) == (300, 300)
