@@ -226,9 +226,19 @@ def _snapshots(directory: Path) -> list[Path]:
 
 
 def latest_snapshot(directory: Path, since: float = 0.0) -> Path | None:
-    """TorchServe's newest snapshot among those written at or after ``since`` (epoch s)."""
+    """TorchServe's newest whole snapshot among those written at or after ``since`` (epoch s).
+
+    TorchServe writes a snapshot in place, so a frontend killed while writing one leaves it cut
+    short (seen: a startup.cfg without its model_snapshot line, after a SIGKILL the moment the
+    frontend listened); the one before it is then the newest that says what was registered."""
     recent = [path for path in _snapshots(directory) if path.stat().st_mtime >= since]
-    return recent[-1] if recent else None
+    for path in reversed(recent):
+        try:
+            snapshot_models(path)
+        except (ValueError, OSError):  # json.JSONDecodeError is a ValueError
+            continue
+        return path
+    return None
 
 
 def _java_unescape(value: str) -> str:

@@ -125,12 +125,16 @@ def refusals_are_key_refusals_retried(exchanges: list[Exchange]) -> list[Exchang
     return [exchange for _, exchange in refused]
 
 
+BLOCKERS = 4  # at least 4 forwards (each image with its mirror) ahead of the bodies
+
+
 def in_one_batch(server: Server, bodies: list[bytes], tag: str) -> list[requests.Response]:
-    """POST ``bodies`` at once while the worker is busy with a first request, so that they queue
-    up and TorchServe hands them to the worker as one batch (batch_size=4, no max_batch_delay
-    wait). Whether they shared one is read from the handler's log, by request id; bodies that
-    raced past the busy worker are sent again (3 tries). Returns the responses of the try where
-    they shared a batch."""
+    """POST ``bodies`` at once while the worker is busy with BLOCKERS earlier requests, so that
+    they queue up and TorchServe hands them to the worker as one batch (batch_size=4, no
+    max_batch_delay wait). Whether they shared one is read from the handler's log, by request id;
+    bodies that raced past the busy worker are sent again (3 tries). Returns the responses of the
+    try where they shared a batch. (One blocker was not enough on a quiet host: its forward,
+    about 80 ms, ended before the bodies came, and a first body then went alone.)"""
     assert len(bodies) <= 4
     blocker = encode_npy(np.zeros((64, 64, 3), np.uint8))
 
@@ -138,14 +142,15 @@ def in_one_batch(server: Server, bodies: list[bytes], tag: str) -> list[requests
         headers = {**server.keys.auth_headers("inference"), REQUEST_ID_HEADER: request_id}
         return post(server, body, headers)
 
-    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+    with ThreadPoolExecutor(len(bodies) + BLOCKERS) as pool:
         for attempt in range(3):
             model_log = LogWatch(server.log_dir)
             ids = [f"{tag}-{attempt}-{n}" for n in range(len(bodies))]
-            busy = pool.submit(send, blocker, f"{tag}-{attempt}-blocker")
-            time.sleep(0.15)
+            busy = [pool.submit(send, blocker, f"{tag}-{attempt}-blocker{k}")
+                    for k in range(BLOCKERS)]  # fmt: skip
+            time.sleep(0.1)  # the worker has taken a first blocker; the rest wait in the queue
             responses = list(pool.map(send, bodies, ids))
-            assert busy.result().status_code == 200
+            assert [b.result().status_code for b in busy] == [200] * BLOCKERS
             batches = handled_batches(model_log, waiting_for=ids)
             if any({h.request_id for h in batch} >= set(ids) for batch in batches):
                 return responses

@@ -107,6 +107,13 @@ def test_the_latest_snapshot_is_newest_by_its_name_and_not_older_than_asked(
     assert latest_snapshot(tmp_path).name == "20261201214346949-snapshot.cfg"
     assert latest_snapshot(tmp_path, since=time.time() + 60) is None
     assert latest_snapshot(tmp_path / "missing") is None
+    # a frontend killed while writing its snapshot leaves it cut short: the one before it counts
+    newest = tmp_path / "20261201214400000-startup.cfg"
+    newest.write_text("inference_address=http://127.0.0.1:8080\n")
+    assert latest_snapshot(tmp_path).name == "20261201214346949-snapshot.cfg"
+    newest.write_text('model_snapshot={"name":"startup.cfg","modelCount":1,"mod')
+    assert latest_snapshot(tmp_path).name == "20261201214346949-snapshot.cfg"
+    newest.unlink()
     prune_snapshots(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("2*.cfg")) == [
         "20261201214307284-snapshot.cfg",
