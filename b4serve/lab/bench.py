@@ -959,11 +959,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     measured.extend(found)
 
+            def measure_alone(config: ServedConfig) -> None:  # sequential: then stop it
+                measure([config], context=False)
+                finish(config)
+                servers.stop(config.name)
+
             pair(DEFAULT)
             if sequential:
-                measure([DEFAULT], context=False)
-                finish(DEFAULT)
-                servers.stop(DEFAULT.name)
+                measure_alone(DEFAULT)
             for config in next_configs(host, chosen, layout):
                 if not layout and serves_the_same(config, chosen, set(servers.keys.values())):
                     continue
@@ -974,9 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 served.append(config)
                 pair(config)
                 if sequential:
-                    measure([config], context=False)
-                    finish(config)
-                    servers.stop(config.name)
+                    measure_alone(config)
             if sequential:
                 measure([], context=True)
             else:

@@ -74,7 +74,7 @@ class SoakReport:
     # start and end: the floors of the first and last quarter of the readings (floors())
     worker_rss_start_mb: float = 0.0
     worker_rss_end_mb: float = 0.0
-    worker_rss_peak_mb: float = 0.0  # the highest of the readings after each round
+    worker_rss_peak_mb: float = 0.0  # the highest reading (warm-up end, each round, the end)
     frontend_rss_start_mb: float = 0.0
     frontend_rss_end_mb: float = 0.0
     frontend_rss_peak_mb: float = 0.0
@@ -299,12 +299,10 @@ def run_soak(
             break
     workers = _workers(api, endpoints.model_name)
     worker_readings, frontend_readings = [_resident_mb(workers)], [_frontend_rss_mb(workers)]
-    report.worker_rss_start_mb = report.worker_rss_peak_mb = worker_readings[0]
-    report.frontend_rss_start_mb = report.frontend_rss_peak_mb = frontend_readings[0]
     key_at_start = keys.read()["inference"].key  # read, not renewed: we only look
     model_log, access_log = LogWatch(log_dir), LogWatch(log_dir, "access_log.log")
-    say(f"warm: {len(workers)} worker(s) {report.worker_rss_start_mb:.0f} MiB, frontend "
-        f"{report.frontend_rss_start_mb:.0f} MiB; measuring {duration_s:.0f} s")  # fmt: skip
+    say(f"warm: {len(workers)} worker(s) {worker_readings[0]:.0f} MiB, frontend "
+        f"{frontend_readings[0]:.0f} MiB; measuring {duration_s:.0f} s")  # fmt: skip
     started = time.monotonic()
     while time.monotonic() - started < duration_s:
         one_round(measured=True)
@@ -312,8 +310,6 @@ def run_soak(
         worker_mb, frontend_mb = _resident_mb(now), _frontend_rss_mb(now)
         worker_readings.append(worker_mb)
         frontend_readings.append(frontend_mb)
-        report.worker_rss_peak_mb = max(report.worker_rss_peak_mb, worker_mb)
-        report.frontend_rss_peak_mb = max(report.frontend_rss_peak_mb, frontend_mb)
         say(f"{time.monotonic() - started:.0f} s: {sent} sent; worker {worker_mb:.0f} MiB, "
             f"frontend {frontend_mb:.0f} MiB")  # fmt: skip
     elapsed = time.monotonic() - started
@@ -324,6 +320,10 @@ def run_soak(
     frontend_readings.append(_frontend_rss_mb(after))
     report.worker_rss_start_mb, report.worker_rss_end_mb = floors(worker_readings)
     report.frontend_rss_start_mb, report.frontend_rss_end_mb = floors(frontend_readings)
+    report.worker_rss_peak_mb, report.frontend_rss_peak_mb = (
+        max(worker_readings),
+        max(frontend_readings),
+    )
     report.worker_restarts = len(set(workers) - set(after))
     report.key_changed = keys.read()["inference"].key != key_at_start
     report.key_renewals = key_renewals(access_log.lines())
