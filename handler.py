@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memory
+from b4serve.serving.allocator import (
+    HeldMemory,
+    freeze_long_lived_objects,
+    held_memory,
+    keep_freed_memory,
+)
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier, Outcome, Reply, replies
 from b4serve.serving.protocol import (
@@ -122,24 +127,26 @@ class B4Handler:
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
+        held = held_memory()  # between batches: the last one's buffers are freed, none taken yet
         protocol = detect_protocol(data)
         requests = self.preprocess(data, context, protocol)
         outcomes = self.inference([payload for r in requests for payload in r.payloads])
         if self.classifier is not None:
-            self.report(len(outcomes))
+            self.report(len(outcomes), held)
         found = replies(requests, outcomes, protocol, self.model_name, self.model_version)
         answers = self.postprocess(found, context, protocol)
         log.info("%s", handled_line(handled(found, context)))  # what the server answered, by id
         return answers
 
-    def report(self, images: int) -> None:
-        """Log the latest batch in a line and add it to the Prometheus metrics."""
+    def report(self, images: int, held: HeldMemory) -> None:
+        """Log the latest batch, and the memory held before it, in a line and add the batch to
+        the Prometheus metrics."""
         assert self.classifier is not None
         stats = self.classifier.last
         log.info(
-            "batch of %d images: %d failed %s, decode %.1f ms, model %.1f ms",
+            "batch of %d images: %d failed %s, decode %.1f ms, model %.1f ms; %s",
             images, stats.failed, [e for e in stats.errors if e],
-            sum(stats.decode_seconds) * 1e3, stats.model_seconds * 1e3,
+            sum(stats.decode_seconds) * 1e3, stats.model_seconds * 1e3, held.describe(),
         )  # fmt: skip
         for observation in batch_observations(self.model_name, stats, self.runtime):
             metric = self.metrics.get(observation.metric.name)

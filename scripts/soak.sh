@@ -5,13 +5,15 @@
 #
 # Usage: scripts/soak.sh [--duration S] [--clients N] [--warmup S] [--bad-every N]
 #                        [--token-expiration-min M] [--use-running] [--log-dir DIR] [--json FILE]
-#   defaults: 300 s at 16 clients after 30 s (and at least 128 requests) of warm-up, one malformed
-#   body in 16, on a throwaway server (free loopback ports) whose keys expire every minute.
+#   defaults: 300 s at 16 clients after a warm-up of 30 s and 128 requests at least, then until
+#   memory settles (at most 120 s more); one malformed body in 16; on a throwaway server (free
+#   loopback ports) whose keys expire every minute. The frontend's memory is read after a full
+#   collection with jcmd (a JDK's tool); without one, uncollected (docs/SOAK.md).
 #   --use-running  load the server the B4_* variables point at (e.g. the one deploy.sh started);
 #                  its log dir (B4_LOG_DIR, or --log-dir) must be readable
-# Exit status 1 when anything was lost, duplicated or wrong, a worker restarted, worker or
-# frontend memory grew by 5% or more, or (throwaway server, runs over 90 s) the keys never
-# turned over.
+# Exit status 1 when anything was lost, duplicated or wrong, a worker restarted, the worker's
+# memory or the frontend's retained memory or live heap grew by 5% or more, or (throwaway
+# server, runs over 90 s) the keys never turned over.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac

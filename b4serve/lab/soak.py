@@ -13,10 +13,19 @@ What the server did is counted on the server's side: every input carries its own
 answered, so an input is lost when its id never appears in the model log and duplicated when it
 appears more than once (a retry of a request the server had run). Key turnover is a renewal the
 server's access log recorded (``/token``) or an inference key that changed during the run, read
-without renewing it. Worker and frontend (JVM) resident memory are compared between the end of
-the warm-up (at least ``WARMUP_REQUESTS`` requests, however long they take: the JVM's heap and
-Netty's buffer pools grow with the requests served, not with the time) and the end of the run,
-each as the floor of its quarter of the readings (:func:`floors`).
+without renewing it.
+
+Memory is read after every round, with nothing in flight: the worker's retained memory as it
+logs it before each batch (resident less what malloc keeps free for reuse,
+:mod:`b4serve.serving.allocator`), and the frontend's (the JVM's) retained memory and live heap
+after a full collection (:mod:`b4serve.lab.jvm`): resident memory follows what each process's
+allocator keeps, more than what it holds on to.
+Each is compared between the end of the warm-up and the end of the run, as the medians of the
+first and last quarter of the readings (:func:`quarters`). The warm-up lasts ``warmup_s`` and
+``WARMUP_REQUESTS`` requests at least, then until the readings stop rising (:func:`settled`),
+for at most ``MAX_EXTRA_WARMUP_S`` more: a JVM's footprint climbs for its first minute or so of
+requests as its JIT compiles. A leak never settles, and what it adds after the warm-up shows as
+growth.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import itertools
 import json
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -37,21 +47,39 @@ import numpy as np
 import psutil
 
 from b4serve.lab.demo import EXAMPLES_SEED, generate_images
+from b4serve.lab.jvm import JvmMemory, find_jcmd, read_memory
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.client import Result, predict_many
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.health import _default_log_dir, worker_rss_mb
 from b4serve.ops.keys import KeyFile
 from b4serve.ops.manage import LogWatch, ManagementAPI
+from b4serve.serving.allocator import retained_by_worker
 
-__all__ = ["SoakReport", "floors", "key_renewals", "run_soak", "tally"]
+__all__ = [
+    "SoakReport",
+    "WarmUp",
+    "key_renewals",
+    "quarters",
+    "run_soak",
+    "settled",
+    "tally",
+    "warm_up",
+]
 
 # Probabilities of the same image may differ by float noise between batch compositions.
 TOLERANCE = 1e-4
 MAX_GROWTH = 0.05  # worker and frontend memory may grow by 5% from the end of warm-up to the end
-# Requests before memory is first read. Measured here: after 64 the frontend still grew 5.1% over
+# Requests before the warm-up may end. Measured here: after 64 the frontend still grew 5.1% over
 # the next 128; after 128 it grew 0.9% over the next 256 (docs/SOAK.md).
 WARMUP_REQUESTS = 128
+# Settled: the median of the last SETTLE_READINGS readings (one per round) is within SETTLE_RISE
+# of the median of the SETTLE_READINGS before. The frontend's retained memory rose 102 -> 121
+# MiB over its first 20 rounds here, its JIT compiling, more slowly towards the end, then held
+# (tests/lab/test_soak.py replays it; with a 1% rise it settled at 117 and grew 5% after).
+SETTLE_READINGS = 4
+SETTLE_RISE = 0.005
+MAX_EXTRA_WARMUP_S = 120.0  # a process that never settles is measured anyway: the growth tells
 # How TorchServe's access log records a renewal of the inference key (our log4j pattern).
 _RENEWAL = '"GET /token?type=inference HTTP/1.1" 200 '
 
@@ -71,13 +99,23 @@ class SoakReport:
     unexpected_errors: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     worker_restarts: int = 0
-    # start and end: the floors of the first and last quarter of the readings (floors())
-    worker_rss_start_mb: float = 0.0
-    worker_rss_end_mb: float = 0.0
-    worker_rss_peak_mb: float = 0.0  # the highest reading (warm-up end, each round, the end)
-    frontend_rss_start_mb: float = 0.0
-    frontend_rss_end_mb: float = 0.0
-    frontend_rss_peak_mb: float = 0.0
+    # start and end: the medians of the first and last quarter of the readings (quarters())
+    # retained (resident less malloc's free memory, b4serve/serving/allocator.py) as the workers
+    # logged it when worker_logged, else resident
+    worker_retained_start_mb: float = 0.0
+    worker_retained_end_mb: float = 0.0
+    worker_rss_peak_mb: float = 0.0  # the highest resident reading
+    worker_logged: bool = False  # the workers logged what they retain in every reading
+    # retained (resident less the free heap, b4serve/lab/jvm.py) after a full collection when
+    # frontend_collected, else resident
+    frontend_retained_start_mb: float = 0.0
+    frontend_retained_end_mb: float = 0.0
+    frontend_rss_peak_mb: float = 0.0  # the highest reading before a collection: under load
+    frontend_heap_start_mb: float = 0.0  # live heap after a full collection (0: not read)
+    frontend_heap_end_mb: float = 0.0
+    frontend_collected: bool = False  # jcmd collected the frontend's garbage before each reading
+    warmup_s: float = 0.0  # how long the warm-up ran
+    settled: bool = False  # whether memory had settled when it ended (else it hit its bound)
     key_renewals: int = 0  # inference-key renewals in the server's access log during the run
     key_changed: bool = False  # the key file's inference key differed at the end
     healthy_after: bool = False
@@ -85,11 +123,15 @@ class SoakReport:
 
     @property
     def worker_growth(self) -> float:
-        return _growth(self.worker_rss_start_mb, self.worker_rss_end_mb)
+        return _growth(self.worker_retained_start_mb, self.worker_retained_end_mb)
 
     @property
     def frontend_growth(self) -> float:
-        return _growth(self.frontend_rss_start_mb, self.frontend_rss_end_mb)
+        return _growth(self.frontend_retained_start_mb, self.frontend_retained_end_mb)
+
+    @property
+    def frontend_heap_growth(self) -> float:
+        return _growth(self.frontend_heap_start_mb, self.frontend_heap_end_mb)
 
     @property
     def keys_turned_over(self) -> bool:
@@ -104,15 +146,22 @@ class SoakReport:
         ]  # fmt: skip
         if self.unexpected_errors:
             found.append(f"unexpected errors: {self.unexpected_errors}")
-        for name, start, end in (
-            ("worker", self.worker_rss_start_mb, self.worker_rss_end_mb),
-            ("frontend", self.frontend_rss_start_mb, self.frontend_rss_end_mb),
-        ):
+        measures = [
+            ("worker retained memory", self.worker_retained_start_mb,
+             self.worker_retained_end_mb),
+            ("frontend retained memory", self.frontend_retained_start_mb,
+             self.frontend_retained_end_mb),
+        ]  # fmt: skip
+        if self.frontend_collected:
+            measures.append(
+                ("frontend live heap", self.frontend_heap_start_mb, self.frontend_heap_end_mb)
+            )
+        for name, start, end in measures:
             if not start or not end:
-                found.append(f"{name} memory could not be read")
+                found.append(f"{name} could not be read")
             elif _growth(start, end) >= MAX_GROWTH:
                 found.append(
-                    f"{name} memory grew {_growth(start, end):.1%} ({start:.0f} -> {end:.0f} MiB)"
+                    f"{name} grew {_growth(start, end):.1%} ({start:.1f} -> {end:.1f} MiB)"
                 )
         if not self.healthy_after:
             found.append("server not healthy after the run")
@@ -121,7 +170,15 @@ class SoakReport:
         return found
 
     def table(self) -> str:
+        collected = "retained after a full GC" if self.frontend_collected else "no jcmd: resident"
+        logged = "retained, as logged" if self.worker_logged else "resident: retained not logged"
+        heap = "not read: jcmd (a JDK's tool) not found"
+        if self.frontend_collected:
+            start, end = self.frontend_heap_start_mb, self.frontend_heap_end_mb
+            heap = f"{start:.1f} -> {end:.1f} MiB ({_growth(start, end):+.1%})"
         rows = [
+            ("warm-up", f"{self.warmup_s:.0f} s, memory "
+                        f"{'settled' if self.settled else 'still moving at its bound'}"),
             ("duration", f"{self.duration_s:.0f} s"), ("clients", str(self.clients)),
             ("requests sent", str(self.sent)),
             ("answers the server logged", str(self.handled)),
@@ -132,10 +189,13 @@ class SoakReport:
             ("unexpected errors", json.dumps(self.unexpected_errors)),
             ("requests retried by the client", str(self.retried)),
             ("worker restarts", str(self.worker_restarts)),
-            ("worker memory", _memory(self.worker_rss_start_mb, self.worker_rss_end_mb,
-                                      self.worker_rss_peak_mb)),
-            ("frontend memory", _memory(self.frontend_rss_start_mb, self.frontend_rss_end_mb,
-                                        self.frontend_rss_peak_mb)),
+            (f"worker memory ({logged}; peak: resident)",
+             _memory(self.worker_retained_start_mb, self.worker_retained_end_mb,
+                     self.worker_rss_peak_mb)),
+            (f"frontend memory ({collected}; peak: resident under load)",
+             _memory(self.frontend_retained_start_mb, self.frontend_retained_end_mb,
+                     self.frontend_rss_peak_mb)),
+            ("frontend live heap (after a full GC)", heap),
             ("key renewals the server recorded", str(self.key_renewals)),
             ("inference key changed", "yes" if self.key_changed else "no"),
             ("healthy after", "yes" if self.healthy_after else "no"),
@@ -144,18 +204,28 @@ class SoakReport:
         return "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def floors(readings: Sequence[float]) -> tuple[float, float]:
-    """The lowest of the first and of the last quarter of ``readings`` (at least one each).
+def quarters(readings: Sequence[float]) -> tuple[float, float]:
+    """The medians of the first and of the last quarter of ``readings`` (at least one each).
 
-    A leak raises the floor of what a process holds between requests; a single reading does
-    not show it: the frontend's RSS, read after each round with nothing in flight, went
-    176, 185, 176, 187 MiB within 30 s (garbage not yet collected, request buffers not yet
-    returned), so one end reading against one start reading flagged 6.7% "growth" in a run
-    whose floor stayed at 176."""
+    A leak moves the whole of the last quarter; one reading does not show it: the frontend's
+    retained memory read 121, 121, 116, 121 MiB in a row with nothing leaking (its heap
+    committed, not yet touched), and uncollected its resident memory read 176, 185, 176,
+    187 MiB within 30 s."""
     if not readings:
         return 0.0, 0.0
     quarter = max(1, len(readings) // 4)
-    return min(readings[:quarter]), min(readings[-quarter:])
+    return statistics.median(readings[:quarter]), statistics.median(readings[-quarter:])
+
+
+def settled(readings: Sequence[float]) -> bool:
+    """Whether the median of the last ``SETTLE_READINGS`` readings is within ``SETTLE_RISE`` of
+    the median of the ``SETTLE_READINGS`` before: memory stopped climbing. A leak of more than
+    SETTLE_RISE every SETTLE_READINGS rounds never settles; one odd reading does not count."""
+    if len(readings) < 2 * SETTLE_READINGS:
+        return False
+    before = statistics.median(readings[-2 * SETTLE_READINGS : -SETTLE_READINGS])
+    last = statistics.median(readings[-SETTLE_READINGS:])
+    return before > 0 and last <= before * (1 + SETTLE_RISE)
 
 
 def _growth(start: float, end: float) -> float:
@@ -208,16 +278,83 @@ def _resident_mb(workers: dict[int, float | None]) -> float:
     return sum(rss or 0.0 for rss in workers.values())
 
 
-def _frontend_rss_mb(workers: dict[int, float | None]) -> float:
-    """Resident MiB of the frontend (the JVM that started the workers); 0 if it cannot be read."""
+def _frontend_pid(workers: dict[int, float | None]) -> int | None:
+    """The frontend's pid: the JVM that started the workers; None if it cannot be found."""
     for pid in workers:
         try:
             parent = psutil.Process(pid).parent()
             if parent is not None and "java" in parent.name():
-                return parent.memory_info().rss / 2**20
+                return parent.pid
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return 0.0
+    return None
+
+
+@dataclass
+class _Memory:
+    """The worker's and the frontend's memory, read after each round (nothing in flight)."""
+
+    api: ManagementAPI
+    model: str
+    jcmd: str | None  # None: the frontend is read uncollected
+    model_log: LogWatch  # where the workers log what they retain, batch by batch
+    workers: dict[int, float | None] = field(default_factory=dict)  # as the last reading found
+    worker: list[float] = field(default_factory=list)  # retained, or resident where not logged
+    worker_logged: list[bool] = field(default_factory=list)
+    worker_rss: list[float] = field(default_factory=list)
+    frontend: list[JvmMemory] = field(default_factory=list)
+    seconds: float = 0.0  # spent reading (collecting, parsing), not serving
+    _lines_read: int = 0
+
+    def read(self) -> tuple[float, float]:
+        """Read both; return the worker's and the frontend's retained MiB (0 if unreadable)."""
+        started = time.monotonic()
+        self.workers = _workers(self.api, self.model)
+        pid = _frontend_pid(self.workers)
+        try:
+            frontend = read_memory(pid, self.jcmd) if pid else JvmMemory(0.0, 0.0)
+        except psutil.Error:
+            frontend = JvmMemory(0.0, 0.0)
+        self.frontend.append(frontend)
+        # the workers' last word in this round (the log lags the answers by a moment: the
+        # collection above gives it time); resident memory if they logged none
+        lines = self.model_log.lines()
+        logged = retained_by_worker(lines[self._lines_read :])
+        self._lines_read = len(lines)
+        resident = _resident_mb(self.workers)
+        self.worker.append(sum(logged.values()) if logged else resident)
+        self.worker_logged.append(bool(logged))
+        self.worker_rss.append(resident)
+        self.seconds += time.monotonic() - started
+        return self.worker[-1], frontend.retained_mb
+
+    def describe(self) -> str:
+        worker = f"worker retained {self.worker[-1]:.1f} MiB (resident {self.worker_rss[-1]:.0f})"
+        if not self.worker_logged[-1]:
+            worker = f"worker resident {self.worker_rss[-1]:.0f} MiB (retained not logged)"
+        frontend = self.frontend[-1]
+        if frontend.heap_mb is None:
+            return f"{worker}, frontend resident {frontend.rss_mb:.0f} MiB"
+        return (f"{worker}, frontend retained {frontend.retained_mb:.1f} MiB (heap "
+                f"{frontend.heap_mb:.1f}, JIT code {frontend.code_resident_mb:.1f}, resident "
+                f"{frontend.rss_mb:.0f})")  # fmt: skip
+
+    def report(self, report: SoakReport, first: int) -> None:
+        """Fill ``report``'s memory figures from the readings from index ``first`` on."""
+        worker, frontend = self.worker[first:], self.frontend[first:]
+        report.worker_logged = all(self.worker_logged[first:])
+        report.worker_retained_start_mb, report.worker_retained_end_mb = quarters(worker)
+        report.worker_rss_peak_mb = max(self.worker_rss[first:])
+        report.frontend_retained_start_mb, report.frontend_retained_end_mb = quarters(
+            [f.retained_mb for f in frontend]
+        )
+        report.frontend_rss_peak_mb = max(f.rss_before_mb for f in frontend)
+        heaps = [f.heap_mb for f in frontend]
+        report.frontend_collected = all(heap is not None for heap in heaps)
+        if report.frontend_collected:
+            report.frontend_heap_start_mb, report.frontend_heap_end_mb = quarters(
+                [heap or 0.0 for heap in heaps]
+            )
 
 
 def key_renewals(access_log_lines: Sequence[str]) -> int:
@@ -251,6 +388,44 @@ def tally(
             report.unexpected_errors[kind] = report.unexpected_errors.get(kind, 0) + 1
         elif np.abs(np.asarray(result.probabilities) - np.asarray(want)).max() > TOLERANCE:
             report.wrong += 1
+
+
+@dataclass
+class WarmUp:
+    """How a warm-up went: its length, whether memory settled, and the readings of each round."""
+
+    seconds: float
+    settled: bool
+    worker: list[float]
+    frontend: list[float]
+
+
+def warm_up(
+    one_round: Callable[[], tuple[float, float]],
+    *,
+    min_s: float,
+    min_rounds: int,
+    max_extra_s: float = MAX_EXTRA_WARMUP_S,
+    clock: Callable[[], float] = time.monotonic,
+    say: Callable[[str], None] = lambda _: None,
+) -> WarmUp:
+    """Run ``one_round`` (load, then read worker and frontend MiB) for ``min_s`` and
+    ``min_rounds`` at least, then until both readings have settled or ``max_extra_s`` more
+    have passed."""
+    started = clock()
+    worker: list[float] = []
+    frontend: list[float] = []
+    for rounds in itertools.count(1):
+        worker_mb, frontend_mb = one_round()
+        worker.append(worker_mb)
+        frontend.append(frontend_mb)
+        calm = settled(worker) and settled(frontend)
+        elapsed = clock() - started
+        say(f"warm-up {elapsed:.0f} s: worker {worker_mb:.0f} MiB, frontend {frontend_mb:.0f} "
+            f"MiB{', settled' if calm else ''}")  # fmt: skip
+        if rounds >= min_rounds and elapsed >= min_s and (calm or elapsed >= min_s + max_extra_s):
+            return WarmUp(elapsed, calm, worker, frontend)
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def run_soak(
@@ -292,39 +467,33 @@ def run_soak(
             rounds.append((results, expected))
             sent += len(results)
 
-    warm_until = time.monotonic() + warmup_s
-    for warm_round in itertools.count(1):
+    memory = _Memory(api, endpoints.model_name, find_jcmd(), LogWatch(log_dir))
+    if memory.jcmd is None:
+        say("no jcmd (a JDK's tool): the frontend's memory is read uncollected, which is noisy")
+
+    def warm_round() -> tuple[float, float]:
         one_round(measured=False)
-        if warm_round * size >= WARMUP_REQUESTS and time.monotonic() >= warm_until:
-            break
-    workers = _workers(api, endpoints.model_name)
-    worker_readings, frontend_readings = [_resident_mb(workers)], [_frontend_rss_mb(workers)]
+        return memory.read()
+
+    warm = warm_up(warm_round, min_s=warmup_s, min_rounds=-(-WARMUP_REQUESTS // size), say=say)
+    report.warmup_s, report.settled = warm.seconds, warm.settled
+    first = len(memory.worker) - 1  # the warm-up's last reading is the measured stretch's first
+    workers_at_start = dict(memory.workers)
     key_at_start = keys.read()["inference"].key  # read, not renewed: we only look
     model_log, access_log = LogWatch(log_dir), LogWatch(log_dir, "access_log.log")
-    say(f"warm: {len(workers)} worker(s) {worker_readings[0]:.0f} MiB, frontend "
-        f"{frontend_readings[0]:.0f} MiB; measuring {duration_s:.0f} s")  # fmt: skip
-    started = time.monotonic()
+    state = "settled" if report.settled else "NOT settled"
+    say(f"warm after {report.warmup_s:.0f} s ({state}): {len(workers_at_start)} worker(s); "
+        f"{memory.describe()}; measuring {duration_s:.0f} s")  # fmt: skip
+    started, reading_before = time.monotonic(), memory.seconds
     while time.monotonic() - started < duration_s:
         one_round(measured=True)
-        now = _workers(api, endpoints.model_name)
-        worker_mb, frontend_mb = _resident_mb(now), _frontend_rss_mb(now)
-        worker_readings.append(worker_mb)
-        frontend_readings.append(frontend_mb)
-        say(f"{time.monotonic() - started:.0f} s: {sent} sent; worker {worker_mb:.0f} MiB, "
-            f"frontend {frontend_mb:.0f} MiB")  # fmt: skip
-    elapsed = time.monotonic() - started
-    report.duration_s = elapsed
-    report.images_per_s = sent / elapsed
-    after = _workers(api, endpoints.model_name)
-    worker_readings.append(_resident_mb(after))
-    frontend_readings.append(_frontend_rss_mb(after))
-    report.worker_rss_start_mb, report.worker_rss_end_mb = floors(worker_readings)
-    report.frontend_rss_start_mb, report.frontend_rss_end_mb = floors(frontend_readings)
-    report.worker_rss_peak_mb, report.frontend_rss_peak_mb = (
-        max(worker_readings),
-        max(frontend_readings),
-    )
-    report.worker_restarts = len(set(workers) - set(after))
+        memory.read()
+        say(f"{time.monotonic() - started:.0f} s: {sent} sent; {memory.describe()}")
+    report.duration_s = time.monotonic() - started
+    # throughput while serving: without the pauses to collect and read memory
+    report.images_per_s = sent / (report.duration_s - (memory.seconds - reading_before))
+    memory.report(report, first)
+    report.worker_restarts = len(set(workers_at_start) - set(memory.workers))
     report.key_changed = keys.read()["inference"].key != key_at_start
     report.key_renewals = key_renewals(access_log.lines())
     sent_ids = [r.request_id for results, _ in rounds for r in results if r.request_id]
@@ -342,7 +511,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of measured load")
     parser.add_argument("--clients", type=int, default=16, help="requests in flight")
-    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of unmeasured load")
+    parser.add_argument(
+        "--warmup", type=float, default=30.0,
+        help="seconds of unmeasured load at least; then on until memory settles (at most "
+             f"{MAX_EXTRA_WARMUP_S:.0f} s more)",
+    )  # fmt: skip
     parser.add_argument("--bad-every", type=int, default=16, help="one bad body per N (0: none)")
     parser.add_argument(
         "--token-expiration-min", type=float, default=1.0,
@@ -389,7 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table())
     if args.json:
         figures = {**asdict(report), "worker_growth": report.worker_growth,
-                   "frontend_growth": report.frontend_growth}  # fmt: skip
+                   "frontend_growth": report.frontend_growth,
+                   "frontend_heap_growth": report.frontend_heap_growth}  # fmt: skip
         args.json.write_text(json.dumps(figures) + "\n")
     problems = report.problems(require_key_renewal=not args.use_running and args.duration > 90)
     for problem in problems:

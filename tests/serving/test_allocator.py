@@ -8,7 +8,12 @@ import sys
 
 import pytest
 
-from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memory
+from b4serve.serving.allocator import (
+    HeldMemory,
+    freeze_long_lived_objects,
+    keep_freed_memory,
+    retained_by_worker,
+)
 
 # Allocates and frees a 64 MiB tensor 40 times; prints, for each time, the minor page faults it
 # took.
@@ -78,3 +83,60 @@ def test_frozen_objects_are_left_out_of_collections_and_new_garbage_still_goes()
         assert gc.get_freeze_count() == frozen  # collections leave the frozen ones alone
     finally:
         gc.unfreeze()  # this test process goes on
+
+
+# Allocates a 256 MiB tensor and a 1 MiB one after the setting (or none), then frees the first;
+# prints held memory before the allocations, while both are held, and after, in bytes.
+HELD = """
+import sys, torch
+from b4serve.serving.allocator import held_memory, keep_freed_memory
+keep_freed_memory(int(sys.argv[1]))
+torch.ones(1).sum()  # torch's own first allocations
+before = held_memory()
+block = torch.ones(64 << 20)
+pin = torch.ones(1 << 18)  # after the block in the heap: the freed block is not the heap's top
+during = held_memory()
+del block
+after = held_memory()
+for held in (before, during, after):
+    print(held.resident_bytes, held.malloc_free_bytes, held.retained_bytes)
+"""
+
+
+def held_around_a_block(keep_mb: int) -> list[tuple[int, int, int]]:
+    """(resident, malloc free, retained) bytes before, during and after a 256 MiB block."""
+    result = subprocess.run(
+        [sys.executable, "-c", HELD, str(keep_mb)], capture_output=True, text=True, check=True
+    )
+    return [tuple(int(n) for n in line.split()) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_retained_memory_leaves_out_what_malloc_keeps_free() -> None:
+    block = 256 << 20
+    (resident0, _, retained0), during, (resident2, free2, retained2) = held_around_a_block(512)
+    assert during[2] - retained0 > 0.95 * block  # held: retained
+    assert resident2 - resident0 > 0.95 * block  # freed, and kept resident for reuse...
+    assert free2 > 0.95 * block  # ...as malloc's free memory...
+    assert abs(retained2 - retained0) < 16 << 20  # ...so not retained
+    # glibc's default maps such a block and unmaps it when freed: nothing kept, nothing to leave out
+    (resident0, _, _), _, (resident2, free2, _) = held_around_a_block(0)
+    assert abs(resident2 - resident0) < 16 << 20 and free2 < 16 << 20
+
+
+def test_the_retained_memory_a_worker_logs_is_read_back_per_worker() -> None:
+    prefix = "2026-12-02T15:02:11.201+0000 [INFO ] {}-stdout MODEL_LOG -"
+    batch = "batch of 4 images: 0 failed [], decode 2.1 ms, model 80.2 ms; "
+    lines = [
+        f"{prefix.format('W-9000-b4_4a29')} {batch}{HeldMemory(700 << 20, 88 << 20).describe()}",
+        f"{prefix.format('W-9001-b4_4a29')} {batch}{HeldMemory(690 << 20, 80 << 20).describe()}",
+        f"{prefix.format('W-9000-b4_4a29')} handled requests: soak-1-0=200",
+        f"{prefix.format('W-9000-b4_4a29')} {batch}{HeldMemory(701 << 20, 88 << 20).describe()}",
+        "2026-12-02T15:02:11.300+0000 [INFO ] epollEventLoopGroup-3-2 ACCESS_LOG - memory retained"
+        " 5.0 MiB",  # not a worker's line
+    ]
+    assert retained_by_worker(lines) == {"W-9000-b4_4a29": 613.0, "W-9001-b4_4a29": 610.0}
+    assert HeldMemory(700 << 20, 88 << 20).describe() == (
+        "memory retained 612.0 MiB (resident 700.0, malloc free 88.0)"
+    )
+    assert retained_by_worker([]) == {}
