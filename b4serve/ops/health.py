@@ -22,9 +22,13 @@ import requests
 from b4serve.ops.endpoints import REPO_ROOT, Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileError
 from b4serve.ops.manage import ManagementAPI
+from b4serve.serving.allocator import retained_by_worker
 from b4serve.serving.telemetry import parse_prometheus, request_counts
 
-__all__ = ["Health", "WorkerState", "check_health", "last_errors", "worker_rss_mb"]
+__all__ = [
+    "Health", "WorkerState", "check_health", "last_errors", "log_tail", "retained_mb",
+    "worker_rss_mb",
+]  # fmt: skip
 
 # What a failed request (the handler's "request i of n failed: ...") or a dying worker (its
 # stderr, tracebacks, TorchServe's own warnings) leaves in model_log.log.
@@ -41,7 +45,8 @@ _ERROR_MARKERS = (
 
 @dataclass
 class WorkerState:
-    """One worker of one version, as describe-model reports it, with its resident memory."""
+    """One worker of one version, as describe-model reports it, with its resident memory and
+    the memory it last logged it retained (resident less what malloc keeps free for reuse)."""
 
     version: str
     id: str
@@ -49,6 +54,7 @@ class WorkerState:
     status: str
     rss_mb: float | None
     started: str
+    retained_mb: float | None = None
 
 
 @dataclass
@@ -79,21 +85,36 @@ def worker_rss_mb(pid: int | None) -> float | None:
         return None
 
 
-def last_errors(log_dir: Path | None, count: int, tail_bytes: int = 1 << 20) -> list[str]:
-    """The latest ``count`` warning, error and worker-death lines of the model log."""
+def log_tail(log_dir: Path | None, tail_bytes: int = 1 << 20) -> list[str]:
+    """The whole lines of the model log's last ``tail_bytes`` (the end is what matters)."""
     path = log_dir / "model_log.log" if log_dir else None
-    if path is None or not path.is_file() or count <= 0:
+    if path is None or not path.is_file():
         return []
     with open(path, "rb") as stream:
-        stream.seek(max(0, path.stat().st_size - tail_bytes))  # the end is what matters
+        start = max(0, path.stat().st_size - tail_bytes)
+        stream.seek(start)
         lines = stream.read().decode(errors="replace").splitlines()
+    return lines[1:] if start else lines  # the first began before the tail
+
+
+def last_errors(lines: Sequence[str], count: int) -> list[str]:
+    """The latest ``count`` warning, error and worker-death lines of model log ``lines``."""
+    if count <= 0:
+        return []
     return [line for line in lines if any(m in line for m in _ERROR_MARKERS)][-count:]
+
+
+def retained_mb(lines: Sequence[str], worker_id: str) -> float | None:
+    """What worker ``worker_id`` (describe-model's id, e.g. ``9000``) last logged it retained."""
+    latest = retained_by_worker(lines)
+    return next((mb for name, mb in latest.items() if name.startswith(f"W-{worker_id}-")), None)
 
 
 def check_health(endpoints: Endpoints, log_dir: Path | None = None, errors: int = 5) -> Health:
     """Ask the server about itself; anything wrong goes into ``problems`` rather than raising."""
     health = Health(server=endpoints.inference_url, model=endpoints.model_name)
-    health.last_errors = last_errors(log_dir, errors)
+    log = log_tail(log_dir)
+    health.last_errors = last_errors(log, errors)
     api = ManagementAPI(endpoints, KeyFile.from_endpoints(endpoints), timeout_s=10)
     try:
         if not api.ping():
@@ -106,7 +127,7 @@ def check_health(endpoints: Endpoints, log_dir: Path | None = None, errors: int 
         return health
     health.versions = [entry["modelVersion"] for entry in described]
     health.workers = [
-        _worker(entry["modelVersion"], worker)
+        _worker(entry["modelVersion"], worker, log)
         for entry in described
         for worker in entry.get("workers", [])
     ]
@@ -120,16 +141,18 @@ def check_health(endpoints: Endpoints, log_dir: Path | None = None, errors: int 
     return health
 
 
-def _worker(version: str, described: dict[str, Any]) -> WorkerState:
+def _worker(version: str, described: dict[str, Any], log: Sequence[str]) -> WorkerState:
     pid = described.get("pid")
     pid = int(pid) if isinstance(pid, int) or (isinstance(pid, str) and pid.isdigit()) else None
+    worker_id = str(described.get("id", "?"))
     return WorkerState(
         version=version,
-        id=str(described.get("id", "?")),
+        id=worker_id,
         pid=pid,
         status=str(described.get("status", "?")),
         rss_mb=worker_rss_mb(pid),
         started=str(described.get("startTime", "")),
+        retained_mb=retained_mb(log, worker_id),
     )
 
 
@@ -154,6 +177,8 @@ def format_report(health: Health) -> str:
     ]
     for worker in health.workers:
         memory = f"{worker.rss_mb:.0f} MiB" if worker.rss_mb is not None else "memory unknown"
+        if worker.retained_mb is not None:
+            memory += f" (retained {worker.retained_mb:.0f})"
         lines.append(
             f"worker   {worker.version} {worker.id}: {worker.status}, pid {worker.pid}, "
             f"{memory}, since {worker.started}"

@@ -89,6 +89,7 @@ def test_health_check_reports_version_workers_requests_and_last_errors(server: S
     assert report["healthy"] and report["default_version"] in report["versions"]
     ready = [w for w in report["workers"] if w["status"] == "READY"]
     assert ready and all(w["pid"] and w["rss_mb"] > 100 for w in ready)
+    assert all(0 < w["retained_mb"] < w["rss_mb"] for w in ready)  # logged by the worker
     assert report["requests"].get("ok", 0) >= 1
     assert any("request 0 of 1 failed: 415 UnsupportedMediaType" in line
                for line in report["last_errors"])  # fmt: skip
