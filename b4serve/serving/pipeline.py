@@ -181,7 +181,10 @@ class Classifier:
                 positions.append(index)
                 stats.errors.append(None)
             except InferenceError as error:
-                outcomes[index].error = error
+                # Kept without its traceback: its frames hold this batch's bodies and images, and
+                # through ``outcomes`` the traceback itself, a cycle that only the garbage
+                # collector frees, batches later (each bad body held its whole batch).
+                outcomes[index].error = error.with_traceback(None)
                 stats.errors.append(error.type)
             stats.decode_seconds.append(time.perf_counter() - started)
         if not images:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import weakref
 
 import numpy as np
 import torch
@@ -64,6 +66,30 @@ def test_outcomes_keep_request_order_with_errors_in_place(config, toy_model, rng
         "type": "InvalidInput",
         "message": "empty body: expected the bytes written by numpy.save",
     }
+
+
+def test_a_bad_body_does_not_keep_its_batch_alive_after_the_answers(config, toy_model, rng) -> None:
+    # A bad body's error once kept its traceback, whose frames held the batch's bodies and
+    # decoded images in a cycle with the outcomes: freed only by a later garbage collection.
+    classifier = Classifier(toy_model, config, CPU)
+    preprocess, decoded = classifier.preprocess, []
+
+    def recording(array: np.ndarray) -> torch.Tensor:
+        image = preprocess(array)
+        decoded.append(weakref.ref(image))
+        return image
+
+    classifier.preprocess = recording  # type: ignore[assignment]
+    good = bodies(rng, 2)
+    gc.disable()  # what reference counting frees, at once
+    try:
+        outcomes = classifier.classify([good[0], b"junk", good[1]])
+        assert [o.status for o in outcomes] == [200, 415, 200] and len(decoded) == 2
+        assert outcomes[1].error is not None and outcomes[1].error.__traceback__ is None
+        del outcomes
+        assert [image() for image in decoded] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_plain_baseline_model_gets_contiguous_nchw_batches(config, toy_model, rng) -> None:
