@@ -392,12 +392,10 @@ def tally(
 
 @dataclass
 class WarmUp:
-    """How a warm-up went: its length, whether memory settled, and the readings of each round."""
+    """How a warm-up went: its length, and whether memory had settled when it ended."""
 
     seconds: float
     settled: bool
-    worker: list[float]
-    frontend: list[float]
 
 
 def warm_up(
@@ -424,7 +422,7 @@ def warm_up(
         say(f"warm-up {elapsed:.0f} s: worker {worker_mb:.0f} MiB, frontend {frontend_mb:.0f} "
             f"MiB{', settled' if calm else ''}")  # fmt: skip
         if rounds >= min_rounds and elapsed >= min_s and (calm or elapsed >= min_s + max_extra_s):
-            return WarmUp(elapsed, calm, worker, frontend)
+            return WarmUp(elapsed, calm)
     raise AssertionError("unreachable")  # itertools.count never ends
 
 

@@ -104,9 +104,9 @@ def last_errors(lines: Sequence[str], count: int) -> list[str]:
     return [line for line in lines if any(m in line for m in _ERROR_MARKERS)][-count:]
 
 
-def retained_mb(lines: Sequence[str], worker_id: str) -> float | None:
-    """What worker ``worker_id`` (describe-model's id, e.g. ``9000``) last logged it retained."""
-    latest = retained_by_worker(lines)
+def retained_mb(latest: dict[str, float], worker_id: str) -> float | None:
+    """What worker ``worker_id`` (describe-model's id, e.g. ``9000``) last logged it retained,
+    from the workers' latest figures (:func:`~b4serve.serving.allocator.retained_by_worker`)."""
     return next((mb for name, mb in latest.items() if name.startswith(f"W-{worker_id}-")), None)
 
 
@@ -126,8 +126,9 @@ def check_health(endpoints: Endpoints, log_dir: Path | None = None, errors: int 
         health.problems.append(f"cannot query the server: {error}")
         return health
     health.versions = [entry["modelVersion"] for entry in described]
+    retained = retained_by_worker(log)  # the log's tail, read once for every worker
     health.workers = [
-        _worker(entry["modelVersion"], worker, log)
+        _worker(entry["modelVersion"], worker, retained)
         for entry in described
         for worker in entry.get("workers", [])
     ]
@@ -141,7 +142,7 @@ def check_health(endpoints: Endpoints, log_dir: Path | None = None, errors: int 
     return health
 
 
-def _worker(version: str, described: dict[str, Any], log: Sequence[str]) -> WorkerState:
+def _worker(version: str, described: dict[str, Any], retained: dict[str, float]) -> WorkerState:
     pid = described.get("pid")
     pid = int(pid) if isinstance(pid, int) or (isinstance(pid, str) and pid.isdigit()) else None
     worker_id = str(described.get("id", "?"))
@@ -152,7 +153,7 @@ def _worker(version: str, described: dict[str, Any], log: Sequence[str]) -> Work
         status=str(described.get("status", "?")),
         rss_mb=worker_rss_mb(pid),
         started=str(described.get("startTime", "")),
-        retained_mb=retained_mb(log, worker_id),
+        retained_mb=retained_mb(retained, worker_id),
     )
 
 

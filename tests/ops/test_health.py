@@ -10,7 +10,7 @@ from b4serve.ops.health import (
     log_tail,
     retained_mb,
 )
-from b4serve.serving.allocator import HeldMemory
+from b4serve.serving.allocator import HeldMemory, retained_by_worker
 
 
 def test_last_errors_keeps_the_latest_warning_error_and_death_lines(tmp_path: Path) -> None:
@@ -56,8 +56,9 @@ def test_each_worker_shows_the_memory_it_last_logged_it_retained() -> None:
         batch("W-9001-b4_1", HeldMemory(690 << 20, 110 << 20)),
         batch("W-9000-b4_1", HeldMemory(700 << 20, 197 << 19)),
     ]
-    assert (retained_mb(lines, "9000"), retained_mb(lines, "9001")) == (601.5, 580.0)
-    assert retained_mb(lines, "900") is None and retained_mb([], "9000") is None
+    latest = retained_by_worker(lines)
+    assert (retained_mb(latest, "9000"), retained_mb(latest, "9001")) == (601.5, 580.0)
+    assert retained_mb(latest, "900") is None and retained_mb({}, "9000") is None
     worker = WorkerState("abc", "9000", 42, "READY", 700.2, "t", 601.5)
     health = Health(server="s", model="b4", default_version="abc", versions=["abc"],
                     workers=[worker])  # fmt: skip
