@@ -5,9 +5,9 @@
 writes ``build/b4.pt``, ``build/model_meta.json``, ``build/index_to_name.json`` and
 ``build/v2_metadata.json`` (the v2 model metadata). The arch is told from a whole pickled module
 (``--arch`` for a state dict), and every model file written is proven to reproduce the
-checkpoint's own module (b4serve.ops.parity) before the metadata is. ``--runtime auto`` (the
+checkpoint's own module (b4serve.build.parity) before the metadata is. ``--runtime auto`` (the
 default) then picks the fastest runtime this host runs that matches fp32 TorchScript
-(b4serve.ops.runtimes), writing ``model.onnx`` beside the TorchScript file when it needs it.
+(b4serve.build.runtimes), writing ``model.onnx`` beside the TorchScript file when it needs it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from b4serve.ops.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.ops.gpu_parity import load_check_images, parity_at_export
-from b4serve.ops.parity import LOGIT_TOLERANCE, ParityProbe, prove_exported_files
-from b4serve.ops.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime, place_runtime_file
+from b4serve.build.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from b4serve.build.gpu_parity import load_check_images, parity_at_export
+from b4serve.build.parity import LOGIT_TOLERANCE, ParityProbe, prove_exported_files
+from b4serve.build.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime, place_runtime_file
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import (
     DEFAULT_GPU_BUCKETS,

@@ -3,10 +3,15 @@
 #
 # Usage: scripts/bootstrap.sh [--dev] [--minimal]
 #   --dev       also install the test tools (requirements-dev.txt, requirements-kserve-dev.txt)
+#               and the Debian packages the tests run (requirements-debian.txt: real proxies,
+#               servers and tools, installed with apt-get where missing)
 #   --minimal   leave out the optional CPU runtimes (OpenVINO, ONNX Runtime, onnx: the end of
 #               requirements.txt); --runtime auto then chooses between the TorchScript ones
 #               (env B4_MINIMAL_INSTALL=1). Installed runtimes are not removed.
-# Env: VENV (default .venv), PYTHON (interpreter to create it with, default python3).
+# Env: VENV (default .venv), PYTHON (interpreter to create it with, default python3),
+#   B4_TORCH_BUILD (auto: the CPU build of torch where no NVIDIA GPU is present, from PyTorch's
+#   CPU index (B4_TORCH_CPU_INDEX) when it answers within 5 s, else from pip's default index;
+#   the default index's build where a GPU is, which on Linux x86-64 is the CUDA one; cpu; cuda).
 # A second run installs nothing: a stamp in the venv records what was installed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -38,7 +43,55 @@ check_java() {
   fi
 }
 
+# Debian packages the tests need (their binaries, never mocks), installed where missing.
+install_debian_packages() {
+  local wanted missing=()
+  if ! command -v apt-get >/dev/null 2>&1; then
+    log "no apt-get: install the equivalents of requirements-debian.txt yourself"; return 0
+  fi
+  wanted=$(grep -vE '^\s*(#|$)' "$B4_ROOT/requirements-debian.txt" | awk '{print $1}')
+  for package in $wanted; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
+      || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(sudo -n)
+  log "installing Debian packages: ${missing[*]}"
+  { "${sudo[@]}" apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null; } \
+    || die "could not install ${missing[*]}: run as root: apt-get install -y ${missing[*]}"
+}
+
+# Where torch comes from: the CUDA build only where an NVIDIA GPU is, or pip would download
+# several GB of CUDA libraries onto CPU hosts.
+has_nvidia_gpu() {
+  ls /dev/nvidia[0-9]* >/dev/null 2>&1 || { command -v nvidia-smi >/dev/null 2>&1 \
+    && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
+}
+torch_index_args() {
+  local build="${B4_TORCH_BUILD:-auto}"
+  local index="${B4_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  case "$build" in
+    auto) if has_nvidia_gpu; then build=cuda; else build=cpu; fi ;;
+    cpu|cuda) ;;
+    *) die "B4_TORCH_BUILD must be auto, cpu or cuda: $build" ;;
+  esac
+  if [ "$build" = cuda ]; then
+    log "torch: the default index's build (CUDA on Linux x86-64)" ; return 0
+  fi
+  if curl -fsS -m 5 -o /dev/null "$index/torch/" 2>/dev/null; then
+    log "torch: CPU build from $index"
+    echo "--index-url=$index"
+  else
+    log "torch: $index did not answer within 5 s: from pip's default index instead (a CUDA" \
+      "build of several GB on Linux x86-64, unless your pip serves a CPU one)"
+  fi
+}
+
 check_java
+[ "$dev" = 1 ] && install_debian_packages
 requirements=("$B4_ROOT/requirements.txt")
 [ "$dev" = 1 ] && requirements+=("$B4_ROOT/requirements-dev.txt")
 # The requirement lines of one file; for the minimal install, requirements.txt without its
@@ -66,7 +119,10 @@ if [ ! -x "$PY" ]; then
 fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 # 1. torch alone and pinned, or pip resolves a CUDA build (~5 GB) for the packages below.
-pip_install "$(grep -E '^torch==' "$B4_ROOT/requirements.txt")"
+started=$SECONDS
+mapfile -t torch_args < <(torch_index_args)
+pip_install "${torch_args[@]}" "$(grep -E '^torch==' "$B4_ROOT/requirements.txt")"
+log "torch $("$PY" -c 'import torch; print(torch.__version__)') ready ($((SECONDS - started)) s)"
 # 2. everything else but geffnet (it declares torchvision, which would replace torch).
 for file in "${requirements[@]}"; do
   requirement_lines "$file" | grep -vE '^(torch==|geffnet|#|-r|$)' | xargs -r "$PY" -m pip \

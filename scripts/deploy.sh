@@ -116,7 +116,7 @@ fi
 choice="$B4_CACHE_DIR/build/$version/extra"
 cat <<DONE
 $B4_MODEL_NAME $version is serving at http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME
-$( [ -f "$choice/model_meta.json" ] && "$PY" -m b4serve.ops.runtimes describe "$choice")
+$( [ -f "$choice/model_meta.json" ] && "$PY" -m b4serve.build.runtimes describe "$choice")
 Try it (the key is re-read each time: keys expire and get renewed):
   curl -s http://$B4_HOST:$B4_INFERENCE_PORT/predictions/$B4_MODEL_NAME \\
     -H "Authorization: Bearer \$($PY -m b4serve.ops.keys inference --key-file $B4_KEY_FILE \\

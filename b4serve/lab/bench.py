@@ -31,13 +31,13 @@ import psutil
 import requests
 import torch
 
+from b4serve.build.runtimes import describe, variants
+from b4serve.client import predict_many
 from b4serve.lab.demo import ensure_demo_checkpoint
 from b4serve.lab.host import cpu_name
 from b4serve.lab.sandbox import DEMO_CACHE, ROOT, Server, exit_on_sigterm, server_env
 from b4serve.lab.seed_handler import two_pass_tta
-from b4serve.ops.client import predict_many
 from b4serve.ops.manage import Registration
-from b4serve.ops.runtimes import describe, variants
 from b4serve.serving.allocator import freeze_long_lived_objects, keep_freed_memory
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig

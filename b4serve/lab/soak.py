@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from b4serve.client import Result, predict_many
 from b4serve.lab.demo import EXAMPLES_SEED, generate_images
 from b4serve.lab.jvm import JvmMemory, find_jcmd, read_memory
 from b4serve.lab.served_log import handled_batches, handled_counts
-from b4serve.ops.client import Result, predict_many
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.health import _default_log_dir, worker_rss_mb
 from b4serve.ops.keys import KeyFile

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from b4serve.ops.parity import ParityProbe
+from b4serve.build.parity import ParityProbe
 from b4serve.serving.archs import ARCHS, arch_spec
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import WARM_UP_CALLS, Classifier
@@ -76,7 +76,7 @@ class SeedNet(nn.Module):
 def user_module(arch: str, num_classes: int = 6, seed: int = 0) -> nn.Module:
     """``arch`` built as a user builds it (geffnet's default layers, not our scriptable ones),
     with trained-like weights, in eval mode."""
-    import geffnet  # export-time dependency, as in b4serve.ops.models
+    import geffnet  # export-time dependency, as in b4serve.build.models
 
     spec = arch_spec(arch)
     torch.manual_seed(seed)
@@ -92,8 +92,8 @@ def calibration_batch(
     normalise them: what "training" measures the batch-norm statistics on. A network whose
     statistics never saw flat or striped images (or their mirrors) gives them logits in the
     thousands, which no trained model does."""
+    from b4serve.build.runtimes import probe_images
     from b4serve.lab.demo import generate_images
-    from b4serve.ops.runtimes import probe_images
 
     discs, _ = generate_images(per_class=1, seed=1000 + seed, size=size)
     noise = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
@@ -215,7 +215,7 @@ def _other_padding(arch: str) -> str:
 
 
 def _rebuilt(arch: str, module: nn.Module) -> nn.Module:
-    from b4serve.ops.models import create_model
+    from b4serve.build.models import create_model
 
     rebuilt = create_model(arch, module.classifier.out_features)
     rebuilt.load_state_dict(module.state_dict())

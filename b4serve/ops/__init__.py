@@ -1,2 +1,2 @@
-"""What an operator runs beside the server: checkpoint export, deploy and rollout, keys, the
-client, the health check. Never shipped in the archive."""
+"""What runs beside a live server: deploy and rollout, keys, health, the memory budget, restarts.
+Never shipped in the archive."""

@@ -83,7 +83,7 @@ def _variants() -> list[ArchSpec]:
     return specs
 
 
-# In order of preference when a checkpoint fits several (see b4serve.ops.variants).
+# In order of preference when a checkpoint fits several (see b4serve.build.variants).
 ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in _variants()}
 
 

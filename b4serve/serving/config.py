@@ -88,7 +88,7 @@ class ModelConfig:
     openvino_hint: str = "LATENCY"
     openvino_streams: int = 0
     # How the runtime was chosen, for people: auto or pinned, the build host's CPU, and each
-    # candidate's parity against fp32 TorchScript and its speed (b4serve.ops.runtimes).
+    # candidate's parity against fp32 TorchScript and its speed (b4serve.build.runtimes).
     runtime_choice: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -73,7 +73,7 @@ def load_device_torchscript(
 
     The weights are converted before freezing, so the batch norms are folded into the
     convolutions in ``precision``; export checks the result against float32 on the CPU
-    (:mod:`b4serve.ops.gpu_parity`). On a GPU this also turns on cuDNN's autotuning.
+    (:mod:`b4serve.build.gpu_parity`). On a GPU this also turns on cuDNN's autotuning.
     """
     model = torch.jit.load(str(path), map_location=device).eval()
     model = model.to(dtype=DTYPES[precision], memory_format=torch.channels_last)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from b4serve.serving.runtime import Model
+import torch
 
 __all__ = ["flip_batch", "tta_probabilities"]
 
@@ -14,7 +14,9 @@ def flip_batch(batch: torch.Tensor) -> torch.Tensor:
     return torch.cat([batch, batch.flip(3)])
 
 
-def tta_probabilities(model: Model, batch: torch.Tensor) -> torch.Tensor:
+def tta_probabilities(
+    model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+) -> torch.Tensor:
     """Class probabilities of each image, averaged with those of its mirror image."""
     count = batch.shape[0]
     probabilities = torch.softmax(model(flip_batch(batch)).float(), dim=1)

@@ -98,7 +98,7 @@ def test_the_python_example_answers_each_image_in_order(
 
 
 def test_the_cli_example_writes_one_line_per_file_in_order(server: Server, tmp_path: Path) -> None:
-    command = block("bash", "b4serve.ops.client")
+    command = block("bash", "b4serve.client")
     output = tmp_path / "results.jsonl"
     assert "--output results.jsonl" in command
     shell(for_server(command, server).replace("results.jsonl", str(output)), server)

@@ -45,7 +45,7 @@ def test_the_default_deploy_serves_the_fastest_runtime_that_passed_and_records_w
     names = zipfile.ZipFile(Path(server.env["B4_MODEL_STORE"]) / f"b4-{version}.mar").namelist()
     assert "model.pt" in names and RUNTIMES[config.runtime].file in names
     described = subprocess.run(
-        [sys.executable, "-m", "b4serve.ops.runtimes", "describe", str(extra)],
+        [sys.executable, "-m", "b4serve.build.runtimes", "describe", str(extra)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     assert described.startswith(f"runtime: {config.runtime} (auto, chosen in ")

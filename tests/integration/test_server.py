@@ -24,10 +24,10 @@ import requests
 import torch
 from hostile_corpus import ACCEPTED_VARIANTS, HOSTILE
 
+from b4serve.client import Result, RetryPolicy, iter_results, predict_many
 from b4serve.lab.demo import generate_images
 from b4serve.lab.sandbox import Server
 from b4serve.lab.served_log import handled_batches, handled_counts
-from b4serve.ops.client import Result, RetryPolicy, iter_results, predict_many
 from b4serve.ops.keys import KeyFile, bearer
 from b4serve.ops.manage import LogWatch, ManagementAPI
 from b4serve.serving.codec import encode_npy
@@ -482,7 +482,7 @@ def test_frontend_restart_between_two_halves_of_a_client_job_loses_nothing(
         np.save(paths[-1], array)
     output = tmp_path / "results.jsonl"
     python = str(Path(server.env["VENV"]) / "bin" / "python")
-    command = [python, "-m", "b4serve.ops.client", *paths, "--output", str(output),
+    command = [python, "-m", "b4serve.client", *paths, "--output", str(output),
                "--concurrency", "1", "--retries", "1", "--no-progress"]  # fmt: skip
 
     def lines_written() -> int:

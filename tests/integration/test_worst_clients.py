@@ -25,10 +25,10 @@ import psutil
 import pytest
 import requests
 
+from b4serve.client import predict_many
 from b4serve.lab.demo import generate_images
 from b4serve.lab.sandbox import ROOT, Server, server_env
 from b4serve.ops.budget import UPLOADS
-from b4serve.ops.client import predict_many
 from b4serve.ops.manage import ManagementAPI, ready_workers
 from b4serve.ops.supervise import alive, pid_from_file, port_holder
 from b4serve.serving.codec import encode_npy
@@ -281,7 +281,7 @@ def test_a_frontend_killed_mid_job_comes_back_by_itself_and_the_job_loses_nothin
         [
             python,
             "-m",
-            "b4serve.ops.client",
+            "b4serve.client",
             *paths,
             "--output",
             str(output),

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from b4serve.build.checkpoint import load_checkpoint
+from b4serve.build.models import create_model, pooled_features
 from b4serve.lab import demo
 from b4serve.lab.demo import (
     DEMO_CLASSES,
@@ -27,8 +29,6 @@ from b4serve.lab.demo import (
     train_head,
     write_examples,
 )
-from b4serve.ops.checkpoint import load_checkpoint
-from b4serve.ops.models import create_model, pooled_features
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 

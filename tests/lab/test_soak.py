@@ -4,8 +4,8 @@ in order, each with its request id) and the lines the handler and TorchServe wri
 
 from collections import Counter
 
+from b4serve.client import Result
 from b4serve.lab.soak import SoakReport, key_renewals, quarters, settled, tally, warm_up
-from b4serve.ops.client import Result
 from b4serve.serving.request_ids import Handled, handled_line, handled_requests
 
 PREFIX = "2026-12-01T21:40:02.114+0000 [INFO ] W-9000-b4_4a29451e8549-stdout MODEL_LOG -"

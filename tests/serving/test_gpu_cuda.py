@@ -12,7 +12,7 @@ import torch
 from gpu_models import ConvNet, mixed_bodies, scripted, uint8_bodies, with_buckets
 from torch import nn
 
-from b4serve.ops.gpu_parity import check_gpu_parity
+from b4serve.build.gpu_parity import check_gpu_parity
 from b4serve.serving.gpu import DTYPES
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.runtime import load_runtime_file

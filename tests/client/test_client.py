@@ -19,8 +19,8 @@ from fake_torchserve import (
     image,
 )
 
-from b4serve.ops import client
-from b4serve.ops.client import PredictionError, RetryPolicy, predict_batch, predict_many
+from b4serve.client import PredictionError, RetryPolicy, predict_batch, predict_many
+from b4serve.client import http as client
 from b4serve.ops.endpoints import _DEFAULTS, REPO_ROOT, Endpoints
 from b4serve.ops.keys import KeyFile, KeyFileMissingError
 

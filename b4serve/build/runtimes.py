@@ -1,7 +1,7 @@
 """Choose the runtime an archive serves with: build the candidates this host can run, prove each
 against fp32 TorchScript, time them side by side, keep the fastest (``--runtime auto``).
 
-    python -m b4serve.ops.runtimes describe BUILD/extra     # what a build chose, and why
+    python -m b4serve.build.runtimes describe BUILD/extra     # what a build chose, and why
 
 Parity is on TTA probabilities, the served output, on a check set: the demo examples and varied
 probes, or the user's own ``.npy`` images. fp32 runtimes must agree within
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from b4serve.build.check_images import DEMO_CLASSES, EXAMPLES_SEED, generate_images
 from b4serve.serving.allocator import keep_freed_memory
 from b4serve.serving.codec import decode_npy
 from b4serve.serving.config import ModelConfig
@@ -177,7 +178,6 @@ def check_set(
                     f"--check-images: the server would refuse {path}: {error}"
                 ) from None
         return found
-    from b4serve.lab.demo import DEMO_CLASSES, EXAMPLES_SEED, generate_images  # build-time only
 
     images, labels = generate_images(DEMO_EXAMPLES_PER_CLASS, EXAMPLES_SEED, config.input_size)
     named = [
@@ -336,7 +336,7 @@ def choose_runtime(
     """The runtime to serve ``model`` (scripted in ``scripted``) with: ``requested`` (a name:
     pinned, an error where this host cannot run it or it fails its parity check), or the fastest
     eligible candidate (``auto``). Writes what the candidates need (``model.onnx``, by
-    ``export``: default b4serve.ops.onnx_export.export_onnx) beside ``scripted``."""
+    ``export``: default b4serve.build.onnx_export.export_onnx) beside ``scripted``."""
     host = host or host_caps()
     if requested != AUTO:
         runtime_spec(requested)  # unknown names: ValueError
@@ -358,7 +358,9 @@ def choose_runtime(
     onnx = scripted.with_name(ONNX_FILE)
     if any(RUNTIMES[name].file == ONNX_FILE for name in runtimes):
         if export is None:
-            from b4serve.ops.onnx_export import export_onnx as export  # only ONNX runtimes need it
+            from b4serve.build.onnx_export import (
+                export_onnx as export,  # only ONNX runtimes need it
+            )
         difference = export(model, config, onnx)
         log(f"exported ONNX to {onnx} in {time.perf_counter() - started:.1f} s; max abs "
             f"probability difference to eager {difference:.2e}, same top-1")  # fmt: skip
@@ -449,7 +451,7 @@ def describe(config: ModelConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m b4serve.ops.runtimes", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m b4serve.build.runtimes", description=__doc__)
     parser.add_argument("command", choices=["describe"])
     parser.add_argument("meta_dir", type=Path, help="where the build's model_meta.json is")
     args = parser.parse_args(argv)

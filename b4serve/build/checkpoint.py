@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from b4serve.ops.models import create_model
-from b4serve.ops.variants import (
+from b4serve.build.models import create_model
+from b4serve.build.variants import (
     Network,
     VariantError,
     choose_arch,

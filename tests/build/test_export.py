@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import export_torchscript
+from b4serve.build.checkpoint import CheckpointError, load_checkpoint
+from b4serve.build.models import create_model
 from b4serve.lab.user_checkpoints import SeedNet, save_checkpoint, user_module
-from b4serve.ops.checkpoint import CheckpointError, load_checkpoint
-from b4serve.ops.models import create_model
 from b4serve.serving.archs import INCEPTION_MEAN, TF_SAME
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.runtime import OnnxRuntimeModel
@@ -57,7 +57,7 @@ def test_export_writes_a_scripted_model_equal_to_eager_and_its_metadata(trained,
     output = tmp_path / "out" / "model.pt"
     code = export_torchscript.main(
         ["--checkpoint", str(folder / "seed.pth"), "--arch", ARCH, "--output", str(output),
-         "--trust-checkpoint", "--runtime", "torchscript"]  # auto: tests/ops/test_runtimes.py
+         "--trust-checkpoint", "--runtime", "torchscript"]  # auto: tests/build/test_runtimes.py
     )  # fmt: skip
     assert code == 0
     scripted = torch.jit.load(str(output))
@@ -151,7 +151,7 @@ def test_each_variant_saved_the_seeds_way_exports_equal_to_the_users_module(
     module = user_module(arch, seed=3)
     checkpoint = save_checkpoint(module, "module", tmp_path / "seed.pth")
     output = tmp_path / "out" / "model.pt"
-    # the runtime is not what this tests (tests/ops/test_runtimes.py is): the reference alone
+    # the runtime is not what this tests (tests/build/test_runtimes.py is): the reference alone
     pinned = ("--runtime", "torchscript")
     assert export(checkpoint, output, "--trust-checkpoint", "--no-optimize", *pinned) == 0
     printed = capsys.readouterr().out

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from b4serve.ops.checkpoint import CheckpointError
+from b4serve.build.checkpoint import CheckpointError
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import WARM_UP_CALLS
 from b4serve.serving.runtime import OnnxRuntimeModel, load_torchscript

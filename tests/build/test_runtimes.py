@@ -12,8 +12,8 @@ import pytest
 import torch
 from small_models import AVX2_ONLY, AVX512_BF16, ConvNet
 
-from b4serve.ops import runtimes
-from b4serve.ops.runtimes import (
+from b4serve.build import runtimes
+from b4serve.build.runtimes import (
     Candidate,
     RuntimeChoiceError,
     check_set,

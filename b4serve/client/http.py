@@ -496,7 +496,7 @@ def predict_batch(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m b4serve.ops.client",
+        prog="python -m b4serve.client",
         description="Classify .npy files with the served model; one JSON line per input.",
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.npy")
@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: POST ``.npy`` files, write one JSON line per input in input order; 1 if any failed."""
     args = _parser().parse_args(argv)
     if args.resume and not args.output:
-        print("b4serve.ops.client: --resume needs --output", file=sys.stderr)
+        print("b4serve.client.http: --resume needs --output", file=sys.stderr)
         return 2
     done = _answered(args.output) if args.resume else {}
     todo = [(index, path) for index, path in enumerate(args.files) if str(path) not in done]
@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.replace(args.output)
     out = args.output.open("a", encoding="utf-8") if args.output else sys.stdout
     if done:
-        print(f"b4serve.ops.client: resuming, {len(done)} inputs already answered", file=sys.stderr)
+        print(f"b4serve.client: resuming, {len(done)} inputs already answered", file=sys.stderr)
     failed = 0
     try:
         results = iter_results(
@@ -568,13 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.write(json.dumps(result.to_json()) + "\n")
             out.flush()  # a long job's finished lines are visible (and kept) as it goes
     except (KeyFileError, ValueError) as exc:
-        print(f"b4serve.ops.client: {exc}", file=sys.stderr)
+        print(f"b4serve.client.http: {exc}", file=sys.stderr)
         return 1
     finally:
         if out is not sys.stdout:
             out.close()
     if failed:
-        print(f"b4serve.ops.client: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
+        print(f"b4serve.client.http: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
         return 1
     return 0
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from b4serve.ops.models import create_model
+from b4serve.build.models import create_model
 from b4serve.serving.archs import ARCHS, IMAGENET_MEAN, SCALES, TF_SAME, ArchSpec, arch_spec
 
 __all__ = [

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from b4serve.ops.models import create_model
+from b4serve.build.check_images import generate_images
+from b4serve.build.models import create_model
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 from b4serve.serving.runtime import OnnxRuntimeModel
@@ -23,8 +24,6 @@ _PARITY_SEED = 99
 def check_images(size: int) -> np.ndarray:
     """The synthetic images exports are checked on (uint8, N x size x size x 3): two of each
     demo class, never trained on."""
-    from b4serve.lab.demo import generate_images  # export-time only: synthetic parity inputs
-
     images, _ = generate_images(_PARITY_IMAGES_PER_CLASS, seed=_PARITY_SEED, size=size)
     return images
 

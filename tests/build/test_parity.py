@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from b4serve.ops.parity import (
+from b4serve.build.parity import (
     LOGIT_TOLERANCE,
     ParityError,
     ParityProbe,

@@ -13,7 +13,7 @@ from gpu_models import ConvNet, scripted
 from torch import nn
 
 import export_torchscript
-from b4serve.ops.gpu_parity import (
+from b4serve.build.gpu_parity import (
     PROBABILITY_TOLERANCE,
     GpuParityError,
     check_gpu_parity,
@@ -21,7 +21,7 @@ from b4serve.ops.gpu_parity import (
     measure_gpu_parity,
     parity_at_export,
 )
-from b4serve.ops.models import create_model
+from b4serve.build.models import create_model
 from b4serve.serving.config import ModelConfig
 
 CPU = torch.device("cpu")

@@ -9,10 +9,9 @@ import geffnet
 import pytest
 import torch
 
-from b4serve.lab.user_checkpoints import FORMS, WHOLE_MODULE_FORMS, save_checkpoint, user_module
-from b4serve.ops.checkpoint import CheckpointError, load_checkpoint
-from b4serve.ops.models import create_model
-from b4serve.ops.variants import (
+from b4serve.build.checkpoint import CheckpointError, load_checkpoint
+from b4serve.build.models import create_model
+from b4serve.build.variants import (
     Network,
     VariantError,
     choose_arch,
@@ -20,6 +19,7 @@ from b4serve.ops.variants import (
     network_of_module,
     split_prefix,
 )
+from b4serve.lab.user_checkpoints import FORMS, WHOLE_MODULE_FORMS, save_checkpoint, user_module
 from b4serve.serving.archs import ARCHS, BN_EPS_PYTORCH, BN_EPS_TF, SYMMETRIC, TF_SAME
 
 B0_VARIANTS = ("efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b0_ap",

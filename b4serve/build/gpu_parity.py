@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from b4serve.ops.onnx_export import check_images
+from b4serve.build.onnx_export import check_images
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.gpu import DTYPES, DeviceBatches, load_device_torchscript
