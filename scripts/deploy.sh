@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # (Re)deploy model b4 on a local TorchServe: set up, export, archive, start, register, verify.
 #
-# Usage: scripts/deploy.sh [--checkpoint PATH] [--version V] [--trust-checkpoint]
+# Usage: scripts/deploy.sh [--checkpoint PATH] [--version V] [--trust-checkpoint] [--force]
 #   --checkpoint PATH    your checkpoint (env B4_CHECKPOINT); default: the DEMO checkpoint,
 #                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
-#   --version V          model version (env B4_VERSION); default: the checkpoint's content hash
+#   --version V          model version (env B4_VERSION); default: the build's id (a hash of the
+#                        checkpoint, every archive setting and the code), with -r<hash>
+#                        when batch size, delay or response timeout differ from the defaults
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
+#   --force              export and build again, served as a new version (<id>-f<UTC time>)
+# What it does, in one line at the end: any change to the checkpoint or to a setting that changes
+# the archive (B4_ARCH, B4_NUM_CLASSES, B4_CLASS_NAMES, B4_RUNTIME, ... see build_mar.sh --help)
+# builds a new version and rolls it out; a change of batch size, delay or response timeout packs
+# the same build as a new version (no export) and rolls it out; a change of workers scales the
+# serving version in place; nothing changed: nothing is done.
 # Runtime (env, see scripts/build_mar.sh --help): B4_RUNTIME (auto: the fastest runtime this
 #   host runs that matches fp32 TorchScript, chosen at build; or a name to pin one),
 #   B4_CHECK_IMAGES (your .npy images for that check). The choice is printed at the end.
@@ -34,7 +42,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 parse_model_args "$@"
-[ ${#others[@]} -eq 0 ] || die "unknown argument: ${others[0]} (see --help)"
+force=0
+for other in "${others[@]}"; do
+  case "$other" in
+    --force) force=1 ;;
+    *) die "unknown argument: $other (see --help)" ;;
+  esac
+done
 case "$B4_PROTOCOL" in
   raw|v1|v2) ;; *) die "B4_PROTOCOL must be raw, v1 or v2: $B4_PROTOCOL" ;;
 esac
@@ -49,16 +63,33 @@ case "$B4_V2_PLUGIN" in
 esac
 timeout="${B4_DEPLOY_TIMEOUT:-600}"
 
-"$B4_ROOT/scripts/bootstrap.sh"
+step "environment ($VENV)" "$B4_ROOT/scripts/bootstrap.sh"
 manage() { "$PY" -m b4serve.ops.manage --log-dir "$B4_LOG_DIR" --timeout "$timeout" "$@"; }
 
 if [ -z "$checkpoint" ]; then
   log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
   # a state dict: it loads without unpickling, so no --trust-checkpoint
-  checkpoint=$("$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
+  checkpoint=$(step "DEMO checkpoint (built once, then cached)" \
+    "$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
 fi
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
-[ -n "$version" ] || version=$(sha256sum "$checkpoint" | cut -c1-12)
+# Unset variables leave b4serve.ops.manage.Registration's defaults in force: one home for them.
+register_args=()
+[ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
+if [ -n "$B4_ENVELOPE" ]; then  # TorchServe's envelopes answer only a batch's first request
+  log "$B4_ENVELOPE envelope: batch size 1"
+  register_args+=(--batch-size 1)
+fi
+[ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
+[ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
+[ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
+[ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
+[ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
+# What is served: the build (checkpoint, archive settings, code) and its registration.
+archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
+  --record-dir "$B4_CACHE_DIR/identity")
+[ -n "$version" ] || version=$(manage version --archive-id "$archive_id" "${register_args[@]}")
+[ "$force" = 1 ] && version="$version-f$(date -u +%Y%m%d%H%M%S)"
 # The frontend's memory must hold its worst case with these workers and batches (config.properties).
 budget_args=(--config "$B4_TS_CONFIG")
 [ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
@@ -86,32 +117,25 @@ start_server() {
 if manage ping 2>/dev/null; then
   log "TorchServe is running on $B4_HOST:$B4_INFERENCE_PORT"
 else
-  start_server
+  step "TorchServe start" start_server
 fi
 
+mar="$B4_MODEL_NAME-$version.mar"
 if manage status --deployed "$version" >/dev/null 2>&1; then
-  log "$B4_MODEL_NAME $version is already deployed: nothing to build"
-  manage rollout --mar "$B4_MODEL_NAME-$version.mar" --version "$version" \
-    --drain "${B4_DRAIN_SECONDS:-1}"  # proves it answers, retires leftovers
+  built=stored  # serving: the rollout proves it answers and scales its workers if asked
 else
-  build_args=(--checkpoint "$checkpoint" --version "$version")
+  if [ -f "$B4_MODEL_STORE/$mar" ]; then built=stored
+  elif [ -f "$B4_CACHE_DIR/build/$archive_id/.complete" ] && [ "$force" = 0 ]; then built=packed
+  else built=built; fi
+  build_args=(--checkpoint "$checkpoint" --version "$version" --archive-id "$archive_id")
   [ "$trust" = 1 ] && build_args+=(--trust-checkpoint)
+  [ "$force" = 1 ] && build_args+=(--force)
   mar=$("$B4_ROOT/scripts/build_mar.sh" "${build_args[@]}")
-  # Unset variables leave b4serve.ops.manage.Registration's defaults in force: one home for them.
-  register_args=()
-  [ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
-  if [ -n "$B4_ENVELOPE" ]; then  # TorchServe's envelopes answer only a batch's first request
-    log "$B4_ENVELOPE envelope: batch size 1"
-    register_args+=(--batch-size 1)
-  fi
-  [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
-  [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
-  [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
-  [ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
-  [ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
-  manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-1}" \
-    "${register_args[@]}"
 fi
+step "registration (workers load and warm up) and rollout of $version" \
+  manage rollout --mar "$mar" --version "$version" --drain "${B4_DRAIN_SECONDS:-1}" \
+    --archive-id "$archive_id" --identity "$B4_CACHE_DIR/identity/$archive_id.json" \
+    --records-dir "$B4_CACHE_DIR/deploys" --built "$built" "${register_args[@]}"
 
 choice="$B4_CACHE_DIR/build/$version/extra"
 cat <<DONE

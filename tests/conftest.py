@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,13 @@ import torch
 from b4serve.serving.config import ModelConfig
 
 CLASS_NAMES = ("a", "b", "c", "d", "e", "f")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_sandbox_builds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The session's test servers share their builds (b4serve.lab.sandbox.server_env): each
+    distinct build is exported once per session, never reused from an earlier one."""
+    os.environ.setdefault("B4_SANDBOX_BUILDS", str(tmp_path_factory.mktemp("builds")))
 
 
 @pytest.fixture

@@ -115,12 +115,20 @@ class Server:
 
 
 def server_env(root: Path, token_expiration_min: float | None = None) -> dict[str, str]:
-    """Environment for scripts/deploy.sh: everything under ``root``, the demo cache shared."""
+    """Environment for scripts/deploy.sh: everything under ``root``, the demo cache shared.
+
+    Where ``B4_SANDBOX_BUILDS`` names a directory (the test session sets one), builds are shared
+    through it too: a build is keyed by everything it is made of (b4serve/build/identity.py), so
+    the servers of one session export each distinct build once.
+    """
     inference, management, metrics, v2, grpc_inference, grpc_management = free_ports(6)
     cache = root / "cache"
     cache.mkdir(parents=True)
     DEMO_CACHE.mkdir(parents=True, exist_ok=True)
     (cache / "demo").symlink_to(DEMO_CACHE)
+    if builds := os.environ.get("B4_SANDBOX_BUILDS"):
+        Path(builds).mkdir(parents=True, exist_ok=True)
+        (cache / "build").symlink_to(builds)
     return {
         **os.environ,
         "VENV": os.environ.get("VENV", str(ROOT / ".venv")),

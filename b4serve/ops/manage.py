@@ -18,18 +18,27 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import requests
 
+from b4serve.ops.changes import DeployRecord, served_version, summary
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.gpus import torchserve_gpus
 from b4serve.ops.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
 from b4serve.serving.config import DEFAULT_GPU_BUCKETS
 from b4serve.serving.protocol import Protocol, encode_request, probabilities_of
 
-__all__ = ["DeployError", "ManagementAPI", "Registration", "registration_for", "rollout"]
+__all__ = [
+    "DeployError",
+    "ManagementAPI",
+    "Registration",
+    "Rollout",
+    "deploy_and_report",
+    "registration_for",
+    "rollout",
+]
 
 # Lines that say a worker failed: the worker's own "Failed to load model" comes first, and the
 # frontend may stop the worker before it writes "Backend worker process died".
@@ -73,6 +82,12 @@ class Registration:
         if gpus < 1:
             return cls()
         return cls(GPU_BATCH_SIZE, GPU_MAX_BATCH_DELAY_MS, gpus * workers_per_gpu)
+
+    def reregistration_fields(self) -> dict[str, int]:
+        """What TorchServe takes only at registration: changing one re-registers the build."""
+        fields = dataclasses.asdict(self)
+        del fields["initial_workers"]  # scaled in place
+        return fields
 
     def params(self, mar: str, model: str) -> dict[str, str | int]:
         return {
@@ -178,6 +193,12 @@ class ManagementAPI:
                 f"register {mar}: TorchServe gave no answer within {timeout_s:.0f} s "
                 "(B4_DEPLOY_TIMEOUT); its workers may still be loading: see model_log.log"
             ) from None
+
+    def scale(self, model: str, version: str, workers: int, timeout_s: float) -> None:
+        """Run ``workers`` workers for ``version``; returns once they started."""
+        params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+        response = self.call("PUT", f"/models/{model}/{version}", params=params, timeout=timeout_s)
+        _raise_for(response, f"scale {model} {version} to {workers} workers")
 
     def set_default(self, model: str, version: str) -> None:
         _raise_for(self.call("PUT", f"/models/{model}/{version}/set-default"), "set default")
@@ -342,12 +363,20 @@ def drain(api: ManagementAPI, model: str, version: str, grace_s: float, timeout_
 
 def retire(
     api: ManagementAPI, model: str, versions: set[str], grace_s: float, timeout_s: float, say: Any
-) -> None:
-    """Drain and unregister ``versions`` (no longer the default)."""
+) -> list[str]:
+    """Drain and unregister ``versions`` (no longer the default); the versions retired."""
     for old in sorted(versions):
         drain(api, model, old, grace_s, timeout_s)
         api.unregister(model, old, timeout_s)
         say(f"unregistered {model} {old}")
+    return sorted(versions)
+
+
+class Rollout(NamedTuple):
+    """What a rollout did: ``unchanged``, ``scaled`` (workers, in place) or ``deployed``."""
+
+    outcome: str
+    retired: list[str]
 
 
 def rollout(
@@ -361,19 +390,29 @@ def rollout(
     drain_s: float = 1.0,
     log_dir: Path | None = None,
     say: Any = print,
-) -> str:
+) -> Rollout:
     """Make ``version`` (archive ``mar`` in the model store) the one serving ``model``.
 
-    Returns ``"unchanged"`` when it already was, ``"deployed"`` otherwise. ``drain_s`` is the
-    time allowed, after an old version's queue empties, for its last batch to finish.
+    Already serving: its workers are scaled in place to ``settings.initial_workers`` if they
+    differ (``scaled``), else nothing changes (``unchanged``); otherwise it is registered,
+    proven and made the default, and the others retired (``deployed``). ``drain_s`` is the time
+    allowed, after an old version's queue empties, for its last batch to finish.
     """
     registered = {v["modelVersion"] for v in api.versions(model)}
     default = api.default_version(model) if registered else None
-    if version == default and ready_workers(api.describe(model, version)) > 0:
+    description = api.describe(model, version) if version == default else None
+    if ready_workers(description) > 0:
+        outcome = "unchanged"
+        workers = description.get("minWorkers") if description else None
+        if workers is not None and workers != settings.initial_workers:
+            say(f"scaling {model} {version} from {workers} to {settings.initial_workers} workers")
+            api.scale(model, version, settings.initial_workers, timeout_s)
+            wait_ready(api, model, version, LogWatch(log_dir), timeout_s)
+            outcome = "scaled"
         api.smoke_test(model, None, f"{model} {version}")
-        say(f"{model} {version} is already deployed and answering: nothing to do")
-        retire(api, model, registered - {version}, drain_s, timeout_s, say)  # an earlier cut-off
-        return "unchanged"
+        say(f"{model} {version} is already deployed and answering")
+        retired = retire(api, model, registered - {version}, drain_s, timeout_s, say)
+        return Rollout(outcome, retired)  # retired: an earlier deploy cut off
     watch = LogWatch(log_dir)
     try:
         _register_and_switch(api, mar, model, version, settings, registered, watch, timeout_s, say)
@@ -385,9 +424,9 @@ def rollout(
             except (DeployError, requests.RequestException) as cleanup:  # report the first
                 say(f"could not unregister {model} {version}, which failed: {cleanup}")
         raise
-    retire(api, model, registered - {version}, drain_s, timeout_s, say)
+    retired = retire(api, model, registered - {version}, drain_s, timeout_s, say)
     api.smoke_test(model, None, f"/predictions/{model}")
-    return "deployed"
+    return Rollout("deployed", retired)
 
 
 def _register_and_switch(
@@ -446,33 +485,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands.add_parser("wait-ping", help="wait until the server answers /ping")
     status = commands.add_parser("status", help="print the registered versions as JSON")
     status.add_argument("--deployed", metavar="VERSION", help="exit 0 only if VERSION serves")
+    version = commands.add_parser(
+        "version", help="print the version a build registered with these settings is served as"
+    )
+    version.add_argument("--archive-id", required=True, help="b4serve.build.identity's id")
     deploy = commands.add_parser("rollout", help="register, prove, switch and retire")
     deploy.add_argument("--mar", required=True, help="archive file name in the model store")
     deploy.add_argument("--version", required=True)
-    # unset: Registration.for_gpus's defaults for the GPUs TorchServe will use
-    deploy.add_argument("--batch-size", type=int)
-    deploy.add_argument("--max-batch-delay", type=int)
-    deploy.add_argument("--initial-workers", type=int)
-    deploy.add_argument("--response-timeout", type=int)
-    deploy.add_argument(
-        "--gpus", type=int, help="GPUs the server gives workers (default: counted as TorchServe "
-        "counts them: CUDA_VISIBLE_DEVICES or nvidia-smi, capped by number_of_gpu)",
-    )  # fmt: skip
-    deploy.add_argument("--workers-per-gpu", type=int, default=GPU_WORKERS_PER_GPU)
-    deploy.add_argument(
-        "--ts-config", type=Path, default=os.environ.get("B4_TS_CONFIG") or None,
-        help="the server's config.properties, read for number_of_gpu (env B4_TS_CONFIG)",
-    )  # fmt: skip
+    deploy.add_argument("--archive-id", help="the build's id: with --records-dir, deploy says "
+                        "what changed since the serving version")  # fmt: skip
+    deploy.add_argument("--identity", type=Path, help="the build's identity JSON")
+    deploy.add_argument("--records-dir", type=Path, help="where each version's record is kept")
+    deploy.add_argument("--built", choices=["built", "packed", "stored"], default="built",
+                        help="how the archive came to be, for the summary line")  # fmt: skip
+    for command in (version, deploy):
+        _add_registration_args(command)
     deploy.add_argument(
         "--drain", type=float, default=1.0, help="extra seconds after an old version drained"
     )
     return parser.parse_args(argv)
 
 
+def _add_registration_args(command: argparse.ArgumentParser) -> None:
+    # unset: Registration.for_gpus's defaults for the GPUs TorchServe will use
+    command.add_argument("--batch-size", type=int)
+    command.add_argument("--max-batch-delay", type=int)
+    command.add_argument("--initial-workers", type=int)
+    command.add_argument("--response-timeout", type=int)
+    command.add_argument(
+        "--gpus", type=int, help="GPUs the server gives workers (default: counted as TorchServe "
+        "counts them: CUDA_VISIBLE_DEVICES or nvidia-smi, capped by number_of_gpu)",
+    )  # fmt: skip
+    command.add_argument("--workers-per-gpu", type=int, default=GPU_WORKERS_PER_GPU)
+    command.add_argument(
+        "--ts-config", type=Path, default=os.environ.get("B4_TS_CONFIG") or None,
+        help="the server's config.properties, read for number_of_gpu (env B4_TS_CONFIG)",
+    )  # fmt: skip
+
+
+def default_registration(args: argparse.Namespace) -> Registration:
+    """The defaults for the GPUs the server gives workers (the CPU's with none)."""
+    gpus = args.gpus if args.gpus is not None else torchserve_gpus(args.ts_config)
+    return Registration.for_gpus(gpus, args.workers_per_gpu)
+
+
 def registration_for(args: argparse.Namespace) -> Registration:
     """The rollout's settings: those given, the rest defaults for the GPUs the server uses."""
-    gpus = args.gpus if args.gpus is not None else torchserve_gpus(args.ts_config)
-    defaults = Registration.for_gpus(gpus, args.workers_per_gpu)
+    defaults = default_registration(args)
     given = {
         "batch_size": args.batch_size,
         "max_batch_delay_ms": args.max_batch_delay,
@@ -480,6 +539,37 @@ def registration_for(args: argparse.Namespace) -> Registration:
         "response_timeout_s": args.response_timeout,
     }
     return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
+def deploy_and_report(api: ManagementAPI, model: str, args: argparse.Namespace) -> None:
+    """Roll out ``args.version``, keep its record, and say in one line what changed and what
+    was done (against the record of the version that was serving, where this host has one)."""
+    settings = registration_for(args)
+    say = lambda message: print(f"[deploy] {message}", file=sys.stderr)  # noqa: E731
+    old_version = api.default_version(model) if api.versions(model) else None
+    identity = json.loads(args.identity.read_text()) if args.identity else {}
+    record = DeployRecord(
+        args.version, args.archive_id or args.version, identity, dataclasses.asdict(settings)
+    )
+    done = rollout(
+        api,
+        mar=args.mar,
+        model=model,
+        version=args.version,
+        settings=settings,
+        timeout_s=args.timeout,
+        drain_s=args.drain,
+        log_dir=args.log_dir,
+        say=say,
+    )
+    old = (
+        DeployRecord.load(args.records_dir, old_version)
+        if args.records_dir and old_version
+        else None
+    )
+    if args.records_dir:
+        record.save(args.records_dir)
+    say(summary(model, old, old_version, record, done.outcome, args.built, done.retired))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -499,19 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serving = api.default_version(model) if versions else None
                 ready = ready_workers(api.describe(model, args.deployed)) if versions else 0
                 return 0 if serving == args.deployed and ready > 0 else 3
+        elif args.command == "version":
+            settings = registration_for(args).reregistration_fields()
+            defaults = default_registration(args).reregistration_fields()
+            print(served_version(args.archive_id, settings, defaults))
         else:
-            settings = registration_for(args)
-            rollout(
-                api,
-                mar=args.mar,
-                model=model,
-                version=args.version,
-                settings=settings,
-                timeout_s=args.timeout,
-                drain_s=args.drain,
-                log_dir=args.log_dir,
-                say=lambda message: print(f"[deploy] {message}", file=sys.stderr),
-            )
+            deploy_and_report(api, model, args)
     except (DeployError, KeyFileError, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,6 @@ user's own module: as a second model on the session server, unregistered at the 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +42,8 @@ def test_a_tf_b4_saved_the_seeds_way_is_served_equal_to_the_users_module(
     assert "your module is tf_efficientnet_b4 (b4 widths and depths, TensorFlow 'same' " \
         "padding, batch-norm eps 0.001)" in deployed.stderr  # fmt: skip
     assert "model.pt reproduces your module" in deployed.stderr  # auto then picks the runtime
-    version = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    version = ManagementAPI(server.endpoints, server.keys).default_version(second_model)
+    assert version is not None
     assert server.classifier(version).config.arch == "tf_efficientnet_b4"
 
     discs, _ = generate_images(per_class=1, seed=31, size=SIZE)

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
-from b4serve.ops.manage import DeployError, LogWatch, ManagementAPI, Registration, rollout
+from b4serve.ops.manage import DeployError, LogWatch, ManagementAPI, Registration, Rollout, rollout
 
 
 def _append_later(path: Path, text: str, delay_s: float) -> threading.Thread:
@@ -115,7 +115,9 @@ class _Management(BaseHTTPRequestHandler):
 
     def _describe(self, version: str) -> dict[str, Any]:
         pending = self.state["pending"] if version == "old" else 0
-        return {"modelVersion": version, "workers": [{"status": "READY", "pid": 1}],
+        workers = self.state["workers"].get(version, 1)
+        return {"modelVersion": version, "minWorkers": workers, "maxWorkers": workers,
+                "workers": [{"status": "READY", "pid": 1}] * workers,
                 "jobQueueStatus": {"pendingRequests": pending}}  # fmt: skip
 
     def do_GET(self) -> None:
@@ -140,8 +142,16 @@ class _Management(BaseHTTPRequestHandler):
             self._json(200, [0.25, 0.25, 0.5])
 
     def do_PUT(self) -> None:
-        self.state["default"] = self.path.split("/")[3]
-        self._json(200, {"status": "default set"})
+        url = urlsplit(self.path)
+        version = url.path.split("/")[3]
+        if url.path.endswith("/set-default"):
+            self.state["default"] = version
+            self._json(200, {"status": "default set"})
+            return
+        query = dict(parse_qsl(url.query))  # scale workers
+        self.state["workers"][version] = int(query["min_worker"])
+        self.state["scaled"].append((version, int(query["min_worker"]), int(query["max_worker"])))
+        self._json(200, {"status": "workers scaled"})
 
     def do_DELETE(self) -> None:
         version = self.path.split("/")[3]
@@ -158,7 +168,7 @@ def management(tmp_path: Path) -> Iterator[tuple[ManagementAPI, dict[str, Any]]]
     """A ManagementAPI talking to a loopback stand-in where ``old`` serves b4."""
     state: dict[str, Any] = {
         "versions": ["old"], "default": "old", "pending": 0, "register_s": 0.0,
-        "release": threading.Event(), "deleted": [],
+        "release": threading.Event(), "deleted": [], "workers": {}, "scaled": [],
     }  # fmt: skip
     handler = type("Handler", (_Management,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -176,7 +186,7 @@ def management(tmp_path: Path) -> Iterator[tuple[ManagementAPI, dict[str, Any]]]
         server.server_close()
 
 
-def _rollout(api: ManagementAPI, timeout_s: float) -> str:
+def _rollout(api: ManagementAPI, timeout_s: float) -> Rollout:
     return rollout(api, mar="b4-new.mar", model="b4", version="new", settings=Registration(),
                    timeout_s=timeout_s, drain_s=0.0, say=lambda _: None)  # fmt: skip
 
@@ -200,5 +210,23 @@ def test_a_drain_past_its_deadline_fails_loudly_and_keeps_the_old_version(manage
 
 def test_a_drained_old_version_is_retired(management) -> None:
     api, state = management
-    assert _rollout(api, timeout_s=5.0) == "deployed"
+    assert _rollout(api, timeout_s=5.0).outcome == "deployed"
     assert state["default"] == "new" and state["deleted"] == ["old"]
+
+
+def test_the_serving_version_is_scaled_in_place_when_only_its_workers_change(management) -> None:
+    api, state = management
+    done = rollout(api, mar="b4-old.mar", model="b4", version="old",
+                   settings=Registration(initial_workers=3), timeout_s=5.0, drain_s=0.0,
+                   say=lambda _: None)  # fmt: skip
+    assert done.outcome == "scaled"
+    assert state["scaled"] == [("old", 3, 3)] and state["default"] == "old"
+    assert state["versions"] == ["old"] and state["deleted"] == []
+
+
+def test_the_serving_version_with_the_same_workers_is_left_alone(management) -> None:
+    api, state = management
+    done = rollout(api, mar="b4-old.mar", model="b4", version="old", settings=Registration(),
+                   timeout_s=5.0, drain_s=0.0, say=lambda _: None)  # fmt: skip
+    assert done == ("unchanged", [])
+    assert state["scaled"] == [] and state["deleted"] == []
