@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import requests
 
-from b4serve.ops.changes import DeployRecord, served_version, summary
+from b4serve.ops.changes import DeployRecord, differences, served_version, summary
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.gpus import torchserve_gpus
 from b4serve.ops.keys import KeyFile, KeyFileError, KeyKind, is_invalid_key_response
@@ -551,6 +551,13 @@ def deploy_and_report(api: ManagementAPI, model: str, args: argparse.Namespace) 
     record = DeployRecord(
         args.version, args.archive_id or args.version, identity, dataclasses.asdict(settings)
     )
+    kept = DeployRecord.load(args.records_dir, args.version) if args.records_dir else None
+    if kept is not None and kept.archive_id != record.archive_id:  # a --version given twice
+        changed = ", ".join(differences(kept, record)) or "another build"
+        raise DeployError(
+            f"version {args.version} is already the build {kept.archive_id} ({changed}): give a "
+            "new --version, or leave it unset to get the build's own"
+        )
     done = rollout(
         api,
         mar=args.mar,

@@ -1,6 +1,7 @@
 """Deploy helpers that need no TorchServe: a dying worker's last words from the model log, and
 the rollout's bounded waits against a loopback stand-in of the management API."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -12,9 +13,19 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from b4serve.ops.changes import DeployRecord
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
-from b4serve.ops.manage import DeployError, LogWatch, ManagementAPI, Registration, Rollout, rollout
+from b4serve.ops.manage import (
+    DeployError,
+    LogWatch,
+    ManagementAPI,
+    Registration,
+    Rollout,
+    deploy_and_report,
+    parse_args,
+    rollout,
+)
 
 
 def _append_later(path: Path, text: str, delay_s: float) -> threading.Thread:
@@ -230,3 +241,31 @@ def test_the_serving_version_with_the_same_workers_is_left_alone(management) -> 
                    timeout_s=5.0, drain_s=0.0, say=lambda _: None)  # fmt: skip
     assert done == ("unchanged", [])
     assert state["scaled"] == [] and state["deleted"] == []
+
+
+def test_a_version_name_given_again_for_another_build_is_refused(management, tmp_path) -> None:
+    api, state = management
+    registration = dataclasses.asdict(Registration())
+    DeployRecord("old", "aaaaaaaaaaaa", {"settings": {}}, registration).save(tmp_path / "records")
+    identity = tmp_path / "identity.json"
+    identity.write_text(json.dumps({"settings": {"B4_ARCH": "tf_efficientnet_b4"}}))
+    args = parse_args(["rollout", "--mar", "b4-old.mar", "--version", "old", "--gpus", "0",
+                       "--archive-id", "bbbbbbbbbbbb", "--identity", str(identity),
+                       "--records-dir", str(tmp_path / "records")])  # fmt: skip
+    with pytest.raises(DeployError, match=r"version old is already the build aaaaaaaaaaaa "
+                       r"\(B4_ARCH unset -> tf_efficientnet_b4\)"):  # fmt: skip
+        deploy_and_report(api, "b4", args)
+    assert state["default"] == "old" and state["scaled"] == [] and state["deleted"] == []
+
+
+def test_a_deploy_keeps_its_record_and_says_what_changed(management, tmp_path, capsys) -> None:
+    api, _ = management
+    records = tmp_path / "records"
+    DeployRecord("old", "old", {"settings": {}}, dataclasses.asdict(Registration())).save(records)
+    args = parse_args(["rollout", "--mar", "b4-old.mar", "--version", "old", "--gpus", "0",
+                       "--initial-workers", "2", "--records-dir", str(records)])  # fmt: skip
+    deploy_and_report(api, "b4", args)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "[deploy] b4 old: workers 1 -> 2; scaled it in place to 2 workers"
+    )
+    assert DeployRecord.load(records, "old").registration["initial_workers"] == 2
