@@ -847,6 +847,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="markdown table (e.g. docs/PERFORMANCE.md)")
     parser.add_argument("--json", type=Path, help="all rows as JSON")
     parser.add_argument(
+        "--plot", type=Path, help="PNG of throughput per runtime and latency against clients"
+    )
+    parser.add_argument(
         "--seconds", type=float, default=SECONDS, help="per in-process measurement, all rounds"
     )
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
@@ -1021,16 +1024,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table + kept_history(args.output))
+    payload = {
+        "info": info,
+        "rows": [r.summary() for r in rows],
+        "memory_mb": memory,
+        "ratios": {k: v[0] for k, v in ratios.items()},
+        "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in per_round],
+    }
     if args.json:
-        payload = {
-            "info": info,
-            "rows": [r.summary() for r in rows],
-            "memory_mb": memory,
-            "ratios": {k: v[0] for k, v in ratios.items()},
-            "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in per_round],
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        from b4serve.lab.plots import bench_figure, save  # matplotlib: only to draw
+
+        print(f"picture: {save(bench_figure(payload), args.plot)}", file=sys.stderr)
     return 0
 
 
