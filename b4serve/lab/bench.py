@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import subprocess
@@ -306,7 +307,7 @@ def fresh_process_peak_mb(model_path: Path, load: str) -> float:
     )
     output = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout  # fmt: skip
     return int(output.split()[-1]) / 1024  # kB
 
@@ -512,7 +513,10 @@ def markdown(
     ratios: dict[str, tuple[float, str]],
     info: dict,
     ratios_per_round: Sequence[dict[str, tuple[float, str]]] = (),
+    picture: str = "",
 ) -> str:
+    """The report: heading, rows, memory, ratios and targets; ``picture``, a PNG's path relative
+    to the report, is shown under the heading."""
     rounds = info.get("rounds", ROUNDS)
     lines = [
         "# Layouts" if info.get("layout") else "# Performance",
@@ -546,6 +550,9 @@ def markdown(
         "(b4serve/lab/seed_handler.py: np.load, two forwards for TTA, no per-request errors) on",
         "the plain scripted model with glibc's malloc as it comes.",
     ]
+    if picture:
+        lines += ["", f"![Served and in-process TTA images/s per runtime; latency against "
+                      f"clients]({picture})"]  # fmt: skip
     if info.get("choice"):
         lines += ["", "What `--runtime auto` chose on this host, at deploy (its own timing):", "",
                   "```", *info["choice"].splitlines(), "```"]  # fmt: skip
@@ -1019,7 +1026,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layout": layout,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    table = markdown(rows, memory, ratios, info, per_round)
+    picture = ""
+    if args.plot and args.output:
+        picture = os.path.relpath(args.plot, args.output.parent)
+    table = markdown(rows, memory, ratios, info, per_round, picture)
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

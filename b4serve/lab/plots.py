@@ -107,6 +107,7 @@ def bench_figure(record: Mapping[str, Any]) -> Figure:
         rates.bar_label(drawn, fmt="%.1f", padding=2, fontsize=7)
     rates.set_yticks(list(positions), [b.label for b in bars], fontsize=7)
     rates.invert_yaxis()
+    rates.margins(x=0.1)  # room for the value at the end of the longest bar
     rates.set_xlabel("throughput (TTA images/s; an image and its mirror count once)")
     rates.set_title("Throughput per runtime", fontsize=10)
     rates.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2)
@@ -137,7 +138,7 @@ def soak_figure(record: Mapping[str, Any]) -> Figure:
     """The soak record's memory readings over time: the worker above, the frontend below."""
     readings = record["readings"]
     times = [r["t_s"] for r in readings]
-    figure = Figure(figsize=(10, 6.5), layout="constrained")
+    figure = Figure(figsize=(11, 6.5), layout="constrained")
     worker, frontend = figure.subplots(2, 1, sharex=True)
     worker_label = "retained (as it logs)" if record["worker_logged"] else "resident (not logged)"
     worker.plot(times, [r["worker_mb"] for r in readings], ".-", label=f"worker {worker_label}")
@@ -159,7 +160,7 @@ def soak_figure(record: Mapping[str, Any]) -> Figure:
         axes.set_ylabel("memory (MiB)")
         axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, loc="lower right")
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     worker.set_title(
         f"worker: {record['worker_retained_start_mb']:.0f} -> "
         f"{record['worker_retained_end_mb']:.0f} MiB ({record['worker_growth']:+.1%})",
@@ -170,7 +171,7 @@ def soak_figure(record: Mapping[str, Any]) -> Figure:
         f"{record['frontend_retained_end_mb']:.0f} MiB ({record['frontend_growth']:+.1%})",
         fontsize=9,
     )
-    frontend.set_xlabel("time since the first request (s)")
+    frontend.set_xlabel("time since the warm-up began (s)")
     figure.suptitle(
         f"b4serve soak of {record['date']}: {record['clients']} clients, "
         f"{record['sent']} requests measured\n{record['machine']} ({record['command']})",

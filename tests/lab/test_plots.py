@@ -133,3 +133,19 @@ def test_the_committed_bench_records_draw(record: str, tmp_path: Path) -> None:
     figure = bench_figure(json.loads((root / record).read_text()))
     assert figure.axes[0].patches  # bars drawn
     _assert_small_png(figure, tmp_path / "record.png")
+
+
+def test_the_soak_record_is_what_its_picture_reads() -> None:
+    import json
+
+    from b4serve.lab.soak import MemoryReading, SoakReport, record
+
+    readings = [MemoryReading(2.0 * i, i > 1, 446.0, 880.0, 99.5, 16.0, 210.0) for i in range(5)]
+    report = SoakReport(duration_s=6, clients=4, sent=48, worker_logged=True,
+                        frontend_collected=True, worker_retained_start_mb=446.0,
+                        worker_retained_end_mb=446.0, frontend_retained_start_mb=99.5,
+                        frontend_retained_end_mb=99.5, readings=readings)  # fmt: skip
+    written = json.loads(json.dumps(record(report, "python -m b4serve.lab.soak --duration 6")))
+    figure = soak_figure(written)
+    assert "--duration 6" in figure.get_suptitle() and "48 requests" in figure.get_suptitle()
+    assert list(figure.axes[0].get_lines()[0].get_xdata()) == [0.0, 2.0, 4.0, 6.0, 8.0]
