@@ -6,7 +6,7 @@
 #   --layout      measure layouts instead of runtimes: micro-batch 1, 2, 4, 8 per runtime
 #                 in-process; the chosen runtime served with 2 workers x 1 thread, micro-batch 4
 #                 and (OpenVINO) the THROUGHPUT hint, beside the deploy defaults. Writes
-#                 docs/LAYOUT.md and docs/layout.json
+#                 docs/LAYOUT.md, docs/layout.json and docs/layout.png
 #   --sequential  one server at a time (less memory; rounds no longer interleave the servers)
 #   --rounds N    rounds the measurements are split into and interleaved (default 3); the
 #                 report gives each ratio per round, for its spread
