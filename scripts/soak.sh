@@ -28,5 +28,7 @@ case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 "$PY" -c "import matplotlib" 2>/dev/null \
   || "$PY" -m pip install -q "$(grep -E '^matplotlib==' "$B4_ROOT/requirements-dev.txt")"
 out="$B4_CACHE_DIR/soak"
-# Given twice, an option's last value wins: the caller's --json and --plot replace these.
-exec "$PY" -m b4serve.lab.soak --json "$out/soak.json" --plot "$out/soak.png" "$@"
+defaults=()
+case " $* " in *" --json"*) ;; *) defaults+=(--json "$out/soak.json") ;; esac
+case " $* " in *" --plot"*) ;; *) defaults+=(--plot "$out/soak.png") ;; esac
+exec "$PY" -m b4serve.lab.soak "${defaults[@]}" "$@"

@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 DPI = 100  # with the sizes below: PNGs of about 60-100 KB, small enough for git
+TITLE_CHARS = 110  # a line of a title, at its font size and the figures' widths
 _CLIENTS = re.compile(r"^(\d+) clients?$")
 
 
@@ -127,8 +129,8 @@ def bench_figure(record: Mapping[str, Any]) -> Figure:
     lines.legend(fontsize=6, loc="upper left")
     lines.grid(alpha=0.3, which="both")
     figure.suptitle(
-        f"b4serve bench of {info['date']}: {info['machine']}\n{info.get('host', '')} "
-        f"({info['command']})",
+        f"b4serve bench of {info['date']}: {info['machine']}\n"
+        + _wrapped(f"{info.get('host', '')} ({info['command']})"),
         fontsize=10,
     )
     return figure
@@ -153,10 +155,11 @@ def soak_figure(record: Mapping[str, Any]) -> Figure:
                       label="frontend live heap (after a full GC)")  # fmt: skip
     frontend.plot(times, [r["frontend_rss_before_mb"] for r in readings], ".-", alpha=0.6,
                   label="frontend resident under load")  # fmt: skip
-    warm_end = max((r["t_s"] for r in readings if not r["measured"]), default=None)
+    # the warm-up's last reading is the measured stretch's first (b4serve/lab/soak.py)
+    measured_from = min((r["t_s"] for r in readings if r["measured"]), default=times[-1])
     for axes in (worker, frontend):
-        if warm_end is not None:
-            axes.axvspan(0, warm_end, color="grey", alpha=0.15, label="warm-up (not measured)")
+        if not readings[0]["measured"]:
+            axes.axvspan(0, measured_from, color="grey", alpha=0.15, label="warm-up")
         axes.set_ylabel("memory (MiB)")
         axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
@@ -174,10 +177,16 @@ def soak_figure(record: Mapping[str, Any]) -> Figure:
     frontend.set_xlabel("time since the warm-up began (s)")
     figure.suptitle(
         f"b4serve soak of {record['date']}: {record['clients']} clients, "
-        f"{record['sent']} requests measured\n{record['machine']} ({record['command']})",
+        f"{record['sent']} requests measured\n"
+        + _wrapped(f"{record['machine']} ({record['command']})"),
         fontsize=10,
     )
     return figure
+
+
+def _wrapped(text: str) -> str:
+    """``text`` broken into lines that fit a title's width."""
+    return "\n".join(textwrap.wrap(text, TITLE_CHARS, break_on_hyphens=False))
 
 
 def save(figure: Figure, path: Path) -> Path:

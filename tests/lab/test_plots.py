@@ -104,8 +104,9 @@ def test_soak_picture_draws_every_reading_and_shades_the_warm_up(tmp_path: Path)
     retained = worker.get_lines()[0]
     assert list(retained.get_ydata()) == [440.0 + i for i in range(10)]
     assert list(retained.get_xdata()) == [5.0 * i for i in range(10)]
-    warm_up = [p for p in worker.patches if p.get_label().startswith("warm-up")]
-    assert len(warm_up) == 1 and warm_up[0].get_x() == 0  # up to the last warm-up reading
+    warm_up = [p for p in worker.patches if p.get_label() == "warm-up"]
+    # up to the warm-up's last reading, which is the first measured one
+    assert len(warm_up) == 1 and (warm_up[0].get_x(), warm_up[0].get_width()) == (0, 20.0)
     assert len(frontend.get_lines()) == 3  # retained, live heap, resident
     _assert_small_png(figure, tmp_path / "soak.png")
 
