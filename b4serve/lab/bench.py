@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import subprocess
@@ -306,7 +307,7 @@ def fresh_process_peak_mb(model_path: Path, load: str) -> float:
     )
     output = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout  # fmt: skip
     return int(output.split()[-1]) / 1024  # kB
 
@@ -512,7 +513,10 @@ def markdown(
     ratios: dict[str, tuple[float, str]],
     info: dict,
     ratios_per_round: Sequence[dict[str, tuple[float, str]]] = (),
+    picture: str = "",
 ) -> str:
+    """The report: heading, rows, memory, ratios and targets; ``picture``, a PNG's path relative
+    to the report, is shown under the heading."""
     rounds = info.get("rounds", ROUNDS)
     lines = [
         "# Layouts" if info.get("layout") else "# Performance",
@@ -546,6 +550,9 @@ def markdown(
         "(b4serve/lab/seed_handler.py: np.load, two forwards for TTA, no per-request errors) on",
         "the plain scripted model with glibc's malloc as it comes.",
     ]
+    if picture:
+        lines += ["", f"![Served and in-process TTA images/s per runtime; latency against "
+                      f"clients]({picture})"]  # fmt: skip
     if info.get("choice"):
         lines += ["", "What `--runtime auto` chose on this host, at deploy (its own timing):", "",
                   "```", *info["choice"].splitlines(), "```"]  # fmt: skip
@@ -847,6 +854,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="markdown table (e.g. docs/PERFORMANCE.md)")
     parser.add_argument("--json", type=Path, help="all rows as JSON")
     parser.add_argument(
+        "--plot", type=Path, help="PNG of throughput per runtime and latency against clients"
+    )
+    parser.add_argument(
         "--seconds", type=float, default=SECONDS, help="per in-process measurement, all rounds"
     )
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
@@ -1016,21 +1026,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layout": layout,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    table = markdown(rows, memory, ratios, info, per_round)
+    picture = ""
+    if args.plot and args.output:
+        picture = os.path.relpath(args.plot, args.output.parent)
+    table = markdown(rows, memory, ratios, info, per_round, picture)
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table + kept_history(args.output))
+    payload = {
+        "info": info,
+        "rows": [r.summary() for r in rows],
+        "memory_mb": memory,
+        "ratios": {k: v[0] for k, v in ratios.items()},
+        "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in per_round],
+    }
     if args.json:
-        payload = {
-            "info": info,
-            "rows": [r.summary() for r in rows],
-            "memory_mb": memory,
-            "ratios": {k: v[0] for k, v in ratios.items()},
-            "ratios_per_round": [{k: v[0] for k, v in r.items()} for r in per_round],
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        from b4serve.lab.plots import bench_figure, save  # matplotlib: only to draw
+
+        print(f"picture: {save(bench_figure(payload), args.plot)}", file=sys.stderr)
     return 0
 
 

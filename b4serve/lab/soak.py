@@ -48,6 +48,7 @@ import psutil
 
 from b4serve.client import Result, predict_many
 from b4serve.lab.demo import EXAMPLES_SEED, generate_images
+from b4serve.lab.host import cpu_name
 from b4serve.lab.jvm import JvmMemory, find_jcmd, read_memory
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.endpoints import Endpoints
@@ -57,6 +58,7 @@ from b4serve.ops.manage import LogWatch, ManagementAPI
 from b4serve.serving.allocator import retained_by_worker
 
 __all__ = [
+    "MemoryReading",
     "SoakReport",
     "WarmUp",
     "key_renewals",
@@ -82,6 +84,19 @@ SETTLE_RISE = 0.005
 MAX_EXTRA_WARMUP_S = 120.0  # a process that never settles is measured anyway: the growth tells
 # How TorchServe's access log records a renewal of the inference key (our log4j pattern).
 _RENEWAL = '"GET /token?type=inference HTTP/1.1" 200 '
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One reading after a round (MiB), for the record and its plot (b4serve/lab/plots.py)."""
+
+    t_s: float  # since the warm-up began
+    measured: bool  # False: a warm-up reading
+    worker_mb: float  # retained as the workers logged it, else resident
+    worker_rss_mb: float
+    frontend_retained_mb: float
+    frontend_heap_mb: float | None  # None: not collected (no jcmd)
+    frontend_rss_before_mb: float  # resident before the collection: under load
 
 
 @dataclass
@@ -120,6 +135,7 @@ class SoakReport:
     key_changed: bool = False  # the key file's inference key differed at the end
     healthy_after: bool = False
     images_per_s: float = 0.0
+    readings: list[MemoryReading] = field(default_factory=list)  # every round's, in order
 
     @property
     def worker_growth(self) -> float:
@@ -303,7 +319,9 @@ class _Memory:
     worker_logged: list[bool] = field(default_factory=list)
     worker_rss: list[float] = field(default_factory=list)
     frontend: list[JvmMemory] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # of each reading, since started
     seconds: float = 0.0  # spent reading (collecting, parsing), not serving
+    started: float = field(default_factory=time.monotonic)
     _lines_read: int = 0
 
     def read(self) -> tuple[float, float]:
@@ -325,6 +343,7 @@ class _Memory:
         self.worker.append(sum(logged.values()) if logged else resident)
         self.worker_logged.append(bool(logged))
         self.worker_rss.append(resident)
+        self.times.append(started - self.started)
         self.seconds += time.monotonic() - started
         return self.worker[-1], frontend.retained_mb
 
@@ -340,7 +359,14 @@ class _Memory:
                 f"{frontend.rss_mb:.0f})")  # fmt: skip
 
     def report(self, report: SoakReport, first: int) -> None:
-        """Fill ``report``'s memory figures from the readings from index ``first`` on."""
+        """Fill ``report``'s memory figures from the readings from index ``first`` on, and
+        its record of every reading."""
+        report.readings = [
+            MemoryReading(round(t, 2), index >= first, worker, rss, jvm.retained_mb, jvm.heap_mb,
+                          jvm.rss_before_mb)
+            for index, (t, worker, rss, jvm) in enumerate(
+                zip(self.times, self.worker, self.worker_rss, self.frontend, strict=True))
+        ]  # fmt: skip
         worker, frontend = self.worker[first:], self.frontend[first:]
         report.worker_logged = all(self.worker_logged[first:])
         report.worker_retained_start_mb, report.worker_retained_end_mb = quarters(worker)
@@ -527,8 +553,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--log-dir", type=Path, default=_default_log_dir(),
         help="with --use-running: the server's TorchServe log dir (default: $B4_LOG_DIR)",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--json", type=Path,
+        help="also write the figures here, with every memory reading (a record to plot)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plot", type=Path, help="also draw memory over time as a PNG here (needs matplotlib)"
+    )
     return parser.parse_args(argv)
+
+
+def record(report: SoakReport, command: str) -> dict[str, object]:
+    """The run's JSON record: its figures, every reading, and when, where and how it ran."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{cpu_name()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "command": command,
+        **asdict(report),
+        "worker_growth": report.worker_growth,
+        "frontend_growth": report.frontend_growth,
+        "frontend_heap_growth": report.frontend_heap_growth,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,11 +604,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 server.stop()
     print(report.table())
+    given = sys.argv[1:] if argv is None else list(argv)
+    figures = record(report, " ".join(["python -m b4serve.lab.soak", *given]))
     if args.json:
-        figures = {**asdict(report), "worker_growth": report.worker_growth,
-                   "frontend_growth": report.frontend_growth,
-                   "frontend_heap_growth": report.frontend_heap_growth}  # fmt: skip
-        args.json.write_text(json.dumps(figures) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    if args.plot:
+        from b4serve.lab.plots import save, soak_figure  # matplotlib: only to draw
+
+        say(f"memory over time: {save(soak_figure(figures), args.plot)}")
     problems = report.problems(require_key_renewal=not args.use_running and args.duration > 90)
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)

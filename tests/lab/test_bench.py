@@ -244,3 +244,12 @@ def test_a_rewritten_report_keeps_the_history_below_its_marker(tmp_path: Path) -
     assert kept == f"\n{HISTORY_MARKER}\n## run A\nfigures\n"
     report.write_text("# old run, no history\n")
     assert kept_history(report) == ""
+
+
+def test_the_bench_report_shows_its_picture_under_the_heading() -> None:
+    info = {"date": "d", "machine": "m", "command": "c", "minutes": 1.0, "layout": True}
+    rows = [Row("end to end", "ours", "1 clients", 10, 1.0, [0.1] * 10)]
+    report = markdown(rows, {}, {}, info, picture="performance.png")
+    heading, _, rest = report.partition("![")
+    assert "Command: `c`" in heading and rest.split("\n")[0].endswith("](performance.png)")
+    assert "![" not in markdown(rows, {}, {}, info)
