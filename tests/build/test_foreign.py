@@ -32,24 +32,27 @@ SMALL = 64  # px: every size's network at a size a shared 2-core machine runs in
 TOLERANCE = 1e-4  # the export's own proof (b4serve.build.parity.LOGIT_TOLERANCE)
 
 
-def batch(arch: str, size: int, seed: int = 1) -> torch.Tensor:
+def batch(arch: str, size: int, seed: int = 1, images: int = 2) -> torch.Tensor:
+    """Uniform noise images normalised as ``arch`` feeds them."""
     spec = arch_spec(arch)
-    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    pixels = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(seed))
     mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return (pixels - mean) / std
 
 
 @pytest.mark.parametrize("scale", SIZES)
 def test_every_size_maps_onto_its_tf_port_with_the_users_weights_and_logits(
     tmp_path: Path, scale: str
 ) -> None:
-    module = efficientnet_pytorch_module(scale, seed=SIZES.index(scale), image_size=SMALL)
+    arch = f"tf_efficientnet_{scale}"
+    calibration = batch(arch, SMALL, seed=2, images=6)  # few: every size in a few seconds
+    module = efficientnet_pytorch_module(
+        scale, seed=SIZES.index(scale), image_size=SMALL, calibration=calibration
+    )
     path = save_checkpoint(module, "state-dict", tmp_path / "sd.pth")
     loaded = load_checkpoint(path, None, 6)
     # the library's own network and feeding: no padding or mean/std left to guess
-    assert (loaded.arch, loaded.warning, loaded.library) == (
-        f"tf_efficientnet_{scale}", None, "efficientnet_pytorch",
-    )  # fmt: skip
+    assert (loaded.arch, loaded.warning, loaded.library) == (arch, None, "efficientnet_pytorch")
     theirs, ours = module.state_dict(), loaded.model.state_dict()
     assert len(ours) == len(theirs)
     for key, value in to_geffnet_keys(theirs).items():  # bit for bit
