@@ -53,6 +53,7 @@ def test_the_real_lite0_is_served_equal_to_its_module_and_names_real_photos(
         "--checkpoint", str(checkpoint),
         B4_MODEL_NAME=lite0, B4_ARCH="tf_efficientnet_lite0", B4_NUM_CLASSES="1000",
         B4_CLASS_NAMES=str(imagenet_names_file()), B4_CHECK_IMAGES=str(check_images),
+        B4_RUNTIME="auto",  # the choice, judged on the photos, whatever the session pins
     )  # fmt: skip
     report = [line for line in deployed.stderr.splitlines() if "TTA img/s" in line]
     print("\n[real network] runtime choice on the real photos:\n" + "\n".join(report))
