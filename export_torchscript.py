@@ -68,7 +68,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         loaded.arch,
         args.num_classes,
         names,
-        input_size=args.input_size,
+        input_size=args.input_size or loaded.input_size,
         max_pixels=args.max_pixels,
         demo=loaded.demo,
         micro_batch=args.micro_batch,
@@ -81,7 +81,10 @@ def export(args: argparse.Namespace) -> ModelConfig:
         openvino_streams=args.openvino_streams,
         gpu_precision=args.gpu_precision,
         gpu_buckets=args.gpu_buckets,
-        extra={"checkpoint_sha256": file_sha256(args.checkpoint)},
+        extra={
+            "checkpoint_sha256": file_sha256(args.checkpoint),
+            "checkpoint_library": loaded.library,  # whose keys it had (b4serve.build.foreign)
+        },
     )
     probe = ParityProbe.of(
         loaded.reference, config, against=loaded.against, hint=loaded.mismatch_hint
@@ -136,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--arch",
         help="the checkpoint's variant (default: told from a whole module; for a state dict, "
-        f"the first that fits its keys, with a warning). One of: {', '.join(ARCHS)}",
+        "the first that fits its keys, with a warning). gen-efficientnet and efficientnet_pytorch "
+        f"checkpoints are accepted. One of: {', '.join(ARCHS)}",
     )
     parser.add_argument("--num-classes", type=int, default=6)
     parser.add_argument("--output", required=True, help="TorchScript file to write")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from b4serve.build import foreign
 from b4serve.build.models import create_model
 from b4serve.build.variants import (
     Network,
@@ -27,9 +28,10 @@ from b4serve.build.variants import (
 )
 from b4serve.serving.archs import arch_spec
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "file_sha256", "load_checkpoint"]
+__all__ = ["GEFFNET", "CheckpointError", "LoadedCheckpoint", "file_sha256", "load_checkpoint"]
 
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+GEFFNET = "gen-efficientnet"
 
 
 class CheckpointError(Exception):
@@ -51,6 +53,8 @@ class LoadedCheckpoint:
     extras: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what loading decided by itself
     warning: str | None = None  # an ambiguity that --arch resolves
+    library: str = GEFFNET  # whose keys the checkpoint has
+    input_size: int | None = None  # the only size the user's module runs as it does (or None)
 
     @property
     def against(self) -> str:
@@ -78,6 +82,8 @@ class _Source:
     network: Network
     module: nn.Module | None = None
     notes: list[str] = field(default_factory=list)
+    library: str = GEFFNET
+    input_size: int | None = None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -101,6 +107,7 @@ def load_checkpoint(
     ``"state_dict"`` or ``"model_state_dict"``, with all keys under one prefix (``module.``,
     ``model.``, ...) or none. A module tells its variant (padding, batch-norm eps, size); a state
     dict only its size, so ``arch`` decides between padding variants, with a warning if not given.
+    efficientnet_pytorch's modules and state dicts (b4serve.build.foreign) load the same ways.
     """
     if arch is not None:
         arch_spec(arch)  # an unknown arch is refused before anything is read
@@ -123,9 +130,14 @@ def load_checkpoint(
     model = create_model(choice.arch, num_classes)
     _load_strictly(model, source.state_dict, choice.arch, num_classes)
     loaded = LoadedCheckpoint(model, choice.arch, reference=model, warning=choice.warning)
-    loaded.notes = source.notes
+    loaded.notes, loaded.library, loaded.input_size = (
+        source.notes,
+        source.library,
+        source.input_size,
+    )
     if arch is None and source.module is not None:
-        loaded.notes.append(f"your module is {choice.arch} ({source.network.describe()})")
+        whose = "" if source.library == GEFFNET else f"{source.library} "
+        loaded.notes.append(f"your {whose}module is {choice.arch} ({source.network.describe()})")
     if source.module is not None:
         loaded.reference, loaded.user_module = _as_reference(source.module, loaded.notes), True
     if isinstance(payload, dict):
@@ -137,7 +149,9 @@ def load_checkpoint(
 
 
 def _read(path: Path, trust: bool) -> Any:
-    if not zipfile.is_zipfile(path):  # torch.save has written zip files since PyTorch 1.6
+    # torch.save has written zip files since PyTorch 1.6; before, a pickle that starts with
+    # protocol 2 and torch's magic number (e.g. the published efficientnet_pytorch weights)
+    if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):
         raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint (not a zip file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -157,6 +171,13 @@ def _read(path: Path, trust: bool) -> Any:
         raise CheckpointError(f"cannot unpickle {path}: {type(exc).__name__}: {exc}") from None
 
 
+def _is_legacy_torch_file(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        head = stream.read(13)
+    # pickle protocol 2, then the LONG1 opcode of torch's magic number 0x1950a86a20f9469cfc6c
+    return head[:4] == b"\x80\x02\x8a\x0a" and head[4:] == bytes.fromhex("6cfc9c46f9206aa850")
+
+
 def _source_of(payload: Any, path: Path) -> _Source:
     module: nn.Module | None = payload if isinstance(payload, nn.Module) else None
     if isinstance(payload, dict):
@@ -170,6 +191,10 @@ def _source_of(payload: Any, path: Path) -> _Source:
         else:
             if _is_tensor_dict(payload):
                 return _state_dict_source(payload)
+    if module is not None:
+        found = foreign.find_efficientnet_pytorch(module)
+        if found is not None:
+            return _efficientnet_pytorch_module_source(module, *found)
     if module is None:
         raise CheckpointError(
             f"{path} holds no model: expected a module or state dict, bare or under "
@@ -187,9 +212,37 @@ def _source_of(payload: Any, path: Path) -> _Source:
 
 
 def _state_dict_source(state_dict: dict[str, torch.Tensor]) -> _Source:
+    if foreign.is_efficientnet_pytorch(state_dict):
+        return _efficientnet_pytorch_state_dict_source(state_dict)
     prefix, stripped = split_prefix(state_dict)
     notes = [f"stripped the key prefix {prefix!r} from the state dict"] if prefix else []
     return _Source(stripped, network_of_state_dict(stripped), notes=notes)
+
+
+def _efficientnet_pytorch_state_dict_source(state_dict: dict[str, torch.Tensor]) -> _Source:
+    prefix, stripped = split_prefix(state_dict, foreign.STEM_KEY, foreign.LIBRARY)
+    notes = [f"stripped the key prefix {prefix!r} from the state dict"] if prefix else []
+    converted = foreign.to_geffnet_keys(stripped)
+    notes.append(f"{foreign.LIBRARY} keys mapped onto gen-efficientnet's, one to one")
+    network = foreign.network_of_efficientnet_pytorch(converted)
+    return _Source(converted, network, notes=notes, library=foreign.LIBRARY)
+
+
+def _efficientnet_pytorch_module_source(
+    module: nn.Module, where: str, network: nn.Module
+) -> _Source:
+    notes = []
+    if where:
+        notes.append(
+            f"using the {foreign.LIBRARY} network at {where!r} inside your "
+            f"{type(module).__name__} (key prefix {where + '.'!r} stripped)"
+        )
+    converted = foreign.to_geffnet_keys(network.state_dict())
+    described = foreign.network_of_efficientnet_pytorch(converted, network)
+    size = foreign.input_size_of(network)
+    if size is not None:
+        notes.append(f"your module's 'same' padding is computed for {size} px: served at {size} px")
+    return _Source(converted, described, module, notes, foreign.LIBRARY, size)
 
 
 def _as_reference(module: nn.Module, notes: list[str]) -> nn.Module:

@@ -1,8 +1,10 @@
 """Which gen-efficientnet variant a checkpoint holds, and where its network is inside it.
 
 A whole module says everything: its padding layers, batch-norm eps, widths and depths. A state
-dict says only the size (b0-b4): its keys and shapes are the same for every padding variant, so
-``--arch`` decides, and export warns when it was not given (:func:`choose_arch`).
+dict says only the size (b0-b4, lite0-lite4): its keys and shapes are the same for every padding
+variant, so ``--arch`` decides, and export warns when it was not given (:func:`choose_arch`).
+A checkpoint of another library (b4serve.build.foreign) arrives here already in gen-efficientnet's
+keys, with what its library fixes (padding, eps, preprocessing) filled in.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ import torch
 from torch import nn
 
 from b4serve.build.models import create_model
-from b4serve.serving.archs import ARCHS, IMAGENET_MEAN, SCALES, TF_SAME, ArchSpec, arch_spec
+from b4serve.serving.archs import (
+    ARCHS,
+    IMAGENET_MEAN,
+    LITE_SCALES,
+    SCALES,
+    TF_SAME,
+    ArchSpec,
+    arch_spec,
+)
 
 __all__ = [
+    "ALL_SCALES",
     "NETWORK_PARTS",
     "Choice",
     "Network",
@@ -36,6 +47,7 @@ NETWORK_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "classifier")
 _STEM_KEY = "conv_stem.weight"
 _HEAD_PREFIX = "classifier."  # its shape depends on the class count, not on the variant
 _PADDING_WORDS = {TF_SAME: "TensorFlow 'same' padding", "symmetric": "symmetric padding"}
+ALL_SCALES = (*SCALES, *LITE_SCALES)
 
 
 class VariantError(ValueError):
@@ -46,9 +58,11 @@ class VariantError(ValueError):
 class Network:
     """What a checkpoint shows of its network; ``None`` where it cannot tell."""
 
-    scale: str | None  # the b0-b4 whose widths and depths the weights have; None: none of them
+    scale: str | None  # the b0-b4/lite0-4 whose widths and depths the weights have; None: none
     padding: str | None = None  # a state dict cannot tell
     bn_eps: tuple[float, ...] | None = None  # every distinct eps of its batch norms
+    # the (mean, std) the checkpoint's library feeds its networks; None: it does not say
+    feeding: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def fits(self, spec: ArchSpec) -> bool:
         """Whether ``spec`` builds this network (so its weights load and its logits match)."""
@@ -60,7 +74,11 @@ class Network:
 
     def describe(self) -> str:
         """What it is, in words, for messages: 'b4 widths and depths, ..., batch-norm eps 0.001'."""
-        size = f"{self.scale} widths and depths" if self.scale else "widths and depths of no b0-b4"
+        size = (
+            f"{self.scale} widths and depths"
+            if self.scale
+            else "widths and depths of no b0-b4 or lite0-lite4"
+        )
         parts = [size]
         if self.padding is not None:
             parts.append(_PADDING_WORDS[self.padding])
@@ -123,17 +141,22 @@ def network_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Network:
     return Network(scale=scale_of(state_dict))
 
 
-def split_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+def split_prefix(
+    state_dict: Mapping[str, torch.Tensor],
+    stem: str = _STEM_KEY,
+    library: str = "gen-efficientnet",
+) -> tuple[str, dict[str, torch.Tensor]]:
     """The prefix all keys share before the network's own (e.g. 'module.', 'model.',
-    'module.backbone.') and the keys without it; ('', unchanged) when there is none."""
-    stems = [key for key in state_dict if key == _STEM_KEY or key.endswith("." + _STEM_KEY)]
+    'module.backbone.') and the keys without it; ('', unchanged) when there is none. ``stem``
+    is the key of ``library``'s first layer, which the prefix is read from."""
+    stems = [key for key in state_dict if key == stem or key.endswith("." + stem)]
     if len(stems) > 1:
-        prefixes = ", ".join(repr(key[: -len(_STEM_KEY)]) for key in stems)
+        prefixes = ", ".join(repr(key[: -len(stem)]) for key in stems)
         raise VariantError(
-            f"the state dict holds {len(stems)} gen-efficientnet networks (key prefixes "
+            f"the state dict holds {len(stems)} {library} networks (key prefixes "
             f"{prefixes}): save the one you serve on its own"
         )
-    prefix = stems[0][: -len(_STEM_KEY)] if stems else ""
+    prefix = stems[0][: -len(stem)] if stems else ""
     if not prefix:
         return "", dict(state_dict)
     outside = [key for key in state_dict if not key.startswith(prefix)]
@@ -148,14 +171,14 @@ def split_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str,
 def scale_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The b0-b4 whose keys and shapes (the head aside) the state dict has exactly, or None."""
     shapes = _shapes_of(state_dict)
-    return next((scale for scale in SCALES if _backbone_shapes(scale) == shapes), None)
+    return next((scale for scale in ALL_SCALES if _backbone_shapes(scale) == shapes), None)
 
 
 def closest_scale(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    """The b0-b4 the state dict is nearest to, and how it differs from it (for errors)."""
+    """The size the state dict is nearest to, and how it differs from it (for errors)."""
     found = _shapes_of(state_dict)
-    counted = [(shape_differences(_backbone_shapes(s), found), s) for s in SCALES]
-    (_, details), scale = min(counted, key=lambda item: (item[0][0], list(SCALES).index(item[1])))
+    counted = [(shape_differences(_backbone_shapes(s), found), s) for s in ALL_SCALES]
+    (_, details), scale = min(counted, key=lambda item: (item[0][0], ALL_SCALES.index(item[1])))
     return scale, details
 
 
@@ -180,6 +203,8 @@ def choose_arch(requested: str | None, network: Network, *, source: str) -> Choi
             f"the checkpoint's {source} fits no known arch: it has {network.describe()}; "
             f"known: {', '.join(ARCHS)}"
         )
+    fed = [spec for spec in fitting if (spec.mean, spec.std) == network.feeding]
+    fitting = fed or fitting  # its library's own preprocessing, where the library says it
     chosen = fitting[0]
     differing = _differences(chosen, fitting)
     if not differing:
@@ -271,4 +296,5 @@ def _shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, .
 @functools.cache
 def _backbone_shapes(scale: str) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of a ``scale`` network without its head (the same for every variant)."""
-    return _shapes_of(create_model(f"efficientnet_{scale}", 1).state_dict())
+    arch = next(spec.name for spec in ARCHS.values() if spec.scale == scale)
+    return _shapes_of(create_model(arch, 1).state_dict())

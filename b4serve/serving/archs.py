@@ -5,7 +5,9 @@ network forms that share state-dict keys and shapes: its own PyTorch-trained ``e
 (symmetric padding, batch-norm eps 1e-5) and the TensorFlow ports ``tf_efficientnet_bN``,
 ``..._ap`` (AdvProp) and ``..._ns`` (Noisy Student) (TensorFlow "same" padding, eps 1e-3).
 geffnet 1.0.2 has ImageNet weights for the ``tf_`` B4s only, so a fine-tuned B4 is usually one of
-them. Input size and normalisation follow timm's published configs for the same weights.
+them. The Lite sizes (``tf_efficientnet_lite0``-``lite4``: ReLU6, no squeeze-excite, stem and head
+fixed) are TensorFlow ports too. Input size and normalisation follow timm's published configs for
+the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "IMAGENET_STD",
     "INCEPTION_MEAN",
     "INCEPTION_STD",
+    "LITE_SCALES",
     "PADDINGS",
     "SCALES",
     "SYMMETRIC",
@@ -42,6 +45,10 @@ BN_EPS_TF = 1e-3
 
 # EfficientNet size -> native input resolution (the widths and depths are geffnet's)
 SCALES: dict[str, int] = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380}
+# EfficientNet-Lite size -> native input resolution (timm's tf_efficientnet_liteN configs)
+LITE_SCALES: dict[str, int] = {
+    "lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class ArchSpec:
     """One variant: its network (size, padding, batch-norm eps) and how its inputs are fed."""
 
     name: str
-    scale: str  # "b0".."b4": sets the widths and depths, so the state dict's shapes
+    scale: str  # "b0".."b4", "lite0".."lite4": widths and depths, so the state dict's shapes
     input_size: int
     padding: str = SYMMETRIC
     bn_eps: float = BN_EPS_PYTORCH
@@ -80,6 +87,12 @@ def _variants() -> list[ArchSpec]:
             ArchSpec(f"{prefix}_{scale}{suffix}", scale, size, padding, eps, mean, std)
             for scale, size in SCALES.items()
         ]
+    # TensorFlow's Lite preprocessing, (x - 127) / 128: timm publishes it as Inception's
+    specs += [
+        ArchSpec(f"tf_efficientnet_{scale}", scale, size, TF_SAME, BN_EPS_TF, INCEPTION_MEAN,
+                 INCEPTION_STD)
+        for scale, size in LITE_SCALES.items()
+    ]  # fmt: skip
     return specs
 
 

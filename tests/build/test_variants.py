@@ -25,7 +25,10 @@ from b4serve.serving.archs import ARCHS, BN_EPS_PYTORCH, BN_EPS_TF, SYMMETRIC, T
 B0_VARIANTS = ("efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b0_ap",
                "tf_efficientnet_b0_ns")  # fmt: skip
 # timm's published configs for these weights (timm/models/efficientnet.py default_cfgs)
-PUBLISHED_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380}
+PUBLISHED_SIZES = {
+    "b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380,
+    "lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300,
+}  # fmt: skip
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -38,7 +41,7 @@ def published(arch: str) -> tuple[int, str, float, tuple]:
         PUBLISHED_SIZES[scale],
         TF_SAME if tf_port else SYMMETRIC,
         BN_EPS_TF if tf_port else BN_EPS_PYTORCH,
-        INCEPTION if arch.endswith("_ap") else IMAGENET,
+        INCEPTION if arch.endswith("_ap") or "_lite" in arch else IMAGENET,  # Lite: TF's 127/128
     )
 
 
@@ -46,6 +49,7 @@ def test_every_known_arch_is_the_network_and_feeding_geffnet_and_timm_publish() 
     wanted = {f"{p}_b{n}{s}" for n in range(5) for p, s in
               [("efficientnet", ""), ("tf_efficientnet", ""), ("tf_efficientnet", "_ap"),
                ("tf_efficientnet", "_ns")]}  # fmt: skip
+    wanted |= {f"tf_efficientnet_lite{n}" for n in range(5)}  # ReLU6, no squeeze-excite
     assert set(ARCHS) == wanted
     for name, spec in ARCHS.items():
         size, padding, eps, feeding = published(name)
@@ -64,7 +68,9 @@ def test_a_users_module_tells_its_network_and_tf_ports_warn_about_their_feeding(
         choice = choose_arch(None, network_of_module(network), source="module")
         assert where == ""
         assert ARCHS[choice.arch].network == spec.network, name
-        if name.startswith("tf_"):
+        if "_lite" in name:  # one network, one feeding: nothing to warn about
+            assert (choice.arch, choice.warning) == (name, None)
+        elif name.startswith("tf_"):
             # the three TF ports are one network: only their mean/std tells _ap apart
             assert choice.arch == f"tf_efficientnet_{spec.scale}"
             assert choice.warning is not None and "differ in mean/std" in choice.warning
