@@ -602,6 +602,8 @@ def _v1_payload(instance: Any) -> object:
 
 
 def _v2_payload(tensor: dict[str, Any]) -> Any:
+    if not isinstance(tensor, dict):
+        raise InvalidInput("each v2 input must be an object")
     datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     data = tensor.get("data")
     if datatype == "BYTES":
