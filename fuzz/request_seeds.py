@@ -57,11 +57,26 @@ SEEDS: list[bytes] = [
     _mode("raw", encode_request(_IMAGE, "v2")[0]),
     _mode("raw", encode_request((_IMAGE / 255).astype(np.float32), "v2")[0]),
     _mode("raw", _json({"instances": [_IMAGE.tolist(), {"b64": _B64}, _B64]})),
-    _mode("raw", _json({"id": "7", "inputs": [{"name": "x", "datatype": "BYTES", "shape": [2],
-                                               "data": [_B64, _B64]}],
-                        "parameters": {"binary_data_output": True}})),  # fmt: skip
-    _mode("raw", _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [2, 2, 2, 3],
-                                    "data": [1] * 24}]})),  # fmt: skip
+    _mode(
+        "raw",
+        _json(
+            {
+                "id": "7",
+                "inputs": [{"name": "x", "datatype": "BYTES", "shape": [2], "data": [_B64, _B64]}],
+                "parameters": {"binary_data_output": True},
+            }
+        ),
+    ),
+    _mode(
+        "raw",
+        _json(
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "UINT8", "shape": [2, 2, 2, 3], "data": [1] * 24}
+                ]
+            }
+        ),
+    ),
     _mode("raw", b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1e400], "data": []}]}'),
     _binary(*encode_v2_binary(_IMAGE)),
     _binary(*encode_v2_binary(np.stack([_IMAGE, _IMAGE]))),
@@ -69,8 +84,19 @@ SEEDS: list[bytes] = [
     _bytes_binary([_NPY, _NPY]),
     _mode("v1-envelope", _json([{"data": _B64}, _IMAGE.tolist()])),
     _mode("v1-envelope", _json([_B64, (_IMAGE / 255).tolist()])),
-    _mode("v2-envelope", _json([{"name": "x", "datatype": "UINT8", "shape": [6, 5, 3],
-                                 "data": _IMAGE.ravel().tolist()}])),  # fmt: skip
+    _mode(
+        "v2-envelope",
+        _json(
+            [
+                {
+                    "name": "x",
+                    "datatype": "UINT8",
+                    "shape": [6, 5, 3],
+                    "data": _IMAGE.ravel().tolist(),
+                }
+            ]
+        ),
+    ),
     _mode("v2-envelope", _json([{"name": "x", "datatype": "BYTES", "shape": [1], "data": _B64}])),
 ]
 
