@@ -23,7 +23,8 @@
 #   fp32), B4_GPU_PARITY (auto: the GPU model is checked against fp32 on the CPU when this
 #   machine has a GPU, and the export refused if they disagree; require or off), B4_HANDLER
 #   (handler.py; the bench builds its seed baseline with b4serve/lab/seed_handler.py),
-#   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
+#   B4_CLIENT_TIMEOUT_MS (60000: a request queued longer is dropped unanswered before its
+#   forward; 0 keeps all), B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -82,10 +83,17 @@ log "exporting $checkpoint to TorchScript, runtime $runtime"
 # (never ops/ or lab/; tests/deploy/test_kserve_manifests.py reads the archive's file list).
 cp "$B4_ROOT"/b4serve/__init__.py "$build/extra/b4serve/"
 cp "$B4_ROOT"/b4serve/serving/*.py "$build/extra/b4serve/serving/"
+# TorchServe 0.12 reads clientTimeoutInMills (a request that waited longer in the queue is
+# dropped before its forward) from the archive's model config only; its value is a
+# registration setting (b4serve.ops.manage.Registration; B4_CLIENT_TIMEOUT_MS overrides it).
+"$PY" -c 'import os, sys; from b4serve.ops.manage import Registration as R
+ms = os.environ.get("B4_CLIENT_TIMEOUT_MS")
+sys.stdout.write((R(client_timeout_ms=int(ms)) if ms else R()).model_config())' \
+  > "$build/model-config.yaml"
 # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps builds apart.
 TMPDIR="$build/tmp" "$VENV/bin/torch-model-archiver" --model-name "$B4_MODEL_NAME" \
   --version "$version" --serialized-file "$build/model.pt" --handler "${B4_HANDLER:-$B4_ROOT/handler.py}" \
-  --extra-files "$build/extra" --export-path "$build" --force
+  --extra-files "$build/extra" --config-file "$build/model-config.yaml" --export-path "$build" --force
 # Appear in the store whole or not at all.
 cp "$build/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"
 mv "$B4_MODEL_STORE/.$mar.partial" "$B4_MODEL_STORE/$mar"

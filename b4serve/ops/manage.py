@@ -65,6 +65,12 @@ class Registration:
     max_batch_delay_ms: int = 5
     initial_workers: int = 1
     response_timeout_s: int = 120
+    # How long a request may wait in the queue: TorchServe drops one that waited longer before
+    # it costs a forward, unanswered (its client gave up: the bundled client's timeout, 60 s,
+    # tests/ops/test_client_timeout.py). 0 keeps every request. TorchServe 0.12 reads this
+    # from the archive's model config alone (clientTimeoutInMills; the register API has no such
+    # parameter): scripts/build_mar.sh writes model_config() into every archive.
+    client_timeout_ms: int = 60_000
 
     @classmethod
     def for_gpus(cls, gpus: int, workers_per_gpu: int = GPU_WORKERS_PER_GPU) -> Registration:
@@ -73,6 +79,10 @@ class Registration:
         if gpus < 1:
             return cls()
         return cls(GPU_BATCH_SIZE, GPU_MAX_BATCH_DELAY_MS, gpus * workers_per_gpu)
+
+    def model_config(self) -> str:
+        """The archive's model config YAML (``torch-model-archiver --config-file``)."""
+        return f"clientTimeoutInMills: {self.client_timeout_ms}\n"
 
     def params(self, mar: str, model: str) -> dict[str, str | int]:
         return {
