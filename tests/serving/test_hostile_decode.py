@@ -7,10 +7,21 @@ classify.
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
-from hostile_corpus import ACCEPTED_VARIANTS, EVERY_HOSTILE, HOSTILE, OVER_LIMITS, Case
+from hostile_corpus import (
+    ACCEPTED_VARIANTS,
+    EVERY_HOSTILE,
+    HOSTILE,
+    OVER_LIMITS,
+    WITH_HEADERS,
+    Case,
+)
 
+from b4serve.serving.config import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_PIXELS
 from b4serve.serving.errors import PayloadTooLarge
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.protocol import header_length, parse_raw_request
@@ -57,3 +68,14 @@ def test_unusual_but_safe_arrays_are_served(body: bytes, config, toy_model) -> N
     payloads = parse_raw_request({"body": body}).payloads
     (outcome,) = Classifier(toy_model, config, torch.device("cpu")).classify(payloads)
     assert outcome.error is None and abs(sum(outcome.probabilities) - 1) < 1e-5
+
+
+def test_the_readme_states_the_corpus_and_the_limits_as_they_are() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    flat = " ".join(readme.split())
+    statuses = Counter(case.status for case in EVERY_HOSTILE)
+    assert f"{len(EVERY_HOSTILE)} hostile bodies" in flat
+    assert f"{len(WITH_HEADERS)} under the v2 binary-data extension" in flat
+    assert (f"({statuses[400]} get 400, {statuses[413]} get 413, {statuses[415]} get 415)"
+            in flat)  # fmt: skip
+    assert f"up to {DEFAULT_MAX_IMAGES} images and {DEFAULT_MAX_REQUEST_PIXELS:,} pixels" in flat
