@@ -167,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model, timeout_ms in (("b4keep", 0), ("b4drop", int(args.timeout_s * 1000))):
             with_client_timeout(mar, store / f"{model}.mar", timeout_ms)
             response = api.register(f"{model}.mar", model, Registration(), timeout_s=600)
-            response.raise_for_status()
+            if not response.ok:
+                log = (server.log_dir / "ts_log.log").read_text(errors="replace")
+                raise SystemExit(f"register {model}: {response.text}\n{log[-3000:]}")
             phase = Phase(model, timeout_ms)
             phases.append(measure(server, phase, args.clients, args.timeout_s, args.seconds))
             api.call("DELETE", f"/models/{model}", timeout=120)  # its worker off the cores
