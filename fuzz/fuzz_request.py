@@ -10,6 +10,11 @@ request errors is a finding (atheris stops and writes the input), and so is a re
 passes a limit or an image that decodes to anything but the model's input. The parse runs
 without the handler's guard (protocol.parse_requests), which would hide what is found here.
 tests/serving/test_fuzz.py runs a bounded pass.
+
+2026-12-07, the command above with -seed=11 on the parser of commit f759f87 (2 shared cores,
+nice 19): 1,000,000 inputs in 397 s, no finding (310 edges, 129 corpus inputs); and four runs of
+250,000 (-seed=101..104), none. An earlier run (-seed=7) found after 960,480 inputs an
+enveloped request over the image limit answered with one error per instance (fixed in f759f87).
 """
 
 from __future__ import annotations
