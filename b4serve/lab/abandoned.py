@@ -1,7 +1,7 @@
 """Forwards spent on requests nobody waits for, under overload, with and without TorchServe's
 ``clientTimeoutInMills`` (b4serve.ops.manage.Registration.client_timeout_ms).
 
-    python -m b4serve.lab.abandoned --clients 16 --timeout-s 3 --seconds 30
+    python -m b4serve.lab.abandoned --clients 16 --timeout-s 20 --seconds 60
 
 Deploys a throwaway server (b4serve.lab.sandbox), then registers its archive twice, as
 ``b4keep`` (clientTimeoutInMills 0: every queued request runs) and ``b4drop`` (the clients'
@@ -49,6 +49,7 @@ class Phase:
     client_timeout_ms: int
     sent: int = 0
     answered: int = 0
+    busy: int = 0  # 503: the queue was full (the client waits a second, as the bundled one does)
     gave_up: int = 0
     ran: int = 0  # requests the worker ran (a forward each: one image, micro-batch 1 on a CPU)
     ran_given_up: int = 0  # of those, requests whose client had given up
@@ -91,14 +92,19 @@ def measure(server: Server, phase: Phase, clients: int, timeout_s: float, second
             headers = {"Content-Type": "application/octet-stream", REQUEST_ID_HEADER: request_id,
                        **server.keys.auth_headers("inference")}  # fmt: skip
             try:
-                ok = requests.post(url, data=body, headers=headers, timeout=timeout_s).ok
+                status = requests.post(
+                    url, data=body, headers=headers, timeout=timeout_s
+                ).status_code
             except requests.Timeout:
-                ok = False
+                status = 0
                 with lock:
                     given_up.add(request_id)
             with lock:
                 phase.sent += 1
-                phase.answered += ok
+                phase.answered += status == 200
+                phase.busy += status == 503
+            if status == 503:
+                time.sleep(1.0)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
@@ -137,13 +143,13 @@ def table(phases: Sequence[Phase], clients: int, timeout_s: float, seconds: floa
         f"{clients} clients in a closed loop for {seconds:.0f} s, each request with a "
         f"{timeout_s:g}-s client timeout; deploy's registration defaults",
         "",
-        "| clientTimeoutInMills | sent | answered | clients gave up | forwards run "
-        "| on given-up requests | dropped unrun |",
-        "|---|---|---|---|---|---|---|",
+        "| clientTimeoutInMills | sent | answered | 503 queue full | clients gave up "
+        "| forwards run | on given-up requests | dropped unrun |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in phases:
         lines.append(
-            f"| {p.client_timeout_ms} | {p.sent} | {p.answered} | {p.gave_up} | {p.ran} "
+            f"| {p.client_timeout_ms} | {p.sent} | {p.answered} | {p.busy} | {p.gave_up} | {p.ran} "
             f"| {p.ran_given_up} ({p.wasted_share:.0%}) | {p.dropped} |"
         )
     return "\n".join(lines)
@@ -152,8 +158,8 @@ def table(phases: Sequence[Phase], clients: int, timeout_s: float, seconds: floa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--timeout-s", type=float, default=3.0, help="each client's timeout")
-    parser.add_argument("--seconds", type=float, default=30.0, help="each phase's load")
+    parser.add_argument("--timeout-s", type=float, default=20.0, help="each client's timeout")
+    parser.add_argument("--seconds", type=float, default=60.0, help="each phase's load")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     root = Path(tempfile.mkdtemp(prefix="b4-abandoned-"))
