@@ -26,10 +26,9 @@ from b4serve.serving.protocol import (
     OUTPUT_NAME,
     ParsedRequest,
     Protocol,
+    RequestLimits,
     detect_protocol,
-    header_length,
-    parse_raw_request,
-    payload_of,
+    parse_requests,
 )
 from b4serve.serving.request_ids import Handled, handled_line, request_id_of
 from b4serve.serving.runtime import OneDnnFused, load_model, select_device
@@ -86,15 +85,11 @@ class B4Handler:
         )  # fmt: skip
         self.initialized = True
 
-    def preprocess(self, data: list[Any], context: Any, protocol: Protocol) -> list[ParsedRequest]:
-        """The requests of this batch with their images: ``.npy`` bytes, KServe requests in the
-        body, or (under an envelope) the instances or inputs of one KServe request."""
-        if protocol != "raw":  # one KServe request, opened by TorchServe's envelope
-            return [ParsedRequest([payload_of(item, protocol) for item in data], form=protocol)]
-        return [
-            parse_raw_request(item, header_length(context.get_all_request_header(index)))
-            for index, item in enumerate(data)
-        ]
+    def preprocess(self, data: list[Any], context: Any) -> list[ParsedRequest]:
+        """The requests of this batch with their images (b4serve.serving.protocol); a request
+        the parser cannot take, or over the per-request limits, is its own error."""
+        limits = RequestLimits.of(self.classifier.config) if self.classifier else None
+        return parse_requests(data, context.get_all_request_header, limits)
 
     def inference(self, payloads: list[object]) -> list[Outcome]:
         """Decode, validate and classify every image; bad ones come back as errors."""
@@ -129,7 +124,7 @@ class B4Handler:
         """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
         held = held_memory()  # between batches: the last one's buffers are freed, none taken yet
         protocol = detect_protocol(data)
-        requests = self.preprocess(data, context, protocol)
+        requests = self.preprocess(data, context)
         outcomes = self.inference([payload for r in requests for payload in r.payloads])
         if self.classifier is not None:
             self.report(len(outcomes), held)

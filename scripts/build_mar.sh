@@ -29,7 +29,8 @@
 #   fp32), B4_GPU_PARITY (auto: the GPU model is checked against fp32 on the CPU when this
 #   machine has a GPU, and the export refused if they disagree; require or off), B4_HANDLER
 #   (handler.py; the bench builds its seed baseline with b4serve/lab/seed_handler.py),
-#   B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
+#   B4_CLIENT_TIMEOUT_MS (60000: a request queued longer is dropped unanswered before its
+#   forward; 0 keeps all), B4_MODEL_STORE, B4_CACHE_DIR, B4_MODEL_NAME, VENV.
 # Prints the archive's file name (relative to B4_MODEL_STORE) on stdout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -109,10 +110,16 @@ fi
 pack=$(mktemp -d "$build/pack.XXXXXX")
 trap 'rm -rf "$pack"' EXIT
 mkdir -p "$pack/tmp" "$B4_MODEL_STORE"
+# TorchServe 0.12 reads clientTimeoutInMills (a request that waited longer in the queue is
+# dropped before its forward) from the archive's model config only; its value is a
+# registration setting (b4serve.ops.manage.Registration; B4_CLIENT_TIMEOUT_MS overrides it), so
+# it is packed with each version, not exported with the build.
+"$PY" -m b4serve.ops.manage model-config \
+  ${B4_CLIENT_TIMEOUT_MS:+--client-timeout-ms "$B4_CLIENT_TIMEOUT_MS"} > "$pack/model-config.yaml"
 step "archive $mar" env TMPDIR="$pack/tmp" "$VENV/bin/torch-model-archiver" \
   --model-name "$B4_MODEL_NAME" --version "$version" --serialized-file "$build/model.pt" \
   --handler "${B4_HANDLER:-$B4_ROOT/handler.py}" --extra-files "$build/extra" \
-  --export-path "$pack" --force
+  --config-file "$pack/model-config.yaml" --export-path "$pack" --force
 # Appear in the store whole or not at all.
 cp "$pack/$B4_MODEL_NAME.mar" "$B4_MODEL_STORE/.$mar.partial"
 mv "$B4_MODEL_STORE/.$mar.partial" "$B4_MODEL_STORE/$mar"

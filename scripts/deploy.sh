@@ -6,14 +6,14 @@
 #                        built once (about a minute) and cached in $B4_CACHE_DIR/demo
 #   --version V          model version (env B4_VERSION); default: the build's id (a hash of the
 #                        checkpoint, every archive setting and the code), with -r<hash>
-#                        when batch size, delay or response timeout differ from the defaults
+#                        when batch size, delay, response or client timeout differ from defaults
 #   --trust-checkpoint   allow unpickling a whole pickled module (env B4_TRUST_CHECKPOINT=1)
 #   --force              export and build again, served as a new version (<id>-f<UTC time>)
 # What it does, in one line at the end: any change to the checkpoint or to a setting that changes
 # the archive (B4_ARCH, B4_NUM_CLASSES, B4_CLASS_NAMES, B4_RUNTIME, ... see build_mar.sh --help)
-# builds a new version and rolls it out; a change of batch size, delay or response timeout packs
-# the same build as a new version (no export) and rolls it out; a change of workers scales the
-# serving version in place; nothing changed: nothing is done.
+# builds a new version and rolls it out; a change of batch size, delay, response or client
+# timeout packs the same build as a new version (no export) and rolls it out; a change of
+# workers scales the serving version in place; nothing changed: nothing is done.
 # Runtime (env, see scripts/build_mar.sh --help): B4_RUNTIME (auto: the fastest runtime this
 #   host runs that matches fp32 TorchScript, chosen at build; or a name to pin one),
 #   B4_CHECK_IMAGES (your .npy images for that check). The choice is printed at the end.
@@ -83,6 +83,7 @@ fi
 [ -n "${B4_MAX_BATCH_DELAY:-}" ] && register_args+=(--max-batch-delay "$B4_MAX_BATCH_DELAY")
 [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
 [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
+[ -n "${B4_CLIENT_TIMEOUT_MS:-}" ] && register_args+=(--client-timeout-ms "$B4_CLIENT_TIMEOUT_MS")
 [ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
 [ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
 # What is served: the build (checkpoint, archive settings, code) and its registration.

@@ -1,21 +1,28 @@
 """Malformed and hostile request bodies, each with the status it must get.
 
-Shared by the in-process decoder test and the integration test that sends every body to a real
-TorchServe next to good requests in the same server batch.
+Shared by the in-process decoder test and the integration tests that send every body to a real
+TorchServe next to good requests in the same server batch (tests/integration/test_server.py:
+:data:`HOSTILE` to the TorchServe port) and to both ports beside good requests
+(tests/integration/test_request_limits.py: :data:`EVERY_HOSTILE`, the v2 binary-data bodies
+with their header). :data:`OVER_LIMITS` are the bodies that cost little to send and would cost
+the worker thousands of images, or escaped the parser, before requests were bounded.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from b4serve.serving.codec import encode_npy
+from b4serve.serving.config import DEFAULT_MAX_IMAGES
+from b4serve.serving.protocol import BINARY_HEADER
 
-__all__ = ["ACCEPTED_VARIANTS", "HOSTILE", "Case"]
+__all__ = ["ACCEPTED_VARIANTS", "EVERY_HOSTILE", "HOSTILE", "OVER_LIMITS", "WITH_HEADERS", "Case"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Case:
     body: bytes
     status: int
     words: str  # must appear in the error message
+    headers: dict[str, str] = field(default_factory=dict, hash=False)  # v2 binary-data only
 
 
 def _image(dtype: str = "u1", shape: tuple[int, ...] = (24, 24, 3)) -> np.ndarray:
@@ -162,6 +170,116 @@ HOSTILE: list[Case] = [
     Case("text", b"hello, model", 415, "not an .npy"),
     Case("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 32, 415, "not an .npy"),
 ]
+
+
+def _document(document: object) -> bytes:
+    return json.dumps(document).encode()
+
+
+def _input(shape: object, datatype: str = "UINT8", data: object = (), **fields: object) -> dict:
+    return {"name": "x", "datatype": datatype, "shape": shape, "data": list(data), **fields}
+
+
+def _inputs(*tensors: dict, **fields: object) -> bytes:
+    return _document({"inputs": list(tensors), **fields})
+
+
+_B64_NPY = base64.b64encode(encode_npy(_image())).decode()
+_PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+_OVER = DEFAULT_MAX_IMAGES + 1
+_LIMIT = f"limit is {DEFAULT_MAX_IMAGES} per request"
+
+OVER_LIMITS: list[Case] = [
+    Case("v2, 10000 images declared in a small body",
+         _inputs(_input([10000, 1, 1, 3])), 413, _LIMIT),
+    Case("v2, a batch one image over the limit",
+         _inputs(_input([_OVER, 1, 1, 3], data=[0] * 3 * _OVER)), 413, _LIMIT),
+    Case("v2, 10^18 empty images", _inputs(_input([10**18, 1, 0, 3])), 413, _LIMIT),
+    Case("v2, BYTES of 10000 elements declared",
+         _inputs(_input([10000], "BYTES", [_B64_NPY])), 413, _LIMIT),
+    Case("v2, one input too many", _inputs(*[_input([1, 1, 3], data=[0, 0, 0])] * _OVER), 413,
+         _LIMIT),
+    Case("v2, five largest images declared", _inputs(*[_input([2048, 2048, 3])] * 5), 413,
+         "pixels; the limit is"),
+    Case("v1, 20000 tiny instances", _document({"instances": [[[[0, 0, 0]]]] * 20000}), 413,
+         _LIMIT),
+    Case("v1, one base64 instance too many",
+         _document({"instances": [{"b64": _B64_NPY}] * _OVER}), 413, _LIMIT),
+    Case("v2, shape 1e400", b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1e400], '
+         b'"data": [1]}]}', 400, "shape must be a list of integers"),
+    Case("v2, BYTES shape 1e400", b'{"inputs": [{"name": "x", "datatype": "BYTES", '
+         b'"shape": [1e400], "data": ["AAAA"]}]}', 400, "shape must be a list of integers"),
+    Case("JSON nested 100000 deep", b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         400, "nested too deeply"),
+    Case("JSON with a 5000-digit integer",
+         b'{"inputs": [{"shape": [' + b"9" * 5000 + b"]}]}", 415, "valid JSON"),
+]  # fmt: skip
+
+HOSTILE += [
+    *OVER_LIMITS,
+    Case("v2, shape of strings", _inputs(_input(["2", "2", "3"], data=[0] * 12)), 400,
+         "shape must be a list of integers"),
+    Case("v2, shape not a list", _inputs(_input("3x3", data=[0] * 9)), 400,
+         "shape must be a list of integers"),
+    Case("v2, negative side", _inputs(_input([-1, 3, 3])), 400, "negative side"),
+    Case("v2, input not an object", b'{"inputs": [1]}', 400, "must be an object"),
+    Case("v2, a name of 100000 characters",
+         _inputs(_input([1, 1, 3], "INT64", [0, 0, 0], name="n" * 100_000)), 400, "'INT64'"),
+    Case("v2, unknown output asked for",
+         _inputs(_input([1, 1, 3], data=[0, 0, 0]), outputs=[{"name": "logits"}]), 400,
+         "unknown output"),
+    Case("v2, BYTES not base64", _inputs(_input([1], "BYTES", ["!!"])), 415, "not base64"),
+    Case("v2, BYTES holding a PNG", _inputs(_input([1], "BYTES", [_PNG_B64])), 415,
+         "not an .npy"),
+]  # fmt: skip
+
+
+def _binary(
+    shape: list[int],
+    data: bytes,
+    datatype: str = "UINT8",
+    size: int | None = None,
+    tail: bytes = b"",
+    length: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A v2 binary-data body (JSON header, then the tensor's bytes) and its headers."""
+    tensor = {
+        "name": "x",
+        "datatype": datatype,
+        "shape": shape,
+        "parameters": {"binary_data_size": len(data) if size is None else size},
+    }
+    # Python writes 10**400 in full, which JSON allows; 1e400 is how a client writes it
+    header = json.dumps({"inputs": [tensor]}).encode().replace(str(10**400).encode(), b"1e400")
+    return header + data + tail, {BINARY_HEADER: length or str(len(header))}
+
+
+def _with_headers(name: str, made: tuple[bytes, dict[str, str]], status: int, words: str) -> Case:
+    body, headers = made
+    return Case(name, body, status, words, {"Content-Type": "application/octet-stream", **headers})
+
+
+_ELEMENT = struct.pack("<I", 0)  # a BYTES element of no bytes
+
+# Bodies under the v2 binary-data extension: their header says where the JSON ends.
+WITH_HEADERS: list[Case] = [
+    _with_headers("binary, 10000 images in 30 KB", _binary([10000, 1, 1, 3], bytes(30000)), 413,
+                  _LIMIT),
+    _with_headers("binary, 10000 empty BYTES elements",
+                  _binary([10000], _ELEMENT * 10000, "BYTES"), 413, _LIMIT),
+    _with_headers("binary, shape 1e400", _binary([10**400], bytes(3), size=3), 400,
+                  "shape must be a list of integers"),
+    _with_headers("binary, header length beyond the body",
+                  _binary([1, 1, 3], bytes(3), length="1000000"), 400, BINARY_HEADER),
+    _with_headers("binary, header length not a number",
+                  _binary([1, 1, 3], bytes(3), length="1e400"), 400, BINARY_HEADER),
+    _with_headers("binary, data cut short", _binary([2, 2, 3], bytes(6), size=12), 400,
+                  "truncated"),
+    _with_headers("binary, bytes no input claims", _binary([1, 1, 3], bytes(3), tail=b"\0" * 7),
+                  400, "no input claims"),
+]  # fmt: skip
+
+EVERY_HOSTILE: list[Case] = HOSTILE + WITH_HEADERS
 
 # Unusual but safe: these must be served (200), not refused.
 ACCEPTED_VARIANTS: list[tuple[str, bytes]] = [

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from b4serve.lab.inprocess_worker import decode_replies
+from b4serve.serving import protocol
 from b4serve.serving.codec import encode_npy
-from b4serve.serving.config import ModelConfig
+from b4serve.serving.config import DEFAULT_MAX_IMAGES, ModelConfig
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.protocol import (
     BINARY_HEADER,
@@ -303,3 +304,76 @@ def test_each_batch_logs_the_client_id_and_status_of_every_request(service, rng,
     assert handled_requests(lines) == [
         [Handled("job-0", 200), Handled(None, 200), Handled("job-2", 415)]
     ]
+
+
+def test_requests_over_a_limit_or_unparseable_fail_alone_beside_good_ones(service, rng) -> None:
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    thousands, headers = encode_v2_binary(np.zeros((3000, 1, 1, 3), np.uint8))
+    instances = json.dumps({"instances": [[[[0, 0, 0]]]] * 3000}).encode()
+    overflow = b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1e400], "data": [1]}]}'
+    batch = [
+        {**_request(0, thousands), "headers": _headers(headers)},
+        _request(1, encode_npy(image)),
+        _request(2, instances, "application/json"),
+        _request(3, overflow, "application/json"),
+        _request(4, encode_request(image, "v1")[0], "application/json"),
+    ]
+    responses = _decode_response(service.predict(batch))
+    assert [r["status"] for r in responses] == [413, 200, 413, 400, 200]
+    errors = [json.loads(responses[i]["body"]) for i in (0, 2, 3)]
+    assert [e["type"] for e in errors] == ["PayloadTooLarge", "PayloadTooLarge", "InvalidInput"]
+    assert f"at least 3000 images; the limit is {DEFAULT_MAX_IMAGES}" in errors[0]["message"]
+    assert "shape must be a list of integers" in errors[2]["message"]
+    (good,) = json.loads(responses[4]["body"])["predictions"]
+    np.testing.assert_allclose(good, json.loads(responses[1]["body"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
+def test_an_enveloped_request_over_the_image_limit_gets_413(model_dir, envelope) -> None:
+    if envelope == "kserve":
+        request = {"instances": [[[[0, 0, 0]]]] * (DEFAULT_MAX_IMAGES + 1)}
+    else:
+        request = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 1, 3],
+                               "data": [0, 0, 0]}] * (DEFAULT_MAX_IMAGES + 1)}  # fmt: skip
+    service = _load_service(model_dir, envelope)
+    (response,) = _decode_response(
+        service.predict([_request(0, json.dumps(request).encode(), "application/json")])
+    )
+    assert response["status"] == 413
+    over = DEFAULT_MAX_IMAGES + 1
+    assert f"at least {over} images; the limit is {DEFAULT_MAX_IMAGES}" in response["body"].decode()
+
+
+def test_a_parser_bug_fails_its_request_alone_with_400(service, rng, monkeypatch, caplog) -> None:
+    good = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    real = protocol.parse_raw_request
+
+    def buggy(item: dict, *args: object) -> object:
+        if item.get("body") == b"{trigger}":
+            raise KeyError("a bug the fuzz target missed")
+        return real(item, *args)
+
+    monkeypatch.setattr(protocol, "parse_raw_request", buggy)
+    batch = [_request(0, good), _request(1, b"{trigger}"), _request(2, good)]
+    with caplog.at_level(logging.ERROR):
+        responses = _decode_response(service.predict(batch))
+    assert [r["status"] for r in responses] == [200, 400, 200]
+    assert json.loads(responses[1]["body"])["message"] == "the request could not be parsed"
+    assert any("a bug the fuzz target missed" in r.exc_text for r in caplog.records if r.exc_text)
+
+
+def test_a_decoder_bug_fails_its_image_alone_with_400(service, rng, monkeypatch) -> None:
+    good = encode_npy(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    real = Classifier.decode
+
+    def buggy(self: Classifier, body: object) -> object:
+        if body == b"trigger":
+            raise IndexError("a bug the fuzz target missed")
+        return real(self, body)
+
+    monkeypatch.setattr(Classifier, "decode", buggy)
+    responses = _decode_response(
+        service.predict([_request(0, good), _request(1, b"trigger"), _request(2, good)])
+    )
+    assert [r["status"] for r in responses] == [200, 400, 200]
+    assert json.loads(responses[1]["body"])["message"] == "the image could not be decoded"

@@ -26,6 +26,7 @@ _LABELS = {
     "max_batch_delay_ms": "batch delay (ms)",
     "response_timeout_s": "response timeout (s)",
     "initial_workers": "workers",
+    "client_timeout_ms": "client timeout (ms)",
 }
 
 

@@ -74,6 +74,12 @@ class Registration:
     max_batch_delay_ms: int = 5
     initial_workers: int = 1
     response_timeout_s: int = 120
+    # How long a request may wait in the queue: TorchServe drops one that waited longer before
+    # it costs a forward, unanswered (its client gave up: the bundled client's timeout, 60 s,
+    # tests/ops/test_client_timeout.py). 0 keeps every request. TorchServe 0.12 reads this
+    # from the archive's model config alone (clientTimeoutInMills; the register API has no such
+    # parameter): scripts/build_mar.sh writes model_config() into every archive.
+    client_timeout_ms: int = 60_000
 
     @classmethod
     def for_gpus(cls, gpus: int, workers_per_gpu: int = GPU_WORKERS_PER_GPU) -> Registration:
@@ -88,6 +94,10 @@ class Registration:
         fields = dataclasses.asdict(self)
         del fields["initial_workers"]  # scaled in place
         return fields
+
+    def model_config(self) -> str:
+        """The archive's model config YAML (``torch-model-archiver --config-file``)."""
+        return f"clientTimeoutInMills: {self.client_timeout_ms}\n"
 
     def params(self, mar: str, model: str) -> dict[str, str | int]:
         return {
@@ -485,6 +495,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands.add_parser("wait-ping", help="wait until the server answers /ping")
     status = commands.add_parser("status", help="print the registered versions as JSON")
     status.add_argument("--deployed", metavar="VERSION", help="exit 0 only if VERSION serves")
+    model_config = commands.add_parser(
+        "model-config", help="print the archive's model config YAML (what TorchServe reads there)"
+    )
+    model_config.add_argument("--client-timeout-ms", type=int)
     version = commands.add_parser(
         "version", help="print the version a build registered with these settings is served as"
     )
@@ -512,6 +526,8 @@ def _add_registration_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-batch-delay", type=int)
     command.add_argument("--initial-workers", type=int)
     command.add_argument("--response-timeout", type=int)
+    command.add_argument("--client-timeout-ms", type=int, help="drop a request that waited "
+                         "longer in the queue (0: keep every one)")  # fmt: skip
     command.add_argument(
         "--gpus", type=int, help="GPUs the server gives workers (default: counted as TorchServe "
         "counts them: CUDA_VISIBLE_DEVICES or nvidia-smi, capped by number_of_gpu)",
@@ -537,6 +553,7 @@ def registration_for(args: argparse.Namespace) -> Registration:
         "max_batch_delay_ms": args.max_batch_delay,
         "initial_workers": args.initial_workers,
         "response_timeout_s": args.response_timeout,
+        "client_timeout_ms": args.client_timeout_ms,
     }
     return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
 
@@ -596,6 +613,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serving = api.default_version(model) if versions else None
                 ready = ready_workers(api.describe(model, args.deployed)) if versions else 0
                 return 0 if serving == args.deployed and ready > 0 else 3
+        elif args.command == "model-config":
+            given = {"client_timeout_ms": args.client_timeout_ms}
+            settings = Registration(**{k: v for k, v in given.items() if v is not None})
+            sys.stdout.write(settings.model_config())
         elif args.command == "version":
             settings = registration_for(args).reregistration_fields()
             defaults = default_registration(args).reregistration_fields()

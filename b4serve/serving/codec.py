@@ -9,9 +9,22 @@ import tokenize
 import numpy as np
 
 from b4serve.serving.config import MAX_BODY_BYTES, MAX_HEADER_BYTES
-from b4serve.serving.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from b4serve.serving.errors import (
+    InferenceError,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
-__all__ = ["ACCEPTED_DTYPES", "check_array", "check_body_size", "decode_npy", "encode_npy"]
+__all__ = [
+    "ACCEPTED_DTYPES",
+    "check_array",
+    "check_body_size",
+    "declared_pixels",
+    "decode_npy",
+    "encode_npy",
+    "image_pixels",
+]
 
 _MAGIC = b"\x93NUMPY"
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
@@ -86,6 +99,27 @@ def decode_npy(body: object, max_pixels: int) -> np.ndarray:
         raise InvalidInput(f"{available - expected} unexpected bytes after the array data")
     flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def declared_pixels(body: object) -> int:
+    """The pixels an ``.npy`` body's header declares (:func:`image_pixels`), read from the header
+    alone; 0 for a body without a readable header (its decode says what is wrong)."""
+    if not isinstance(body, bytes | bytearray | memoryview):
+        return 0
+    data = memoryview(body).cast("B")
+    if bytes(data[: len(_MAGIC)]) != _MAGIC:
+        return 0
+    try:
+        shape, _, _, _ = _read_header(data)
+    except InferenceError:
+        return 0
+    return image_pixels(shape)
+
+
+def image_pixels(shape: tuple[int, ...]) -> int:
+    """Pixels of an image shaped HxW or HxWxC (H*W); 0 for any other rank, which decoding
+    refuses from the shape before it allocates anything."""
+    return shape[0] * shape[1] if len(shape) in (2, 3) else 0
 
 
 def check_array(array: np.ndarray, max_pixels: int) -> np.ndarray:

@@ -11,7 +11,9 @@ from b4serve.serving.archs import ARCHS, BN_EPS_PYTORCH, PADDINGS, SYMMETRIC, ar
 
 __all__ = [
     "DEFAULT_GPU_BUCKETS",
+    "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
     "GPU_PRECISIONS",
     "LABELS_FILE",
     "MAX_BODY_BYTES",
@@ -25,6 +27,15 @@ LABELS_FILE = "index_to_name.json"  # TorchServe's conventional name for the cla
 # Largest image we accept, in pixels (H*W): far above any real input to a 380x380 model, small
 # enough that one request cannot take the worker's memory.
 DEFAULT_MAX_PIXELS = 2048 * 2048
+# One request's images (a v2 batch, v1 instances, BYTES elements) and their pixels, counted
+# from shapes and headers before anything is decoded: each image costs a forward (two with TTA)
+# and a float32 tensor at the model's size, so these bound one request's work. 32 images: a CPU
+# server batch of 4 such requests is 128 TTA forwards, about 61 s on the slowest CPU measured
+# (2.1 TTA img/s, 2 AVX2-only cores), inside the 120-s response timeout, so a heavy request never
+# gets its batch's worker killed; 4x the per-image limit is a body of the byte limit's worth of
+# grey uint8 pixels (MAX_BODY_BYTES allows no more on any path), so no real client meets either.
+DEFAULT_MAX_IMAGES = 32
+DEFAULT_MAX_REQUEST_PIXELS = 4 * DEFAULT_MAX_PIXELS
 # np.save writes ~128-byte headers; anything far larger is hostile, refused before parsing.
 MAX_HEADER_BYTES = 4096
 # Weights and inputs on a GPU (b4serve.serving.gpu); the CPU always runs float32.
@@ -56,6 +67,9 @@ class ModelConfig:
     padding: str = SYMMETRIC
     bn_eps: float = BN_EPS_PYTORCH
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # One request's limits (DEFAULT_MAX_IMAGES): over either, the request gets 413 undecoded.
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     demo: bool = False
     # Images per forward pass (TTA doubles it). 0: 1 on the CPU, where single images run fastest
     # per image, and the whole server batch on a GPU.
@@ -112,6 +126,11 @@ class ModelConfig:
             )
         if self.input_size < 1 or self.max_pixels < self.input_size**2:
             raise ValueError(f"bad input_size {self.input_size} or max_pixels {self.max_pixels}")
+        if self.max_images < 1 or self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_images must be >= 1 and max_request_pixels >= max_pixels: "
+                f"{self.max_images}, {self.max_request_pixels}"
+            )
         if self.micro_batch < 0 or self.threads < 0:
             raise ValueError(
                 f"micro_batch and threads must be >= 0: {self.micro_batch}, {self.threads}"

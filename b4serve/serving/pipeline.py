@@ -6,6 +6,7 @@ Nothing here knows TorchServe; ``handler.py`` adapts its context and request lis
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from b4serve.serving.codec import check_array, decode_npy
 from b4serve.serving.config import ModelConfig
-from b4serve.serving.errors import InferenceError, OutOfMemory
+from b4serve.serving.errors import InferenceError, InvalidInput, OutOfMemory
 from b4serve.serving.gpu import DeviceBatches, out_of_memory, release_device_memory
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 from b4serve.serving.protocol import ParsedRequest, Protocol, answer_of, raw_answer
@@ -30,6 +31,8 @@ __all__ = ["WARM_UP_CALLS", "Classifier", "Decoded", "Outcome", "Reply", "replie
 # records shapes on the first, and with oneDNN fusion compiles on the next ones (measured: the
 # fourth call of a new shape is the first at full speed).
 WARM_UP_CALLS = 4
+
+log = logging.getLogger(__name__)
 
 # A decoded image: a normalised HxWx3 tensor, or on the GPU path checked pixels to stage.
 Decoded = torch.Tensor | np.ndarray
@@ -132,6 +135,17 @@ class Classifier:
             return self.device_batches.pixels(array)
         return self.preprocess(array)
 
+    def _decoded(self, body: object) -> Decoded:
+        """:meth:`decode`, with any failure but a request error (a decoder bug the fuzz target
+        missed) made that image's 400, the traceback in the log: never the batch's."""
+        try:
+            return self.decode(body)
+        except InferenceError:
+            raise
+        except Exception:  # whatever it is, it must not fail the batch
+            log.exception("decoding an image failed; the image is answered 400")
+        raise InvalidInput("the image could not be decoded")
+
     @torch.inference_mode()
     def predict(self, images: list[Decoded], stats: BatchStats | None = None) -> torch.Tensor:
         """TTA probabilities (N x classes) for decoded images, one forward per micro-batch (on
@@ -177,7 +191,7 @@ class Classifier:
         for index, body in enumerate(bodies):
             started = time.perf_counter()
             try:
-                images.append(self.decode(body))
+                images.append(self._decoded(body))
                 positions.append(index)
                 stats.errors.append(None)
             except InferenceError as error:

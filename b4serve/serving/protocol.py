@@ -17,6 +17,9 @@ Accepted items:
   [H, W, 1|4]), or a batch of them, shape [N, H, W, C]; or BYTES, shape [N], each element the
   ``.npy`` bytes of one image (base64 in JSON, length-prefixed under the binary-data extension).
   A request may hold several inputs, whatever their names.
+Each request is bounded (:class:`RequestLimits`): its images and their pixels are counted from
+shapes and ``.npy`` headers before any array is built, and a request over either limit gets one
+413. Whatever a request holds, parsing ends in its payloads or its own error (fuzz/).
 A v2 answer has one output, :data:`OUTPUT_NAME`, FP32: shape [classes] for a request holding one
 image without a batch dimension, [N, classes] for N images otherwise, in the order sent. It comes
 as JSON, or under the binary-data extension when the request asks for it (``binary_data_output``,
@@ -30,19 +33,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from b4serve.serving.codec import check_body_size, encode_npy
-from b4serve.serving.config import ModelConfig
+from b4serve.serving.codec import check_body_size, declared_pixels, encode_npy, image_pixels
+from b4serve.serving.config import DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_PIXELS, ModelConfig
 from b4serve.serving.errors import (
     InferenceError,
     InvalidInput,
+    PayloadTooLarge,
     UnsupportedMediaType,
     error_body,
     error_fields,
@@ -56,6 +62,7 @@ __all__ = [
     "ParsedRequest",
     "Protocol",
     "RawAnswer",
+    "RequestLimits",
     "answer_of",
     "detect_protocol",
     "encode_request",
@@ -63,6 +70,7 @@ __all__ = [
     "header_length",
     "model_metadata",
     "parse_raw_request",
+    "parse_requests",
     "payload_of",
     "probabilities_of",
     "raw_answer",
@@ -79,6 +87,46 @@ OUTPUT_NAME = "probabilities"
 # v2 model metadata, written into the archive at export; the frontend plugin serves it.
 METADATA_FILE = "v2_metadata.json"
 _PLATFORMS = {"torchscript": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx"}
+# How much of a client's value an error message repeats (a name may be megabytes long).
+_QUOTED_CHARS = 60
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold: images, and their pixels in all (ModelConfig's fields)."""
+
+    images: int = DEFAULT_MAX_IMAGES
+    pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> RequestLimits:
+        """The limits ``config`` records."""
+        return cls(config.max_images, config.max_request_pixels)
+
+
+class _Tally:
+    """One request's images and pixels as its parts are found; 413 once either is over."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self.images = 0
+        self.pixels = 0
+
+    def add(self, images: int, pixels: int = 0) -> None:
+        self.images += images
+        self.pixels += pixels
+        if self.images > self.limits.images:
+            raise PayloadTooLarge(
+                f"the request holds at least {self.images} images; the limit is "
+                f"{self.limits.images} per request: send them in several requests"
+            )
+        if self.pixels > self.limits.pixels:
+            raise PayloadTooLarge(
+                f"the request's images hold at least {self.pixels} pixels; the limit is "
+                f"{self.limits.pixels} per request: send them in several requests"
+            )
 
 
 @dataclass
@@ -118,19 +166,74 @@ def header_length(headers: Mapping[str, str]) -> int | None:
     return None
 
 
-def parse_raw_request(item: Any, binary_header_length: int | None = None) -> ParsedRequest:
+def parse_requests(
+    data: list[Any],
+    headers_of: Callable[[int], Mapping[str, str]],
+    limits: RequestLimits | None = None,
+) -> list[ParsedRequest]:
+    """The requests of one server batch with their images (the handler's whole parse):
+    ``.npy`` bytes or KServe requests in the body, each with its headers (``headers_of(i)``),
+    or under a KServe envelope the instances or inputs of one KServe request.
+
+    Never raises: a request the parser cannot take is that request's own error."""
+    limits = limits or RequestLimits()
+    protocol = detect_protocol(data)
+    if protocol != "raw":  # one KServe request, opened by TorchServe's envelope
+        return [_guarded(enveloped_request, data, protocol, limits)]
+    return [
+        _guarded(parse_raw_request, item, header_length(headers_of(i)), limits)
+        for i, item in enumerate(data)
+    ]
+
+
+def _guarded(parse: Callable[..., ParsedRequest], *args: Any) -> ParsedRequest:
+    """``parse(*args)``, or if it fails with anything but a request error (a parser bug the
+    fuzz target missed) that request alone answered 400, the traceback in the log."""
+    try:
+        return parse(*args)
+    except Exception:  # whatever it is, it must not fail the batch
+        log.exception("the request parser failed; the request is answered 400")
+        return ParsedRequest([InvalidInput("the request could not be parsed")])
+
+
+def enveloped_request(
+    items: list[Any], protocol: Literal["v1", "v2"], limits: RequestLimits | None = None
+) -> ParsedRequest:
+    """The one KServe request a TorchServe envelope delivered: its v1 instances or (kservev2)
+    inputs, one image each, counted against ``limits`` before any is decoded."""
+    tally = _Tally(limits or RequestLimits())
+    try:
+        tally.add(len(items))
+        for item in items:
+            tally.add(0, _declared_pixels(item, protocol))
+    except PayloadTooLarge as error:  # one error, not one per instance: 20,000 would be 3 MB
+        return ParsedRequest([error], form=protocol)
+    return ParsedRequest([payload_of(item, protocol) for item in items], form=protocol)
+
+
+def _declared_pixels(item: Any, protocol: Literal["v1", "v2"]) -> int:
+    """The pixels an envelope's item declares: a v2 input's shape, a v1 nested list's sides."""
+    if protocol == "v2":
+        return _declared(item)[1] if isinstance(item, dict) else 0
+    return _nested_pixels(item)
+
+
+def parse_raw_request(
+    item: Any, binary_header_length: int | None = None, limits: RequestLimits | None = None
+) -> ParsedRequest:
     """What one request without an envelope carries: ``.npy`` bytes, or a KServe request.
 
     A body over the byte limit is refused before it is parsed (a JSON document costs many times
-    its size in Python objects)."""
+    its size in Python objects), one over ``limits`` before any image is decoded."""
     body = _raw_body(item)
+    tally = _Tally(limits or RequestLimits())
     try:
         if isinstance(body, bytes | bytearray | memoryview):
             check_body_size(memoryview(body).nbytes)
         if binary_header_length is not None:
-            return _v2_document(*_split_binary(body, binary_header_length))
+            return _v2_document(*_split_binary(body, binary_header_length), tally)
         if isinstance(body, bytes | bytearray) and body[:1] == b"{":
-            return _json_document(bytes(body))
+            return _json_document(bytes(body), tally)
     except InferenceError as error:  # a KServe request, if unusable: KServe's error object
         return ParsedRequest([error], form="v2")
     return ParsedRequest([body])
@@ -146,20 +249,30 @@ def _split_binary(body: object, length: int) -> tuple[dict[str, Any], memoryview
 def _load_json(text: bytes) -> dict[str, Any]:
     try:
         document = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UnsupportedMediaType(f"body is neither .npy nor valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInput("the JSON document is nested too deeply") from None
+    except ValueError as error:  # not JSON, not UTF-8, or an integer of thousands of digits
+        raise UnsupportedMediaType(
+            f"body is neither .npy nor valid JSON: {_first_line(error)}"
+        ) from None
     if not isinstance(document, dict):
         raise UnsupportedMediaType("a JSON body must be a KServe v1 or v2 request object")
     return document
 
 
-def _json_document(text: bytes) -> ParsedRequest:
+def _json_document(text: bytes, tally: _Tally) -> ParsedRequest:
     document = _load_json(text)
     if "inputs" in document:
-        return _v2_document(document, memoryview(b""))
+        return _v2_document(document, memoryview(b""), tally)
     if "instances" in document and isinstance(document["instances"], list):
         instances = document["instances"]
-        return ParsedRequest([payload_of(i, "v1") for i in instances] or [_empty()], form="v1")
+        tally.add(len(instances))
+        payloads: list[object] = []
+        for instance in instances:
+            tally.add(0, _nested_pixels(instance))  # before np.asarray builds the image
+            payloads.append(payload_of(instance, "v1"))
+            tally.add(0, declared_pixels(payloads[-1]))  # base64 .npy: from its header
+        return ParsedRequest(payloads or [_empty()], form="v1")
     raise UnsupportedMediaType(
         'a JSON body must be a KServe v1 request ({"instances": [...]}) or v2 request '
         '({"inputs": [...]}); for .npy bytes send Content-Type: application/octet-stream'
@@ -170,7 +283,28 @@ def _empty() -> InferenceError:
     return InvalidInput("the request holds no image")
 
 
-def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
+def _nested_pixels(rows: Any) -> int:
+    """The pixels a v1 image sent as nested lists declares (rows x first row's length)."""
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], list):
+        return 0
+    return len(rows) * len(rows[0])
+
+
+def _declared(tensor: dict[str, Any]) -> tuple[int, int]:
+    """The images and pixels a v2 input's shape declares; (1, 0) if the shape is unusable
+    (the input then fails alone). BYTES elements' pixels are in their own ``.npy`` headers."""
+    try:
+        shape = _shape(tensor)
+    except ValueError:
+        return 1, 0
+    if str(tensor.get("datatype")) == "BYTES":
+        return math.prod(shape), 0
+    if len(shape) == 4:
+        return shape[0], shape[0] * image_pixels(shape[1:])
+    return 1, image_pixels(shape)
+
+
+def _v2_document(document: dict[str, Any], binary: memoryview, tally: _Tally) -> ParsedRequest:
     request_id = document.get("id") if isinstance(document.get("id"), str) else None
     try:
         binary_output = _wants_binary_output(document)
@@ -187,17 +321,20 @@ def _v2_document(document: dict[str, Any], binary: memoryview) -> ParsedRequest:
             payloads.append(InvalidInput("each v2 input must be an object"))
             continue
         batched = batched or _has_batch_dimension(tensor)
+        tally.add(*_declared(tensor))  # over a limit: 413 before any array is built
         try:
             size = _binary_data_size(tensor)
         except InvalidInput as error:
             payloads.append(error)
             continue
         if size is None:  # JSON data
-            payloads.extend(_v2_images(tensor))
-            continue
-        chunk = binary[offset : offset + size]
-        offset += size
-        payloads.extend(_binary_images(tensor, chunk, size))
+            images = _v2_images(tensor)
+        else:
+            chunk = binary[offset : offset + size]
+            offset += size
+            images = _binary_images(tensor, chunk, size)
+        tally.add(0, sum(declared_pixels(image) for image in images))  # BYTES: .npy headers
+        payloads.extend(images)
     if offset < len(binary):  # (too little data is reported by the input it cut short)
         extra = InvalidInput(f"{len(binary) - offset} bytes of binary data no input claims")
         payloads = [extra] * len(payloads)
@@ -218,12 +355,14 @@ def _wants_binary_output(document: dict[str, Any]) -> bool:
     if requested is None:
         return wanted
     if not isinstance(requested, list):
-        raise InvalidInput(f'"outputs" must be a list of requested outputs, got {requested!r}')
+        raise InvalidInput(
+            f'"outputs" must be a list of requested outputs, got {_quoted(requested)}'
+        )
     for output in requested:
         name = output.get("name") if isinstance(output, dict) else None
         if name != OUTPUT_NAME:
             raise InvalidInput(
-                f"unknown output {name!r}: this model has one output, {OUTPUT_NAME!r}"
+                f"unknown output {_quoted(name)}: this model has one output, {OUTPUT_NAME!r}"
             )
         options = output.get("parameters")
         if isinstance(options, dict) and "binary_data" in options:
@@ -247,13 +386,13 @@ def _binary_data_size(tensor: dict[str, Any]) -> int | None:
     if parameters is None:
         return None
     if not isinstance(parameters, dict):
-        raise InvalidInput(f"input {tensor.get('name')!r}: parameters must be an object")
+        raise InvalidInput(f"input {_name(tensor)}: parameters must be an object")
     size = parameters.get("binary_data_size")
     if size is None:
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidInput(
-            f"input {tensor.get('name')!r}: binary_data_size must be a byte count, got {size!r}"
+            f"input {_name(tensor)}: binary_data_size must be a byte count, got {_quoted(size)}"
         )
     return size
 
@@ -261,24 +400,22 @@ def _binary_data_size(tensor: dict[str, Any]) -> int | None:
 def _binary_images(tensor: dict[str, Any], chunk: memoryview, size: int) -> list[object]:
     """One input's images under the binary-data extension: a raw little-endian tensor, or BYTES
     elements each preceded by its 4-byte little-endian length (each the .npy of one image)."""
-    name = tensor.get("name")
+    name = _name(tensor)
     if len(chunk) < size:
-        return [
-            InvalidInput(f"input {name!r}: binary data truncated ({len(chunk)} of {size} bytes)")
-        ]
+        return [InvalidInput(f"input {name}: binary data truncated ({len(chunk)} of {size} bytes)")]
     datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     try:
         shape = _shape(tensor)
         if datatype == "BYTES":
-            return list(_bytes_elements(chunk, int(np.prod(shape))))
+            return list(_bytes_elements(chunk, math.prod(shape)))
         if datatype not in _V2_DTYPES:
             return [_unsupported_datatype(name, datatype)]
         dtype = np.dtype(_V2_DTYPES[datatype]).newbyteorder("<")
-        if int(np.prod(shape)) * dtype.itemsize != size:
+        if math.prod(shape) * dtype.itemsize != size:
             raise ValueError(f"{size} bytes do not hold a {datatype} tensor of shape {list(shape)}")
         return _split_batch(np.frombuffer(chunk, dtype=dtype).reshape(shape))
     except (TypeError, ValueError) as error:
-        return [InvalidInput(f"input {name!r}: {error}")]
+        return [InvalidInput(f"input {name}: {_first_line(error)}")]
 
 
 def _bytes_elements(chunk: memoryview, count: int) -> list[bytes]:
@@ -298,10 +435,15 @@ def _bytes_elements(chunk: memoryview, count: int) -> list[bytes]:
 
 
 def _shape(tensor: dict[str, Any]) -> tuple[int, ...]:
-    shape = tuple(int(side) for side in tensor.get("shape", ()))
+    """The input's shape: a list of non-negative integers (nothing else is cast to one)."""
+    shape = tensor.get("shape", [])
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(side, int) and not isinstance(side, bool) for side in shape
+    ):
+        raise ValueError(f"shape must be a list of integers, got {_quoted(shape)}")
     if min(shape, default=0) < 0:
-        raise ValueError(f"shape {list(shape)} has a negative side")
-    return shape
+        raise ValueError(f"shape {_quoted(shape)} has a negative side")
+    return tuple(shape)
 
 
 def _split_batch(array: np.ndarray) -> list[object]:
@@ -351,13 +493,14 @@ def _v2_images(tensor: dict[str, Any]) -> list[object]:
     data = tensor.get("data")
     if datatype == "BYTES" and isinstance(data, list):
         try:
-            count = int(np.prod(_shape(tensor)))
-        except (TypeError, ValueError) as error:
-            return [InvalidInput(f"input {tensor.get('name')!r}: {error}")]
+            count = math.prod(_shape(tensor))
+        except ValueError as error:
+            return [InvalidInput(f"input {_name(tensor)}: {error}")]
         if count != len(data) or not data:
-            name = tensor.get("name")
             return [
-                InvalidInput(f"input {name!r}: {len(data)} BYTES elements for shape of {count}")
+                InvalidInput(
+                    f"input {_name(tensor)}: {len(data)} BYTES elements for shape of {count}"
+                )
             ]
         return [payload_of({**tensor, "data": element}, "v2") for element in data]
     try:
@@ -448,7 +591,7 @@ def _v1_payload(instance: Any) -> object:
                 return _base64_npy(instance[key], f"instance field {key!r}")
         raise InvalidInput(
             'a v1 instance must be {"data": "<base64 of .npy bytes>"} or the image as a nested '
-            f"list; got an object with keys {sorted(instance)[:5]}"
+            f"list; got an object with keys {_quoted(sorted(instance)[:5])}"
         )
     if isinstance(instance, list):
         return _json_image(instance)
@@ -459,6 +602,8 @@ def _v1_payload(instance: Any) -> object:
 
 
 def _v2_payload(tensor: dict[str, Any]) -> Any:
+    if not isinstance(tensor, dict):
+        raise InvalidInput("each v2 input must be an object")
     datatype = str(tensor.get("datatype"))  # anything else JSON holds is no datatype
     data = tensor.get("data")
     if datatype == "BYTES":
@@ -466,22 +611,42 @@ def _v2_payload(tensor: dict[str, Any]) -> Any:
             data = data[0]
         if not isinstance(data, str | bytes | bytearray):
             raise InvalidInput("a BYTES input must hold the base64 of .npy bytes as its element")
-        return _base64_npy(data, f"input {tensor.get('name')!r}")
+        return _base64_npy(data, f"input {_name(tensor)}")
     if datatype not in _V2_DTYPES:
-        raise _unsupported_datatype(tensor.get("name"), datatype)
+        raise _unsupported_datatype(_name(tensor), datatype)
     try:
+        shape = _shape(tensor)  # before the array: its sides were already counted
         array = np.asarray(data, dtype=_V2_DTYPES[datatype])
-        shape = tuple(int(side) for side in tensor.get("shape", ()))
-        if array.size != int(np.prod(shape)):
+        if array.size != math.prod(shape):
             raise ValueError(f"{array.size} values for shape {list(shape)}")
         return array.reshape(shape)
     except (TypeError, ValueError, OverflowError) as error:
-        raise InvalidInput(f"input {tensor.get('name')!r}: {error}") from None
+        raise InvalidInput(f"input {_name(tensor)}: {_first_line(error)}") from None
 
 
-def _unsupported_datatype(name: object, datatype: object) -> InvalidInput:
+def _name(tensor: dict[str, Any]) -> str:
+    """An input's name as error messages quote it."""
+    return _quoted(tensor.get("name"))
+
+
+def _quoted(value: object) -> str:
+    """``repr(value)``, cut short: a message never repeats megabytes a client sent."""
+    text = repr(value)
+    return text if len(text) <= _QUOTED_CHARS else text[: _QUOTED_CHARS - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return _quoted_text(lines[0]) if lines else type(error).__name__
+
+
+def _quoted_text(text: str) -> str:
+    return text if len(text) <= 4 * _QUOTED_CHARS else text[: 4 * _QUOTED_CHARS - 3] + "..."
+
+
+def _unsupported_datatype(name: str, datatype: str) -> InvalidInput:
     return InvalidInput(
-        f"input {name!r} has datatype {datatype!r}; send {', '.join(_V2_DTYPES)} [H, W, 3] "
+        f"input {name} has datatype {_quoted(datatype)}; send {', '.join(_V2_DTYPES)} [H, W, 3] "
         "(or [N, H, W, 3]) or BYTES (.npy)"
     )
 
