@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from b4serve.lab.edge import Edge
 from b4serve.lab.sandbox import Server
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.endpoints import Endpoints
-from b4serve.ops.keys import bearer
+from b4serve.ops.keys import KeyFileError, bearer
 from b4serve.ops.manage import LogWatch
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import MAX_BODY_BYTES
@@ -205,7 +206,7 @@ def test_slow_and_idle_clients_are_cut_while_good_requests_are_answered(
             sock.close()
 
 
-def _edge_endpoints(edge: Edge, server: Server) -> Endpoints:
+def _edge_endpoints(edge: Edge) -> Endpoints:
     """Endpoints whose predictions URL is the edge's (the key file is never read)."""
     return Endpoints(edge.url, edge.url, edge.url, Path("/nonexistent"), "b4")
 
@@ -213,22 +214,32 @@ def _edge_endpoints(edge: Edge, server: Server) -> Endpoints:
 def test_a_client_run_outlives_three_key_renewals(server: Server, edge: Edge, credential: str):
     renewed_before = edge.keeper_log().count(RENEWED)
     keys_seen = {server.keys.read()["inference"].key}
+    done = threading.Event()
+
+    def watch_keys() -> None:  # TorchServe's key file, as the run goes
+        while not done.wait(0.2):
+            with contextlib.suppress(KeyFileError):
+                keys_seen.add(server.keys.read()["inference"].key)
+
     model_log = LogWatch(server.log_dir)
     results = []
     deadline = time.monotonic() + 150
-    batch = 0
-    while edge.keeper_log().count(RENEWED) < renewed_before + 3:
-        assert time.monotonic() < deadline, edge.keeper_log()[-2000:]
-        ids = [f"renewals-{batch}-{n}" for n in range(len(IMAGES) * 4)]
-        results += iter_results(
-            IMAGES * 4,
-            endpoints=_edge_endpoints(edge, server),
-            credential=credential,
-            concurrency=4,
-            request_ids=ids,
-        )
-        keys_seen.add(server.keys.read()["inference"].key)
-        batch += 1
+    watcher = threading.Thread(target=watch_keys, daemon=True)
+    watcher.start()
+    try:
+        while edge.keeper_log().count(RENEWED) < renewed_before + 3:
+            assert time.monotonic() < deadline, edge.keeper_log()[-2000:]
+            ids = [f"renewals-{len(results) + n}" for n in range(len(IMAGES) * 4)]
+            results += iter_results(
+                IMAGES * 4,
+                endpoints=_edge_endpoints(edge),
+                credential=credential,
+                concurrency=4,
+                request_ids=ids,
+            )
+    finally:
+        done.set()
+        watcher.join()
     failed = [r.describe_error() for r in results if not r.ok]
     assert failed == [], failed[:5]
     assert len(keys_seen) >= 4  # three renewals: TorchServe handed out three new keys
