@@ -13,7 +13,7 @@ The clients send each input once, with no retries: a request the rollout broke i
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
 import threading
 import time
 import zipfile
@@ -28,7 +28,7 @@ import requests
 
 from b4serve.lab.demo import generate_images
 from b4serve.lab.edge import Edge
-from b4serve.lab.sandbox import ROOT, Server, server_env
+from b4serve.lab.sandbox import Server, server_env
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.edge import Runtime, server_states
 from b4serve.ops.keys import bearer
@@ -58,36 +58,27 @@ def relabelled(store: Path, mar: str, version: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    store = tmp_path_factory.mktemp("shared-store")  # one volume, as pods of a Deployment share
+def replicas(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Server]]:
+    """Two replicas sharing one model store (as pods of a Deployment share a volume), seeded
+    with the session server's archive of the demo model: deploy.sh finds it there and builds
+    nothing."""
+    store = tmp_path_factory.mktemp("shared-store")
+    version = ManagementAPI(server.endpoints, server.keys).default_version("b4")
+    shutil.copy(Path(server.env["B4_MODEL_STORE"]) / f"b4-{version}.mar", store)
     started: dict[str, Server] = {}
     for name in ("a", "b"):
         root = tmp_path_factory.mktemp(f"replica-{name}")
         started[name] = Server(env={**server_env(root), "B4_MODEL_STORE": str(store)}, root=root)
     try:
-        # The archive once, then both replicas at once: each finds it in the store.
-        first = started["a"]
-        demo = Path(first.env["B4_CACHE_DIR"]) / "demo" / "demo_checkpoint.pt"
-        built = subprocess.run(
-            [
-                str(ROOT / "scripts" / "build_mar.sh"),
-                "--checkpoint",
-                str(demo),
-                "--trust-checkpoint",
-            ],
-            env=first.env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert built.returncode == 0, built.stderr
         with ThreadPoolExecutor(len(started)) as pool:
-            list(pool.map(lambda server: server.deploy(), started.values()))
+            list(pool.map(lambda replica: replica.deploy(), started.values()))
         yield started
     finally:
-        for server in started.values():
-            if Path(server.env["B4_RUN_DIR"]).is_dir():  # deploy.sh got as far as that
-                server.stop()
+        for replica in started.values():
+            if Path(replica.env["B4_RUN_DIR"]).is_dir():  # deploy.sh got as far as that
+                replica.stop()
 
 
 @pytest.fixture(scope="module")
