@@ -55,10 +55,11 @@ start_or_reload() {
     log "edge started on $B4_EDGE_BIND:$B4_EDGE_PORT"
   fi
   for _ in $(seq 50); do [ -S "$B4_EDGE_DIR/admin.sock" ] && break; sleep 0.1; done
-  if ! alive "$(keeper_pid)"; then
-    nohup "$PY" -m b4serve.ops.edge keep >>"$B4_EDGE_DIR/keeper.log" 2>&1 &
-    echo $! >"$B4_EDGE_DIR/keeper.pid"
-  fi
+  # A fresh keeper each time: it reads the replicas (B4_EDGE_REPLICAS) when it starts.
+  old=$(keeper_pid)
+  if alive "$old"; then kill "$old"; fi
+  nohup "$PY" -m b4serve.ops.edge keep >>"$B4_EDGE_DIR/keeper.log" 2>&1 &
+  echo $! >"$B4_EDGE_DIR/keeper.pid"
 }
 
 stop() {

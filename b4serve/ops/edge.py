@@ -27,6 +27,7 @@ import hashlib
 import io
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -476,6 +477,9 @@ def _renew(settings: EdgeSettings, runtime: Runtime, replica: Replica, stale: st
 
 def keep(settings: EdgeSettings, replicas: Sequence[Replica], interval_s: float = 1.0) -> None:
     """Run beside HAProxy: every ``interval_s``, :func:`sync_keys`. Ends with HAProxy."""
+    # SIGTERM (edge.sh restarting it) ends the loop through finally blocks: a replica drained
+    # for a renewal goes back into the pool.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     known = dict(_read_map(settings.keys_map))
     while settings.admin_socket.exists():
         try:
