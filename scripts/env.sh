@@ -31,7 +31,7 @@ export B4_ROOT
 : "${B4_EDGE_DIR:=$B4_RUN_DIR/edge}"         # config, maps (credentials, keys), admin socket
 : "${B4_EDGE_CERT:=}"                        # PEM certificate and key: TLS when both are given
 : "${B4_EDGE_KEY:=}"
-: "${B4_EDGE_REPLICAS:=}"   # file of `name host inference_port v2_port management_port key_file`; empty: this host's server
+: "${B4_EDGE_REPLICAS:=}"   # file of replicas (docs/EDGE.md); empty: this host's server
 : "${B4_EDGE_REQUEST_TIMEOUT_S:=15}"    # the whole request, body included, or 408
 : "${B4_EDGE_CLIENT_TIMEOUT_S:=30}"     # a client that sends or reads nothing this long is cut
 : "${B4_EDGE_IDLE_TIMEOUT_S:=30}"       # an idle keep-alive connection is closed
