@@ -25,6 +25,27 @@ export B4_ROOT
 : "${B4_ENVELOPE:=}"       # empty: none; kserve or kservev2: TorchServe's envelope (legacy runtime)
 : "${B4_V2_PLUGIN:=auto}"  # the /v2 REST plugin: auto (when a JDK can build it), 1 (required), 0
 : "${B4_PLUGINS_DIR:=$B4_CACHE_DIR/plugins}"  # built frontend plugins (scripts/build_plugin.sh)
+# The edge (scripts/edge.sh, HAProxy; docs/EDGE.md). Times in seconds.
+: "${B4_EDGE_PORT:=8000}"
+: "${B4_EDGE_BIND:=0.0.0.0}"                # the edge is for other machines
+: "${B4_EDGE_DIR:=$B4_RUN_DIR/edge}"         # config, maps (credentials, keys), admin socket
+: "${B4_EDGE_CERT:=}"                        # PEM certificate and key: TLS when both are given
+: "${B4_EDGE_KEY:=}"
+: "${B4_EDGE_REPLICAS:=}"   # file of replicas (docs/EDGE.md); empty: this host's server
+: "${B4_EDGE_REQUEST_TIMEOUT_S:=15}"    # the whole request, body included, or 408
+: "${B4_EDGE_CLIENT_TIMEOUT_S:=30}"     # a client that sends or reads nothing this long is cut
+: "${B4_EDGE_IDLE_TIMEOUT_S:=30}"       # an idle keep-alive connection is closed
+: "${B4_EDGE_RESPONSE_TIMEOUT_S:=130}"  # above TorchServe's default_response_timeout (120)
+: "${B4_EDGE_QUEUE_TIMEOUT_S:=30}"      # a request waits this long at the edge for a free slot
+: "${B4_EDGE_MAX_CONNECTIONS:=4096}"
+: "${B4_EDGE_SERVER_MAX_CONNECTIONS:=64}"  # requests in flight per replica and API; more queue
+: "${B4_EDGE_CHECK_INTERVAL_MS:=1000}"  # health checks of each replica
+: "${B4_EDGE_RENEW_BEFORE_S:=600}"      # renew a replica's TorchServe key this long before expiry
+: "${B4_EDGE_HAPROXY:=haproxy}"
+export B4_EDGE_PORT B4_EDGE_BIND B4_EDGE_DIR B4_EDGE_CERT B4_EDGE_KEY B4_EDGE_REPLICAS \
+  B4_EDGE_REQUEST_TIMEOUT_S B4_EDGE_CLIENT_TIMEOUT_S B4_EDGE_IDLE_TIMEOUT_S \
+  B4_EDGE_RESPONSE_TIMEOUT_S B4_EDGE_QUEUE_TIMEOUT_S B4_EDGE_MAX_CONNECTIONS \
+  B4_EDGE_SERVER_MAX_CONNECTIONS B4_EDGE_CHECK_INTERVAL_MS B4_EDGE_RENEW_BEFORE_S B4_EDGE_HAPROXY
 export VENV B4_HOST B4_INFERENCE_PORT B4_MANAGEMENT_PORT B4_METRICS_PORT B4_V2_PORT B4_MODEL_NAME \
   B4_GRPC_INFERENCE_PORT B4_GRPC_MANAGEMENT_PORT \
   B4_RUN_DIR B4_KEY_FILE B4_LOG_DIR B4_TMPDIR B4_MODEL_STORE B4_CACHE_DIR B4_TS_CONFIG \

@@ -43,6 +43,7 @@ __all__ = [
     "PredictionError",
     "Result",
     "RetryPolicy",
+    "StaticCredential",
     "input_name",
     "iter_results",
     "main",
@@ -301,12 +302,35 @@ class _Attempt(NamedTuple):
     wait_s: float | None = None  # None: our own backoff
 
 
+class StaticCredential:
+    """A credential the edge issued (``scripts/edge.sh --issue NAME``), sent as the Bearer key.
+
+    The edge keeps TorchServe's own keys on the server host; a client on another machine only
+    ever sends this. If the edge renewed TorchServe's key while a request was on its way, the
+    request is refused with InvalidKeyException before any worker saw it: "renewing" here
+    sends the same credential again.
+    """
+
+    def __init__(self, credential: str) -> None:
+        if not credential.strip():
+            raise ValueError("the credential is empty")
+        self._credential = credential.strip()
+
+    def key(self, kind: str) -> str:
+        """The credential, whatever ``kind`` of key the caller asks for."""
+        return self._credential
+
+    def renew(self, kind: str, stale_key: str) -> str:
+        """The same credential: the edge forwards with TorchServe's current key."""
+        return self._credential
+
+
 @dataclass
 class _Predictor:
     """Sends one input until it succeeds, fails for good, or runs out of retries."""
 
     url: str
-    keys: KeyFile | None
+    keys: KeyFile | StaticCredential | None
     retry: RetryPolicy
     timeout_s: float
     progress: tqdm | None = None
@@ -358,7 +382,7 @@ class _Predictor:
         if request_id is not None:
             headers[REQUEST_ID_HEADER] = request_id
         session, adapter = self.sessions.get()
-        fresh = _key_is_fresh(self.keys, key) if key and self.keys else None
+        fresh = _key_is_fresh(self.keys, key) if key and isinstance(self.keys, KeyFile) else None
         adapter.max_retries = self.retry.urllib3_retry(retries_left, self.stop, fresh)
         try:
             response = session.post(self.url, data=body, headers=headers, timeout=self.timeout_s)
@@ -418,6 +442,7 @@ def iter_results(
     progress: bool | None = None,
     request_ids: Sequence[str] | None = None,
     keys: KeyFile | None = None,
+    credential: str | None = None,
 ) -> Iterator[Result]:
     """Send every input to the model with up to ``concurrency`` requests in flight.
 
@@ -428,6 +453,7 @@ def iter_results(
     ``token_auth=False`` sends no key (server started with ``--disable-token-auth``); otherwise
     a missing or unreadable key file raises ``KeyFileError`` before anything is sent. ``keys``
     shares one :class:`KeyFile` between jobs (default: one for ``endpoints``' key file).
+    ``credential``: send this edge credential instead of reading a key file (docs/EDGE.md).
     ``progress=None`` shows progress on stderr only when stderr is a terminal.
     """
     if concurrency < 1:
@@ -442,7 +468,10 @@ def iter_results(
             "request ids must be 1 to 128 of A-Z a-z 0-9 . _ : - (the server logs them)"
         )
     endpoints = endpoints or Endpoints.from_env()
-    keys = (keys or KeyFile.from_endpoints(endpoints)) if token_auth else None
+    if credential is not None:
+        keys = StaticCredential(credential)
+    else:
+        keys = (keys or KeyFile.from_endpoints(endpoints)) if token_auth else None
     if keys is not None:
         keys.key("inference")  # fail fast, once, rather than once per input
     bar = tqdm(
@@ -515,6 +544,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="default: $B4_MODEL_NAME or b4")
     parser.add_argument("--no-auth", action="store_true", help="server runs without token auth")
     parser.add_argument(
+        "--credential-file",
+        type=Path,
+        help="send the edge credential in this file instead of a TorchServe key (docs/EDGE.md)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         help="progress line on stderr (default: when stderr is a terminal)",
@@ -561,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_s=args.timeout,
             token_auth=not args.no_auth,
             progress=args.progress,
+            credential=_read_credential(args.credential_file),
         )
         for result in results:
             failed += not result.ok
@@ -577,6 +612,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"b4serve.client.http: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_credential(path: Path | None) -> str | None:
+    """The credential in ``path`` (a file, so that it stays out of the process list)."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the credential file: {exc}") from exc
 
 
 def _answered(output: Path) -> dict[str, str]:

@@ -216,8 +216,13 @@ def manifests() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+RAW_DEPLOYMENT = "inferenceservice-raw.yaml"  # the InferenceService without Knative
+
+
 def manifest(kind: str) -> dict[str, Any]:
-    (document,) = [doc for _, doc in manifests() if doc["kind"] == kind]
+    """The one manifest of ``kind`` (the InferenceService: the Knative one)."""
+    (document,) = [doc for name, doc in manifests()
+                   if doc["kind"] == kind and not name.startswith(RAW_DEPLOYMENT)]  # fmt: skip
     return document
 
 
@@ -273,6 +278,7 @@ def test_manifests_cover_runtimes_inference_service_volume_and_network_policy() 
     assert kinds == [
         "ClusterServingRuntime",
         "InferenceService",
+        "InferenceService",  # RawDeployment: the drain is ours (preStop), not Knative's
         "NetworkPolicy",
         "PersistentVolumeClaim",
         "ServingRuntime",
@@ -429,6 +435,30 @@ def test_autoscaling_keeps_a_warm_replica_and_scales_on_concurrency() -> None:
     assert predictor["scaleMetric"] == "concurrency"
     assert 0 < predictor["scaleTarget"] <= predictor["containerConcurrency"]
     assert predictor["enableServiceLinks"] is False  # no stray TS_* variables
+
+
+def test_raw_deployment_drains_each_pod_before_it_stops() -> None:
+    """Knative drains its pods itself (and refuses lifecycle hooks); a RawDeployment pod waits
+    in preStop for what it holds, within a grace period above the response timeout."""
+    (raw,) = [doc for name, doc in manifests() if name.startswith(RAW_DEPLOYMENT)]
+    knative = manifest("InferenceService")
+    assert knative["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    assert "lifecycle" not in knative["spec"]["predictor"]["model"]
+    annotations = raw["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = raw["spec"]["predictor"]
+    assert predictor["minReplicas"] >= 2  # one keeps serving while the other rolls
+    response_timeout = int(read_properties(TEMPLATE)["default_response_timeout"])
+    command = predictor["model"]["lifecycle"]["preStop"]["exec"]["command"]
+    match = re.fullmatch(r"sleep (\d+)", command[-1])
+    assert command[:2] == ["sh", "-c"] and match, command
+    waits = int(match.group(1))
+    assert waits >= response_timeout  # the longest request TorchServe lets run
+    assert predictor["terminationGracePeriodSeconds"] > waits
+    # the rest is the Knative manifest's: same model, runtime, storage, resources and probes
+    for field in ("modelFormat", "runtime", "protocolVersion", "storageUri", "resources",
+                  "readinessProbe", "livenessProbe", "env"):  # fmt: skip
+        assert predictor["model"][field] == knative["spec"]["predictor"]["model"][field], field
 
 
 def test_network_policy_opens_the_v2_and_metrics_ports_only() -> None:
