@@ -52,11 +52,14 @@ final class BodyBuffer {
         return Added.OK;
     }
 
-    /** Doubling up to the declared length (exact when it is known), at most the limit. */
+    /**
+     * Doubling from 4 KiB; once a small body's size ({@link BodyBudget#SMALL_BODY}) has come,
+     * straight to the declared length (one more copy, not a doubling's three arrays at once).
+     */
     private int grownTo(int needed) {
         long capacity = Math.max(needed, Math.max(FIRST, 2L * data.length));
-        if (declared >= needed) {
-            capacity = Math.min(capacity, declared);
+        if (declared >= needed && (capacity > declared || needed > BodyBudget.SMALL_BODY)) {
+            capacity = declared;
         }
         return (int) Math.min(capacity, Math.max(needed, maxBytes));
     }

@@ -154,9 +154,10 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
             return;
         }
         boolean bodyFollows =
-                HttpUtil.isTransferEncodingChunked(request)
-                        || HttpUtil.getContentLength(request, 0L) > 0
-                        || request.decoderResult().isFailure();
+                request.decoderResult().isFailure()
+                        || HttpUtil.isTransferEncodingChunked(request)
+                        || declaredLength(request) > 0
+                        || declaredLength(request) < -1;
         if (bodyFollows) {
             refuse(refused);
         } else {
@@ -172,6 +173,9 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
             return cause instanceof TooLongFrameException
                     ? V2Api.Reply.error(431, "request line or headers too long: " + cause.getMessage())
                     : V2Api.Reply.error(400, "malformed HTTP request");
+        }
+        if (declaredLength(request) < -1) {
+            return V2Api.Reply.error(400, "malformed HTTP request: Content-Length is not a length");
         }
         if (!shared.backend.authorized(request.headers().get(HttpHeaderNames.AUTHORIZATION))) {
             return shared.backend.refusedKey();
@@ -195,7 +199,7 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
     }
 
     private V2Api.Reply startPrediction(Exchange ex, V2Api.ModelPath target) {
-        long declared = HttpUtil.getContentLength(ex.request, -1L);
+        long declared = declaredLength(ex.request);
         if (declared > shared.settings.maxBodyBytes) {
             return tooLarge(declared);
         }
@@ -455,6 +459,16 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
     private static void cancel(ScheduledFuture<?> timer) {
         if (timer != null) {
             timer.cancel(false);
+        }
+    }
+
+    /** Content-Length; -1 when absent, -2 when it is not a number. */
+    private static long declaredLength(HttpRequest request) {
+        try {
+            long length = HttpUtil.getContentLength(request, -1L);
+            return length < -1 ? -2 : length;
+        } catch (NumberFormatException e) {
+            return -2;
         }
     }
 
