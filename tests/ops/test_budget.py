@@ -72,7 +72,7 @@ def test_a_snapshot_registering_more_than_the_heap_holds_is_refused() -> None:
         '"batchSize":4', '"batchSize":64')}  # fmt: skip
     heap, direct = Budget.from_properties(bigger, uploads=31).problems()
     assert "holds 1 largest bodies arriving at once, not 31" in direct
-    assert "with 1 worker(s) x batch size 64: raise -Xmx, or lower the batch size (to 4" in heap
+    assert "with 1 worker(s) x batch size 64: raise -Xmx, or lower the batch size (to 5" in heap
     with pytest.raises(ValueError, match="cannot read model_snapshot"):
         registered({"model_snapshot": '{"models": {"b4": {"1": {"batchSize": 4}}}}'})
 
