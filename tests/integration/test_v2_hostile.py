@@ -1,25 +1,28 @@
-"""The v2 port (plugins/v2) against the worst clients a valid key allows, on a throwaway
-TorchServe of its own: 600 uploads trickling a byte a second and 40 largest bodies at once,
-while good requests and health checks go on beside them. Prints a ``[v2 worst clients]`` line
-with its figures (docs/WORST_CLIENTS.md).
+"""The v2 port (plugins/v2) against hostile clients, on a throwaway TorchServe of its own: a
+schema-driven fuzzer with the protocol's published REST description, then the worst clients a
+valid key allows (600 uploads trickling a byte a second and 40 largest bodies at once) while good
+requests and health checks go on beside them. Each prints a line with its figures
+(docs/WORST_CLIENTS.md).
 """
 
 from __future__ import annotations
 
 import resource
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from integration.test_worst_clients import frontend_pid, good_images, version
 
-from b4serve.lab.sandbox import Server, server_env
+from b4serve.lab.sandbox import ROOT, Server, server_env
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import MAX_BODY_BYTES
 from b4serve.serving.protocol import OUTPUT_NAME, encode_v2_binary
@@ -29,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("v2_plugin")]
 TRICKLING = 600
 LARGE_AT_ONCE = 40
 READ_TIMEOUT_S = 20  # this server's b4_v2_read_timeout_s: the trickles' 408 comes within the test
+FUZZ_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,54 @@ class Trickles:
             finally:
                 connection.close()
         return seen
+
+
+def test_a_schema_driven_fuzzer_finds_no_5xx_and_no_nonconforming_answer(
+    server: Server, tmp_path: Path
+) -> None:
+    """schemathesis, for a bounded minute, with the Open Inference Protocol's REST description
+    (plugins/v2/openapi.yaml, from KServe's): every answer a declared status with its schema,
+    errors as {"error": ...}, 405s with Allow, no 5xx."""
+    key = server.keys.key("inference")
+    report = tmp_path / "report"
+    run = subprocess.run(
+        [
+            str(Path(server.env["VENV"]) / "bin" / "st"),
+            "run",
+            str(ROOT / "plugins" / "v2" / "openapi.yaml"),
+            "--url",
+            server.endpoints.v2_url,
+            "--header",
+            f"Authorization: Bearer {key}",
+            "--checks",
+            "all",
+            # schema-valid tensors of any shape and type: the model takes images only, and
+            # answers the rest 4xx (which negative_data_rejection and the others still check)
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-time",
+            str(FUZZ_SECONDS),
+            "--workers",
+            "2",
+            "--request-timeout",
+            "60",
+            "--suppress-health-check",
+            "all",
+            "--report",
+            "ndjson",
+            "--report-dir",
+            str(report),
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=FUZZ_SECONDS + 120,
+        cwd=tmp_path,
+    )
+    summary = [line for line in run.stdout.splitlines() if "passed" in line or "failed" in line]
+    print(f"\n[v2 fuzz] schemathesis for {FUZZ_SECONDS} s: {summary[-1:] or run.stdout[-300:]}")
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
 
 
 def test_600_trickles_and_40_largest_bodies_leave_good_requests_and_health_answered(
