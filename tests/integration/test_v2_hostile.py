@@ -8,6 +8,7 @@ requests and health checks go on beside them. Each prints a line with its figure
 from __future__ import annotations
 
 import resource
+import select
 import socket
 import subprocess
 import threading
@@ -91,12 +92,16 @@ class Trickles:
     def _trickle(self) -> None:
         open_ = list(self.sockets)
         while open_ and not self._stop.wait(1.0):
-            for connection in list(open_):
+            answered, _, _ = select.select(open_, [], [], 0)
+            for connection in open_:
+                if connection in answered:  # 408: that upload is over
+                    continue
                 try:
                     connection.send(b" ")
                     self.sent += 1
-                except OSError:  # answered 408 and closed: that upload is over
-                    open_.remove(connection)
+                except OSError:
+                    answered.append(connection)
+            open_ = [c for c in open_ if c not in answered]
 
     def answers(self, deadline: float) -> Counter[str]:
         """Each upload's status line (or what happened instead), waiting until ``deadline``."""

@@ -53,6 +53,9 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
     private static final Logger access = LoggerFactory.getLogger("ACCESS_LOG");
     private static final List<String> LIVE = Arrays.asList("health", "live");
     private static final List<String> READY = Arrays.asList("health", "ready");
+    // After a 408, how long the rest of a slow body is read and dropped before the close: a
+    // close with unread bytes resets the connection, and the client may lose the answer.
+    private static final long LINGER_MILLIS = 2000;
 
     /** What every connection of one listener shares. */
     static final class Shared {
@@ -401,7 +404,8 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
                                     + seconds
                                     + " s (b4_v2_read_timeout_s)"),
                     true,
-                    false);
+                    true);
+            armReadTimer(Math.min(LINGER_MILLIS, shared.settings.readTimeoutMillis));
         } else if (state != State.ANSWERING) {
             ctx.close(); // idle, or a slow client's refused body: no more waiting for it
         }
