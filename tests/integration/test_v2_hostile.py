@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {**server_env(root), "B4_V2_READ_TIMEOUT_S": str(READ_TIMEOUT_S)}
     running = Server(env=env, root=root)
     try:
-        running.deploy()
+        running.deploy(timeout=2400)  # its export alone took 22 min on a busy 2-core host
         yield running
     finally:
         running.stop()
