@@ -174,7 +174,8 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
         if (request.decoderResult().isFailure()) {
             Throwable cause = request.decoderResult().cause();
             return cause instanceof TooLongFrameException
-                    ? V2Api.Reply.error(431, "request line or headers too long: " + cause.getMessage())
+                    ? V2Api.Reply.error(
+                            431, "request line or headers too long: " + cause.getMessage())
                     : V2Api.Reply.error(400, "malformed HTTP request");
         }
         if (declaredLength(request) < -1) {
@@ -190,7 +191,9 @@ final class V2Handler extends ChannelInboundHandlerAdapter {
         V2Api.ModelPath target = V2Api.ModelPath.parse(below);
         String method = request.method().name();
         if (target != null && "infer".equals(target.action)) {
-            return "POST".equals(method) ? startPrediction(ex, target) : V2Api.Reply.notAllowed(method, "POST", ex.path);
+            return "POST".equals(method)
+                    ? startPrediction(ex, target)
+                    : V2Api.Reply.notAllowed(method, "POST", ex.path);
         }
         if (!below.isEmpty() && !below.equals(LIVE) && !below.equals(READY) && target == null) {
             return V2Api.notFound(ex.path);

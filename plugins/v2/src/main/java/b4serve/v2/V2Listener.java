@@ -93,13 +93,16 @@ final class V2Listener {
     /** Listens on {@code where} (port 0: any free one); returns the bound channel. */
     static Channel bind(InetSocketAddress where, V2Handler.Shared shared)
             throws InterruptedException {
-        EventLoopGroup accept = new NioEventLoopGroup(1, new DefaultThreadFactory("b4-v2-accept", true));
-        EventLoopGroup io = new NioEventLoopGroup(IO_THREADS, new DefaultThreadFactory("b4-v2-io", true));
+        EventLoopGroup accept =
+                new NioEventLoopGroup(1, new DefaultThreadFactory("b4-v2-accept", true));
+        EventLoopGroup io =
+                new NioEventLoopGroup(IO_THREADS, new DefaultThreadFactory("b4-v2-io", true));
         return new ServerBootstrap()
                 .group(accept, io)
                 .channel(NioServerSocketChannel.class)
                 .option(ChannelOption.SO_BACKLOG, 1024)
-                .childOption(ChannelOption.RCVBUF_ALLOCATOR, new FixedRecvByteBufAllocator(READ_BYTES))
+                .childOption(
+                        ChannelOption.RCVBUF_ALLOCATOR, new FixedRecvByteBufAllocator(READ_BYTES))
                 .childHandler(
                         new ChannelInitializer<SocketChannel>() {
                             @Override
@@ -107,7 +110,9 @@ final class V2Listener {
                                 V2Handler handler = new V2Handler(shared);
                                 channel.pipeline()
                                         .addLast(new Arrivals(handler))
-                                        .addLast(new HttpServerCodec(MAX_LINE, MAX_HEADERS, READ_BYTES))
+                                        .addLast(
+                                                new HttpServerCodec(
+                                                        MAX_LINE, MAX_HEADERS, READ_BYTES))
                                         .addLast(handler);
                             }
                         })

@@ -51,7 +51,8 @@ final class V2Settings {
 
     /** b4_v2_{name}, or B4_V2_{NAME} where the config lets env vars win. */
     static String value(Properties config, Map<String, String> env, String key) {
-        boolean envWins = Boolean.parseBoolean(config.getProperty("enable_envvars_config", "false"));
+        boolean envWins =
+                Boolean.parseBoolean(config.getProperty("enable_envvars_config", "false"));
         String fromEnv = env.get(key.toUpperCase(java.util.Locale.ROOT));
         if (envWins && fromEnv != null && !fromEnv.isEmpty()) {
             return fromEnv;
