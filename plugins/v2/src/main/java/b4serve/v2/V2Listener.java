@@ -57,7 +57,7 @@ final class V2Listener {
     static void startOnce() {
         ConfigManager config = ConfigManager.getInstance();
         String address = address(config.getConfiguration());
-        if (address == null || address.isEmpty() || !STARTED.compareAndSet(false, true)) {
+        if (address == null || address.isEmpty()) {
             return;
         }
         URI uri = URI.create(address);
@@ -66,9 +66,13 @@ final class V2Listener {
                     "b4_v2_address must be http://HOST:PORT (TLS belongs at the edge), not "
                             + address);
         }
+        // checked before the once-only latch: a bad config fails every try (TorchServe exits)
         V2Settings settings =
                 V2Settings.from(
                         config.getConfiguration(), System.getenv(), config.getMaxRequestSize());
+        if (!STARTED.compareAndSet(false, true)) {
+            return;
+        }
         V2Handler.Shared shared =
                 new V2Handler.Shared(settings, new TorchServeBackend(), metadataPool());
         try {
