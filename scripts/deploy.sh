@@ -92,9 +92,12 @@ archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
 [ -n "$version" ] || version=$(manage version --archive-id "$archive_id" "${register_args[@]}")
 [ "$force" = 1 ] && version="$version-f$(date -u +%Y%m%d%H%M%S)"
 # The frontend's memory must hold its worst case with these workers and batches (config.properties).
-budget_args=(--config "$B4_TS_CONFIG")
+budget_args=(--config "$B4_TS_CONFIG")  # unset: what rollout registers (its GPU defaults too)
 [ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
 [ -n "${B4_BATCH_SIZE:-}" ] && budget_args+=(--batch-size "$B4_BATCH_SIZE")
+[ -n "$B4_ENVELOPE" ] && budget_args+=(--batch-size 1)
+[ -n "${B4_GPUS:-}" ] && budget_args+=(--gpus "$B4_GPUS")
+[ -n "${B4_WORKERS_PER_GPU:-}" ] && budget_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
 "$PY" -m b4serve.ops.budget "${budget_args[@]}" >/dev/null
 
 start_server() {

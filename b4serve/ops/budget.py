@@ -11,12 +11,22 @@ largest bodies arriving at once. The heap part must fit in ``-Xmx``, the rest in
 ``-XX:MaxDirectMemorySize``. Beyond ``uploads`` bodies at once, the excess is answered 507 and
 the frontend goes on (a direct-memory failure is not fatal; a heap one would be).
 
+The v2 listener (plugins/v2) gathers the bodies it is receiving on the heap, at most
+``b4_v2_max_buffered_bytes`` at once (beyond, 503); once whole, a body is a queued job like any
+other. Its arrays are large: G1 gives them whole regions, so the heap holds up to twice that.
+
+The workers and batch size are those that will be registered: a config's ``model_snapshot``
+(KServe's pod registers from it), else what deploy registers by default for the GPUs TorchServe
+will use (``Registration.for_gpus``: 2 workers per GPU with batches of 64), unless given.
+
 ``python -m b4serve.ops.budget`` prints the arithmetic and exits 1 if the config does not fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import re
@@ -25,10 +35,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from b4serve.ops.manage import Registration
+from b4serve.ops.gpus import torchserve_gpus
+from b4serve.ops.manage import GPU_WORKERS_PER_GPU, Registration
 from b4serve.serving.config import MAX_BODY_BYTES
 
-__all__ = ["UPLOADS", "Budget", "jvm_memory", "read_properties"]
+__all__ = ["UPLOADS", "V2_BUFFERED", "Budget", "jvm_memory", "read_properties", "registered"]
 
 MiB = 1 << 20
 # Largest bodies arriving at once that the frontend must answer without a 507: 4x the 16 bodies
@@ -41,6 +52,9 @@ HEAP_RESERVE = 256 * MiB
 _CONSOLIDATION = 2
 # The encoder's buffer grows by reallocation while the jobs' own arrays are still held.
 _ENCODING = 3
+# The v2 listener's body budget (its key in config.properties) and G1's whole regions for it.
+V2_BUFFERED = "b4_v2_max_buffered_bytes"
+_V2_REGIONS = 2
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)$")
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": 1 << 30}
 
@@ -72,6 +86,31 @@ def jvm_memory(vmargs: str) -> tuple[int, int]:
     return found["heap"], found["direct"]
 
 
+def registered(properties: Mapping[str, str]) -> dict[str, int]:
+    """Versions, workers and batch size a config's ``model_snapshot`` registers (the largest of
+    each model's); empty when it has none."""
+    if "model_snapshot" not in properties:
+        return {}
+    try:
+        models = json.loads(properties["model_snapshot"])["models"]
+        entries = [entry for versions in models.values() for entry in versions.values()]
+        return {
+            "versions": max(len(versions) for versions in models.values()),
+            "workers": max(max(e["minWorkers"], e["maxWorkers"]) for e in entries),
+            "batch_size": max(e["batchSize"] for e in entries),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"cannot read model_snapshot's registrations: {exc!r}") from exc
+
+
+def _v2_buffered(properties: Mapping[str, str], environ: Mapping[str, str]) -> int:
+    """b4_v2_max_buffered_bytes as the listener reads it: env wins where the config lets it."""
+    value = properties.get(V2_BUFFERED, "0")
+    if properties.get("enable_envvars_config", "false").lower() == "true":
+        value = environ.get(V2_BUFFERED.upper()) or value
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Budget:
     """The worst case of one TorchServe frontend, in bytes."""
@@ -85,10 +124,17 @@ class Budget:
     workers: int = Registration.initial_workers
     batch_size: int = Registration.batch_size
     uploads: int = UPLOADS
+    v2_buffered: int = 0  # b4_v2_max_buffered_bytes (0: no v2 listener)
 
     @classmethod
-    def from_properties(cls, properties: Mapping[str, str], **settings: int) -> Budget:
-        """The budget of a config file's keys; ``settings`` are the other fields, by name."""
+    def from_properties(
+        cls,
+        properties: Mapping[str, str],
+        environ: Mapping[str, str] = os.environ,
+        **settings: int,
+    ) -> Budget:
+        """The budget of a config file's keys and of what its model_snapshot registers;
+        ``settings`` are the other fields, by name (they win over the snapshot's)."""
         if "vmargs" not in properties:
             raise ValueError("the config sets no vmargs: the JVM would size its heap from RAM")
         heap, direct = jvm_memory(properties["vmargs"])
@@ -98,6 +144,8 @@ class Budget:
             "body": int(properties.get("max_request_size", 6553500)),
             "queue": int(properties.get("job_queue_size", 100)),
             "netty_threads": int(properties.get("number_of_netty_threads", 0)),
+            "v2_buffered": _v2_buffered(properties, environ),
+            **registered(properties),
         }
         return cls(**{**values, **settings})
 
@@ -119,7 +167,7 @@ class Budget:
     def heap_needed(self) -> int:
         in_batches = self.workers * self.batch_size * _ENCODING
         bodies = self.versions * (self.queue + in_batches) + self.threads
-        return HEAP_RESERVE + bodies * self.body_on_heap
+        return HEAP_RESERVE + bodies * self.body_on_heap + _V2_REGIONS * self.v2_buffered
 
     @property
     def direct_needed(self) -> int:
@@ -138,8 +186,10 @@ class Budget:
         if self.heap_needed > self.heap:
             found.append(
                 f"the heap (-Xmx{self.heap // MiB}m) cannot hold the worst case of "
-                f"{self.heap_needed // MiB} MiB: raise -Xmx or lower job_queue_size, "
-                "max_request_size or number_of_netty_threads"
+                f"{self.heap_needed // MiB} MiB with {self.workers} worker(s) x batch size "
+                f"{self.batch_size}: raise -Xmx, or lower the batch size"
+                f"{self._batch_that_fits()}, job_queue_size, max_request_size, "
+                f"number_of_netty_threads or {V2_BUFFERED}"
             )
         if self.direct_needed > self.direct:
             found.append(
@@ -148,6 +198,12 @@ class Budget:
                 f"it to {math.ceil(self.direct_needed / MiB)}m"
             )
         return found
+
+    def _batch_that_fits(self) -> str:
+        for size in range(self.batch_size - 1, 0, -1):
+            if dataclasses.replace(self, batch_size=size).heap_needed <= self.heap:
+                return f" (to {size} at most)"
+        return ""
 
     def lines(self) -> list[str]:
         """The arithmetic, for a person."""
@@ -160,7 +216,8 @@ class Budget:
             f"x {self.batch_size} in a batch x {_ENCODING} with the encoder's buffer) + "
             f"{self.threads} Netty threads copying one each = "
             f"{self.versions * (self.queue + in_batches) + self.threads} bodies x "
-            f"{heap_body:.0f} MiB + {HEAP_RESERVE // MiB} MiB reserve = "
+            f"{heap_body:.0f} MiB + {_V2_REGIONS} x {self.v2_buffered / MiB:.0f} MiB of v2 "
+            f"bodies arriving ({V2_BUFFERED}) + {HEAP_RESERVE // MiB} MiB reserve = "
             f"{self.heap_needed / MiB:.0f} MiB of -Xmx{self.heap // MiB}m",
             f"direct: {self.uploads} bodies arriving at once x {_CONSOLIDATION} "
             f"(consolidation) + {self.versions} x {self.workers} x {self.batch_size} bodies "
@@ -188,21 +245,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         help="TorchServe config file (default: $B4_TS_CONFIG, else config.properties)",
     )
-    parser.add_argument("--workers", type=int, default=Registration.initial_workers)
-    parser.add_argument("--batch-size", type=int, default=Registration.batch_size)
-    parser.add_argument("--versions", type=int, default=2, help="registered at once (2: rollout)")
+    # unset: what will be registered (the config's model_snapshot, else deploy's defaults for
+    # the GPUs TorchServe will use, as `python -m b4serve.ops.manage rollout` picks them)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--gpus", type=int, help="GPUs the server gives workers (default: counted "
+                        "as TorchServe counts them)")  # fmt: skip
+    parser.add_argument("--workers-per-gpu", type=int, default=GPU_WORKERS_PER_GPU)
+    parser.add_argument("--versions", type=int, help="registered at once (default 2: a rollout)")
     return parser.parse_args(argv)
+
+
+def settings_for(args: argparse.Namespace, properties: Mapping[str, str]) -> dict[str, int]:
+    """The registration to budget for: what is given, the rest what will be registered."""
+    if registered(properties):
+        defaults = registered(properties)
+    else:
+        gpus = args.gpus if args.gpus is not None else torchserve_gpus(args.config)
+        registration = Registration.for_gpus(gpus, args.workers_per_gpu)
+        defaults = {
+            "versions": 2,
+            "workers": registration.initial_workers,
+            "batch_size": registration.batch_size,
+        }
+    given = {"versions": args.versions, "workers": args.workers, "batch_size": args.batch_size}
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        budget = Budget.from_properties(
-            read_properties(args.config),
-            workers=args.workers,
-            batch_size=args.batch_size,
-            versions=args.versions,
-        )
+        properties = read_properties(args.config)
+        budget = Budget.from_properties(properties, **settings_for(args, properties))
     except (OSError, ValueError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 1

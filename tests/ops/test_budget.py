@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from b4serve.ops.budget import UPLOADS, Budget, jvm_memory, read_properties
+from b4serve.ops import budget as budget_module
+from b4serve.ops.budget import UPLOADS, V2_BUFFERED, Budget, jvm_memory, read_properties, registered
 from b4serve.serving.config import MAX_BODY_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +55,56 @@ def test_the_shipped_config_fits_one_or_two_workers_during_a_rollout() -> None:
         assert budget.uploads_held >= UPLOADS
 
 
-def test_the_kserve_config_fits_one_version_with_batches_of_one() -> None:
+def test_the_kserve_config_fits_what_its_snapshot_registers() -> None:
     properties = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
-    budget = Budget.from_properties(properties, versions=1, batch_size=1, uploads=31)
+    assert registered(properties) == {"versions": 1, "workers": 1, "batch_size": 4}
+    budget = Budget.from_properties(properties, uploads=31)
+    assert (budget.versions, budget.workers, budget.batch_size) == (1, 1, 4)
+    assert budget.v2_buffered == int(properties[V2_BUFFERED]) > 0  # its data plane's bodies
     assert budget.problems() == [], budget.lines()
     # with the worker (about 1.2 GiB) and the JVM's own 200 MiB, within the pod's 4 GiB
     assert budget.heap + budget.direct + 200 * MiB + 1230 * MiB <= 4096 * MiB
+
+
+def test_a_snapshot_registering_more_than_the_heap_holds_is_refused() -> None:
+    properties = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
+    bigger = {**properties, "model_snapshot": properties["model_snapshot"].replace(
+        '"batchSize":4', '"batchSize":64')}  # fmt: skip
+    heap, direct = Budget.from_properties(bigger, uploads=31).problems()
+    assert "holds 1 largest bodies arriving at once, not 31" in direct
+    assert "with 1 worker(s) x batch size 64: raise -Xmx, or lower the batch size (to 5" in heap
+    with pytest.raises(ValueError, match="cannot read model_snapshot"):
+        registered({"model_snapshot": '{"models": {"b4": {"1": {"batchSize": 4}}}}'})
+
+
+def test_the_v2_listeners_bodies_count_twice_on_the_heap() -> None:
+    base = Budget(heap=4096 * MiB, direct=4096 * MiB)
+    with_v2 = dataclasses.replace(base, v2_buffered=128 * MiB)
+    assert with_v2.heap_needed - base.heap_needed == 256 * MiB  # G1's whole regions: x2
+    assert "+ 2 x 128 MiB of v2 bodies arriving (b4_v2_max_buffered_bytes)" in with_v2.lines()[1]
+    shipped = read_properties(ROOT / "config.properties")
+    assert Budget.from_properties(shipped, environ={}).v2_buffered == 128 * MiB
+    # the listener's own rule: B4_V2_MAX_BUFFERED_BYTES wins where env vars may override keys
+    moved = {"B4_V2_MAX_BUFFERED_BYTES": str(512 * MiB)}
+    assert Budget.from_properties(shipped, environ=moved).v2_buffered == 512 * MiB
+    closed = {**shipped, "enable_envvars_config": "false"}
+    assert Budget.from_properties(closed, environ=moved).v2_buffered == 128 * MiB
+
+
+def test_the_cli_budgets_for_what_rollout_registers_on_gpus(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(ROOT / "config.properties")
+    monkeypatch.setattr(budget_module, "torchserve_gpus", lambda config: 1)  # a 1-GPU host
+    assert budget_module.main(["--config", config]) == 1
+    heap, direct = capsys.readouterr().err.strip().splitlines()
+    assert "with 2 worker(s) x batch size 64: raise -Xmx, or lower the batch size (to 4" in heap
+    assert "not 64: raise it to" in direct
+    # what deploy passes when B4_BATCH_SIZE and B4_INITIAL_WORKERS are set wins
+    assert budget_module.main(["--config", config, "--batch-size", "4", "--workers", "2"]) == 0
+    monkeypatch.setattr(budget_module, "torchserve_gpus", lambda config: 0)  # CPUs only
+    assert budget_module.main(["--config", config]) == 0
+    assert "1 worker(s) x 4 in a batch" in capsys.readouterr().out
 
 
 def test_the_old_config_could_not_hold_its_worst_case() -> None:
@@ -106,4 +152,4 @@ def test_cli_prints_the_arithmetic_and_fails_a_config_that_does_not_fit(tmp_path
     )
     assert refused.returncode == 1
     assert refused.stderr.count("\n") == 1
-    assert "the heap (-Xmx1024m) cannot hold the worst case of 1820 MiB" in refused.stderr
+    assert "the heap (-Xmx1024m) cannot hold the worst case of 2076 MiB" in refused.stderr

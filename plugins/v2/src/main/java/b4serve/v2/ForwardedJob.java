@@ -1,28 +1,33 @@
 package b4serve.v2;
 
 import java.util.Map;
-import java.util.concurrent.CompletableFuture;
-import java.util.concurrent.ExecutionException;
-import java.util.concurrent.TimeUnit;
-import java.util.concurrent.TimeoutException;
+import java.util.function.BooleanSupplier;
+import java.util.function.Consumer;
 import org.pytorch.serve.job.RestJob;
-import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.util.messages.WorkerCommands;
 
 /**
  * A prediction queued for a model the way TorchServe queues its own REST requests, whose answer
- * (status, content type, headers, body) comes back to the waiting thread instead of a Netty
- * channel.
+ * (status, content type, headers, body) goes to a callback instead of a Netty channel of
+ * TorchServe's.
  *
  * <p>A RestJob without a channel is what TorchServe itself uses for workflow steps: it still
  * records the frontend's latency and queue-time metrics, and writes nothing.
  */
 final class ForwardedJob extends RestJob {
 
-    private final CompletableFuture<V2Api.Reply> reply = new CompletableFuture<>();
+    private final Consumer<V2Api.Reply> answer;
+    private final BooleanSupplier waiting;
 
-    ForwardedJob(String modelName, String version, RequestInput input) {
+    ForwardedJob(
+            String modelName,
+            String version,
+            WatchedInput input,
+            BooleanSupplier waiting,
+            Consumer<V2Api.Reply> answer) {
         super(null, modelName, version, WorkerCommands.PREDICT, input);
+        this.waiting = waiting;
+        this.answer = answer;
     }
 
     @Override
@@ -34,7 +39,7 @@ final class ForwardedJob extends RestJob {
             Map<String, String> responseHeaders) {
         super.response(body, contentType, statusCode, statusPhrase, responseHeaders);
         String type = contentType == null ? "" : contentType.toString();
-        reply.complete(new V2Api.Reply(statusCode, type, responseHeaders, body));
+        answer.accept(new V2Api.Reply(statusCode, type, responseHeaders, body));
     }
 
     @Override
@@ -42,24 +47,12 @@ final class ForwardedJob extends RestJob {
         super.sendError(status, error);
         // As RestJob maps it: the worker reports running out of memory as 413.
         int code = status == 413 ? 507 : status;
-        reply.complete(V2Api.Reply.error(code, error == null ? "prediction failed" : error));
+        answer.accept(V2Api.Reply.error(code, error == null ? "prediction failed" : error));
     }
 
-    /** No channel to watch: a client that hung up still keeps its place in the batch. */
+    /** Whether the client still waits (read by TorchServe's continuous batching). */
     @Override
     public boolean isOpen() {
-        return true;
-    }
-
-    /** The worker's answer, or null if none came within {@code timeoutMillis}. */
-    V2Api.Reply await(long timeoutMillis) {
-        try {
-            return reply.get(timeoutMillis, TimeUnit.MILLISECONDS);
-        } catch (TimeoutException | ExecutionException e) {
-            return null; // (never completed exceptionally)
-        } catch (InterruptedException e) {
-            Thread.currentThread().interrupt();
-            return null;
-        }
+        return waiting.getAsBoolean();
     }
 }

@@ -43,12 +43,13 @@ public class OpenInferenceEndpoint extends ModelServerEndpoint {
 
     @Override
     public void doPost(Request req, Response rsp, Context ctx) throws IOException {
-        send(
-                rsp,
+        V2Api.Reply reply =
                 V2Api.Reply.error(
                         405,
                         "POST infer to /v2/models/{name}/infer (TorchServe's own route, or the v2"
-                                + " listener's); /oip/... answers GET only"));
+                                + " listener's); /oip/... answers GET only");
+        reply.headers.put("Allow", "GET");
+        send(rsp, reply);
     }
 
     private static void send(Response rsp, V2Api.Reply reply) throws IOException {

@@ -11,11 +11,11 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.util.ArrayList;
 import java.util.Arrays;
-import java.util.Collections;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
-import java.util.UUID;
+import java.util.function.BooleanSupplier;
+import java.util.function.Consumer;
 import org.pytorch.serve.archive.model.ModelNotFoundException;
 import org.pytorch.serve.archive.model.ModelVersionNotFoundException;
 import org.pytorch.serve.metrics.IMetric;
@@ -23,11 +23,12 @@ import org.pytorch.serve.metrics.MetricCache;
 import org.pytorch.serve.util.ApiUtils;
 import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.messages.InputParameter;
-import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.WorkerState;
 import org.pytorch.serve.wlm.WorkerThread;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * The Open Inference Protocol (KServe v2) REST API over TorchServe's model registry, whatever
@@ -44,6 +45,8 @@ final class V2Api {
 
     static final String BINARY_HEADER = "Inference-Header-Content-Length";
 
+    private static final Logger log = LoggerFactory.getLogger(V2Api.class);
+
     private V2Api() {}
 
     /** One answer: status, content type, extra headers, body. */
@@ -56,7 +59,7 @@ final class V2Api {
         Reply(int status, String contentType, Map<String, String> headers, byte[] body) {
             this.status = status;
             this.contentType = contentType;
-            this.headers = headers == null ? Collections.emptyMap() : new HashMap<>(headers);
+            this.headers = headers == null ? new HashMap<>() : new HashMap<>(headers);
             this.body = body == null ? new byte[0] : body;
         }
 
@@ -72,6 +75,14 @@ final class V2Api {
             body.addProperty("code", status);
             body.addProperty("message", message);
             return json(status, body);
+        }
+
+        /** 405 for a path that takes only {@code allowed} (its Allow header). */
+        static Reply notAllowed(String method, String allowed, String path) {
+            Reply reply =
+                    error(405, method + " is not allowed on " + path + ": it takes " + allowed);
+            reply.headers.put("Allow", allowed);
+            return reply;
         }
     }
 
@@ -136,7 +147,7 @@ final class V2Api {
         } else if ("ready".equals(target.action)) {
             return modelReady(target);
         }
-        return Reply.error(405, "infer takes POST, not GET");
+        return Reply.notAllowed("GET", "POST", "/v2/" + String.join("/", path));
     }
 
     static Reply notFound(String shown) {
@@ -263,54 +274,112 @@ final class V2Api {
     }
 
     /**
-     * POST infer: the request queued for the model (its default or named version), answered
-     * with what the worker answered.
+     * POST infer: the request queued for the model (its default or named version); its reply,
+     * what the worker answered, goes to {@code answer}. Returns how long to wait for it.
      */
-    static Reply infer(
-            ModelPath target, Map<String, String> headers, byte[] body, String contentType) {
+    static long infer(
+            ModelPath target,
+            Map<String, String> headers,
+            byte[] body,
+            String requestId,
+            BooleanSupplier waiting,
+            Consumer<Reply> answer) {
         Model model = find(target);
         if (model == null) {
-            return missing(target);
+            answer.accept(missing(target));
+            return 0;
         }
         String envelope = ConfigManager.getInstance().getTsServiceEnvelope();
         if (envelope != null && !envelope.isEmpty() && !isJson(headers, body)) {
             // TorchServe's kserve/kservev2 envelopes json-decode every body in the worker: a
             // binary one would die there as a 503 with a UnicodeDecodeError traceback.
-            return Reply.error(
-                    415,
-                    "this server runs TorchServe's "
-                            + envelope
-                            + " envelope, which reads JSON bodies only: send the v2 request as"
-                            + " JSON (tritonclient: binary_data=False on each InferInput and"
-                            + " requested output), or serve without service_envelope");
+            answer.accept(
+                    Reply.error(
+                            415,
+                            "this server runs TorchServe's "
+                                    + envelope
+                                    + " envelope, which reads JSON bodies only: send the v2"
+                                    + " request as JSON (tritonclient: binary_data=False on each"
+                                    + " InferInput and requested output), or serve without"
+                                    + " service_envelope"));
+            return 0;
         }
-        RequestInput input = new RequestInput(UUID.randomUUID().toString());
+        WatchedInput input = new WatchedInput(requestId, waiting);
         for (Map.Entry<String, String> header : headers.entrySet()) {
             input.updateHeaders(header.getKey(), header.getValue());
         }
-        input.addParameter(new InputParameter("body", body, contentType));
+        input.addParameter(
+                new InputParameter("body", body, headerValue(headers, "Content-Type")));
         input.setClientExpireTS(model.getClientTimeoutInMills());
         countRequest(model.getModelName(), target.version);
-        ForwardedJob job = new ForwardedJob(model.getModelName(), target.version, input);
+        ForwardedJob job =
+                new ForwardedJob(model.getModelName(), target.version, input, waiting, answer);
         try {
             if (!ModelManager.getInstance().addJob(job)) {
-                return Reply.error(
-                        503,
-                        ApiUtils.getStreamingInferenceErrorResponseMessage(
-                                model.getModelName(), target.version));
+                answer.accept(
+                        Reply.error(
+                                503,
+                                ApiUtils.getStreamingInferenceErrorResponseMessage(
+                                        model.getModelName(), target.version)));
+                return 0;
             }
         } catch (ModelNotFoundException | ModelVersionNotFoundException e) {
-            return Reply.error(404, e.getMessage());
+            answer.accept(missing(target)); // unregistered meanwhile
+            return 0;
         }
-        Reply reply = job.await(answerTimeoutMillis(model));
-        return reply != null
-                ? reply
-                : Reply.error(504, "no answer from " + model.getModelName() + " in time");
+        return answerTimeoutMillis(model);
+    }
+
+    /**
+     * What the client sees of a reply: a success as the worker wrote it; an error as an Open
+     * Inference Protocol error object ({@code {"error": ...}}, the worker's own fields kept); a
+     * server error without its internal detail, which goes to the log with the request id.
+     */
+    static Reply forClient(Reply reply, String requestId) {
+        if (reply.status < 400) {
+            return reply;
+        }
+        String text = new String(reply.body, StandardCharsets.UTF_8);
+        if (reply.status == 500) {
+            log.error("v2 request {} failed: {}", requestId, text);
+            return Reply.error(500, "internal error: the server log has request " + requestId);
+        }
+        JsonObject body = parsedObject(text);
+        if (body == null) {
+            body = new JsonObject();
+            body.addProperty("message", text);
+        }
+        if (!body.has("error") || !body.get("error").isJsonPrimitive()) {
+            String message = body.has("message") ? body.get("message").getAsString() : text;
+            body.addProperty("error", message.isEmpty() ? "HTTP " + reply.status : message);
+        }
+        Reply shaped = Reply.json(reply.status, body);
+        shaped.headers.putAll(reply.headers);
+        shaped.headers.remove("Content-Type");
+        return shaped;
+    }
+
+    private static JsonObject parsedObject(String text) {
+        try {
+            JsonElement parsed = JsonParser.parseString(text);
+            return parsed.isJsonObject() ? parsed.getAsJsonObject() : null;
+        } catch (JsonParseException | IllegalStateException e) {
+            return null;
+        }
+    }
+
+    private static String headerValue(Map<String, String> headers, String name) {
+        for (Map.Entry<String, String> header : headers.entrySet()) {
+            if (header.getKey().equalsIgnoreCase(name)) {
+                return header.getValue();
+            }
+        }
+        return null;
     }
 
     /**
      * TorchServe bounds each batch by the model's response timeout and fails a stuck one itself;
-     * this only keeps a lost job from holding a thread forever.
+     * this only keeps a lost job from holding its connection forever.
      */
     private static long answerTimeoutMillis(Model model) {
         long client = model.getClientTimeoutInMills();

@@ -1,58 +1,63 @@
 package b4serve.v2;
 
-import com.google.gson.JsonObject;
-import com.sun.net.httpserver.Headers;
-import com.sun.net.httpserver.HttpExchange;
-import com.sun.net.httpserver.HttpServer;
-import java.io.ByteArrayOutputStream;
-import java.io.IOException;
-import java.io.InputStream;
-import java.io.OutputStream;
+import io.netty.bootstrap.ServerBootstrap;
+import io.netty.buffer.ByteBuf;
+import io.netty.channel.Channel;
+import io.netty.channel.ChannelHandlerContext;
+import io.netty.channel.ChannelInboundHandlerAdapter;
+import io.netty.channel.ChannelInitializer;
+import io.netty.channel.ChannelOption;
+import io.netty.channel.EventLoopGroup;
+import io.netty.channel.FixedRecvByteBufAllocator;
+import io.netty.channel.nio.NioEventLoopGroup;
+import io.netty.channel.socket.SocketChannel;
+import io.netty.channel.socket.nio.NioServerSocketChannel;
+import io.netty.handler.codec.http.HttpServerCodec;
+import io.netty.util.concurrent.DefaultThreadFactory;
 import java.net.InetSocketAddress;
 import java.net.URI;
-import java.util.LinkedHashMap;
-import java.util.List;
-import java.util.Map;
 import java.util.Properties;
-import java.util.UUID;
-import java.util.concurrent.SynchronousQueue;
+import java.util.concurrent.ArrayBlockingQueue;
 import java.util.concurrent.ThreadPoolExecutor;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
-import java.util.concurrent.atomic.AtomicInteger;
 import org.pytorch.serve.util.ConfigManager;
-import org.pytorch.serve.util.TokenAuthorization;
-import org.pytorch.serve.util.TokenAuthorization.TokenType;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
 /**
  * The v2 REST API on a port of its own, in TorchServe's JVM: {@code GET /v2},
  * {@code /v2/health/{live,ready}}, {@code /v2/models/{m}[/versions/{v}][/ready]} and {@code POST
- * .../infer}, all from {@link V2Api}.
+ * .../infer}, all from {@link V2Api}, read and answered by {@link V2Handler} on Netty, as
+ * TorchServe serves its own ports.
  *
  * <p>Its address is {@code b4_v2_address} in config.properties, e.g. {@code http://0.0.0.0:8080},
  * or env {@code B4_V2_ADDRESS} where {@code enable_envvars_config=true} (as for TorchServe's TS_*
- * settings); neither set: no listener. Token authorization, when
- * TorchServe's is on, takes TorchServe's inference key, refused as TorchServe refuses it (400
- * InvalidKeyException), so clients renew keys the same way. Requests are logged in TorchServe's
- * access log, in its format.
+ * settings); neither set: no listener. Its limits are the b4_v2_* keys ({@link V2Settings}).
+ * Token authorization, when TorchServe's is on, takes TorchServe's inference key. Requests are
+ * logged in TorchServe's access log, in its format.
  */
 final class V2Listener {
 
     private static final Logger log = LoggerFactory.getLogger(V2Listener.class);
-    private static final Logger access = LoggerFactory.getLogger("ACCESS_LOG");
     private static final AtomicBoolean STARTED = new AtomicBoolean();
-    // A thread per request in flight (infer blocks on its batch): health checks never queue
-    // behind predictions. TorchServe's job queue bounds predictions; past the cap, the accepting
-    // thread runs the request itself, which stops it accepting more.
-    private static final int MAX_THREADS = 512;
+    // Event loops only read, decode and write: predictions wait in TorchServe's queues, not here.
+    private static final int IO_THREADS = 2;
+    // Socket reads of at most 64 KiB, copied into the body's own array at once and freed.
+    static final int READ_BYTES = 64 << 10;
+    // Request line and headers: Netty's defaults for TorchServe's ports, 4 KiB and 8 KiB.
+    private static final int MAX_LINE = 4096;
+    private static final int MAX_HEADERS = 8192;
+    // Metadata reads a file: two threads, and 64 waiting at most (then 503).
+    private static final int METADATA_THREADS = 2;
+    private static final int METADATA_QUEUE = 64;
 
     private V2Listener() {}
 
     static void startOnce() {
-        String address = address(ConfigManager.getInstance().getConfiguration());
-        if (address == null || address.isEmpty() || !STARTED.compareAndSet(false, true)) {
+        ConfigManager config = ConfigManager.getInstance();
+        String address = address(config.getConfiguration());
+        if (address == null || address.isEmpty()) {
             return;
         }
         URI uri = URI.create(address);
@@ -61,166 +66,95 @@ final class V2Listener {
                     "b4_v2_address must be http://HOST:PORT (TLS belongs at the edge), not "
                             + address);
         }
-        try {
-            HttpServer server =
-                    HttpServer.create(new InetSocketAddress(uri.getHost(), uri.getPort()), 128);
-            server.createContext("/v2", V2Listener::handle);
-            server.createContext(
-                    "/",
-                    exchange ->
-                            reply(exchange, V2Api.notFound(path(exchange)), System.nanoTime()));
-            server.setExecutor(executor());
-            server.start();
-            log.info("v2 REST API (b4serve plugin) listening on {}", address);
-        } catch (IOException e) {
-            // TorchServe would go on without it: fail the start, as a taken port fails TorchServe
-            throw new IllegalStateException("cannot listen on " + address + ": " + e.getMessage(), e);
+        // checked before the once-only latch: a bad config fails every try (TorchServe exits)
+        V2Settings settings =
+                V2Settings.from(
+                        config.getConfiguration(), System.getenv(), config.getMaxRequestSize());
+        if (!STARTED.compareAndSet(false, true)) {
+            return;
         }
+        V2Handler.Shared shared =
+                new V2Handler.Shared(settings, new TorchServeBackend(), metadataPool());
+        try {
+            bind(new InetSocketAddress(uri.getHost(), uri.getPort()), shared);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            throw new IllegalStateException("interrupted while binding " + address, e);
+        } catch (RuntimeException e) {
+            // TorchServe would go on without it: fail the start, as a taken port fails TorchServe
+            throw new IllegalStateException("cannot listen on " + address + ": " + e, e);
+        }
+        log.info(
+                "v2 REST API (b4serve plugin) listening on {}: read timeout {} ms, idle {} ms,"
+                        + " {} bytes of bodies and {} predictions at once",
+                address,
+                settings.readTimeoutMillis,
+                settings.idleTimeoutMillis,
+                settings.maxBufferedBytes,
+                settings.maxRequests);
+    }
+
+    /** Listens on {@code where} (port 0: any free one); returns the bound channel. */
+    static Channel bind(InetSocketAddress where, V2Handler.Shared shared)
+            throws InterruptedException {
+        EventLoopGroup accept =
+                new NioEventLoopGroup(1, new DefaultThreadFactory("b4-v2-accept", true));
+        EventLoopGroup io =
+                new NioEventLoopGroup(IO_THREADS, new DefaultThreadFactory("b4-v2-io", true));
+        return new ServerBootstrap()
+                .group(accept, io)
+                .channel(NioServerSocketChannel.class)
+                .option(ChannelOption.SO_BACKLOG, 1024)
+                .childOption(
+                        ChannelOption.RCVBUF_ALLOCATOR, new FixedRecvByteBufAllocator(READ_BYTES))
+                .childHandler(
+                        new ChannelInitializer<SocketChannel>() {
+                            @Override
+                            protected void initChannel(SocketChannel channel) {
+                                V2Handler handler = new V2Handler(shared);
+                                channel.pipeline()
+                                        .addLast(new Arrivals(handler))
+                                        .addLast(
+                                                new HttpServerCodec(
+                                                        MAX_LINE, MAX_HEADERS, READ_BYTES))
+                                        .addLast(handler);
+                            }
+                        })
+                .bind(where)
+                .sync()
+                .channel();
+    }
+
+    /** Tells the handler that bytes came, before the decoder waits for a whole line. */
+    static final class Arrivals extends ChannelInboundHandlerAdapter {
+        private final V2Handler handler;
+
+        Arrivals(V2Handler handler) {
+            this.handler = handler;
+        }
+
+        @Override
+        public void channelRead(ChannelHandlerContext ctx, Object msg) {
+            if (msg instanceof ByteBuf && ((ByteBuf) msg).isReadable()) {
+                handler.bytesArrived();
+            }
+            ctx.fireChannelRead(msg);
+        }
+    }
+
+    static ThreadPoolExecutor metadataPool() {
+        return new ThreadPoolExecutor(
+                METADATA_THREADS,
+                METADATA_THREADS,
+                60,
+                TimeUnit.SECONDS,
+                new ArrayBlockingQueue<>(METADATA_QUEUE),
+                new DefaultThreadFactory("b4-v2-metadata", true),
+                new ThreadPoolExecutor.AbortPolicy()); // full: 503, never the I/O thread
     }
 
     /** b4_v2_address, or B4_V2_ADDRESS where the config lets env vars win, as TS_* ones do. */
     static String address(Properties config) {
-        String fromEnv = System.getenv("B4_V2_ADDRESS");
-        boolean envWins = Boolean.parseBoolean(config.getProperty("enable_envvars_config", "false"));
-        if (envWins && fromEnv != null && !fromEnv.isEmpty()) {
-            return fromEnv;
-        }
-        return config.getProperty("b4_v2_address");
-    }
-
-    private static ThreadPoolExecutor executor() {
-        AtomicInteger count = new AtomicInteger();
-        ThreadPoolExecutor executor =
-                new ThreadPoolExecutor(
-                        0,
-                        MAX_THREADS,
-                        60,
-                        TimeUnit.SECONDS,
-                        new SynchronousQueue<>(),
-                        runnable -> {
-                            Thread thread = new Thread(runnable, "b4-v2-" + count.incrementAndGet());
-                            thread.setDaemon(true);
-                            return thread;
-                        },
-                        new ThreadPoolExecutor.CallerRunsPolicy());
-        return executor;
-    }
-
-    private static void handle(HttpExchange exchange) throws IOException {
-        long started = System.nanoTime();
-        V2Api.Reply reply;
-        try {
-            reply = answer(exchange);
-        } catch (RuntimeException | IOException e) {
-            log.error("v2 request {} failed", path(exchange), e);
-            reply = V2Api.Reply.error(500, "internal error: " + e);
-        }
-        reply(exchange, reply, started);
-    }
-
-    private static V2Api.Reply answer(HttpExchange exchange) throws IOException {
-        String path = path(exchange);
-        if (TokenAuthorization.isEnabled() && !authorized(exchange.getRequestHeaders())) {
-            return refusedKey();
-        }
-        if (!path.equals("/v2") && !path.startsWith("/v2/")) { // (the context matches "/v2x")
-            return V2Api.notFound(path);
-        }
-        List<String> below = V2Api.below(path);
-        String method = exchange.getRequestMethod();
-        V2Api.ModelPath target = V2Api.ModelPath.parse(below);
-        if ("POST".equals(method) && target != null && "infer".equals(target.action)) {
-            int limit = ConfigManager.getInstance().getMaxRequestSize();
-            byte[] body = readAtMost(exchange.getRequestBody(), limit);
-            if (body == null) {
-                return V2Api.Reply.error(
-                        413, "request body larger than max_request_size (" + limit + " bytes)");
-            }
-            return V2Api.infer(
-                    target,
-                    headers(exchange.getRequestHeaders()),
-                    body,
-                    exchange.getRequestHeaders().getFirst("Content-Type"));
-        }
-        if ("GET".equals(method) || "HEAD".equals(method)) {
-            return V2Api.get(below, path);
-        }
-        return V2Api.Reply.error(
-                405, method + " is not a v2 method here: GET health and metadata, POST .../infer");
-    }
-
-    private static boolean authorized(Headers headers) {
-        String bearer = headers.getFirst("Authorization");
-        if (bearer == null) {
-            return false;
-        }
-        String token = TokenAuthorization.parseTokenFromBearerTokenHeader(bearer);
-        return TokenAuthorization.checkTokenAuthorization(token, TokenType.INFERENCE);
-    }
-
-    /** The body, or null if it is longer than {@code limit} bytes. */
-    private static byte[] readAtMost(InputStream stream, int limit) throws IOException {
-        ByteArrayOutputStream body = new ByteArrayOutputStream();
-        byte[] chunk = new byte[1 << 16];
-        try (InputStream in = stream) {
-            int read;
-            while ((read = in.read(chunk)) != -1) {
-                if (body.size() + read > limit) {
-                    return null;
-                }
-                body.write(chunk, 0, read);
-            }
-        }
-        return body.toByteArray();
-    }
-
-    private static Map<String, String> headers(Headers headers) {
-        Map<String, String> first = new LinkedHashMap<>();
-        headers.forEach((name, values) -> first.put(name, values.isEmpty() ? "" : values.get(0)));
-        return first;
-    }
-
-    private static String path(HttpExchange exchange) {
-        return exchange.getRequestURI().getPath();
-    }
-
-    private static void reply(HttpExchange exchange, V2Api.Reply reply, long started)
-            throws IOException {
-        Headers headers = exchange.getResponseHeaders();
-        reply.headers.forEach(headers::set);
-        if (reply.contentType != null && !reply.contentType.isEmpty()) {
-            headers.set("Content-Type", reply.contentType);
-        }
-        headers.set("x-request-id", UUID.randomUUID().toString());
-        boolean head = "HEAD".equals(exchange.getRequestMethod());
-        boolean empty = head || reply.body.length == 0;
-        exchange.sendResponseHeaders(reply.status, empty ? -1 : reply.body.length); // 0: chunked
-        if (!empty) {
-            try (OutputStream out = exchange.getResponseBody()) {
-                out.write(reply.body);
-            }
-        }
-        exchange.close();
-        access.info(
-                "{} \"{} {} {}\" {} {}",
-                exchange.getRemoteAddress(),
-                exchange.getRequestMethod(),
-                exchange.getRequestURI(),
-                exchange.getProtocol(),
-                reply.status,
-                TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - started));
-    }
-
-    /** TorchServe's own answer to a missing, wrong or expired key: what clients renew on. */
-    private static V2Api.Reply refusedKey() {
-        String message =
-                "Token Authorization failed. Token either incorrect, expired, or not provided"
-                        + " correctly";
-        JsonObject body = new JsonObject();
-        body.addProperty("error", message);
-        body.addProperty("code", 400);
-        body.addProperty("type", "InvalidKeyException");
-        body.addProperty("message", message);
-        return V2Api.Reply.json(400, body);
+        return V2Settings.value(config, System.getenv(), "b4_v2_address");
     }
 }
