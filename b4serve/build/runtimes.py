@@ -477,7 +477,8 @@ def pick(
         )
     best = max(winners, key=_speed)
     return best, (
-        f"{best.runtime} {best.precision} {_gain(best, incumbent):.0%} faster than {incumbent.runtime} {incumbent.precision}"
+        f"{best.runtime} {best.precision} {_gain(best, incumbent):.0%} faster than "
+        f"{incumbent.runtime} {incumbent.precision}"
         f" (needed over {_needed(best, incumbent):.0%}: the spread of their timings, at least "
         f"{MIN_GAIN:.0%})"
     )
@@ -628,7 +629,11 @@ def describe(config: ModelConfig) -> str:
     host = choice.get("host")
     if host:
         have = ", ".join(name for name, on in host.items() if on)
-        lines[0] += f" on a CPU with {have or 'none of ' + ', '.join(host)}"
+        model = choice.get("cpu", {}).get("model")
+        lines[0] += f" on {model or 'a CPU'} with {have or 'none of ' + ', '.join(host)}"
+    if choice.get("why"):
+        cached = " (read from the cache: not timed again)" if choice.get("cached") else ""
+        lines.append(f"  why: {choice['why']}{cached}")
     for entry in choice.get("candidates", []):
         speed = entry["tta_images_per_s"]
         text = f"  {entry['runtime']}: {entry['precision'] or '-'}, "

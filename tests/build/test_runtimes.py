@@ -75,7 +75,8 @@ def test_auto_proves_every_candidate_on_a_simulated_avx512_bf16_host(convnet, co
     assert record["why"].startswith(("kept torchscript fp32: no candidate", f"{selection.runtime}"))
     assert any(line.startswith(f"runtime {selection.runtime} (auto;") for line in lines)
     assert describe(saved).startswith(
-        f"runtime: {selection.runtime} (auto, chosen in {record['seconds']} s) on a CPU with avx2"
+        f"runtime: {selection.runtime} (auto, chosen in {record['seconds']} s) on AMD EPYC 9B14 "
+        "with avx2"
     )
     # progress: a line as each step starts, and what it took
     assert "  runtime choice: loading onnxruntime fp32 ..." in lines
