@@ -143,7 +143,10 @@ class Candidate:
         speed = self.images_per_s
         parts = [f"{self.runtime:<17}", f"{self.precision or '-':<5}"]
         if speed:
-            parts.append(f"{speed:6.2f} TTA img/s (spread {self.spread:.0%})")
+            parts.append(
+                f"{speed:6.2f} TTA img/s (spread {self.spread:.0%}; {len(self.seconds)} forwards "
+                f"in {sum(self.seconds):.1f} s)"
+            )
         else:
             parts.append(f"{'-':>6} TTA img/s")
         if self.max_abs_diff is not None:
