@@ -8,15 +8,11 @@ import torch
 from torch import nn
 
 from b4serve.build.models import create_model
-from b4serve.build.parity import Agreement, agreement, check_images
+from b4serve.build.parity import ParityProbe
 from b4serve.serving.config import ModelConfig
-from b4serve.serving.preprocess import Preprocessor, stack_channels_last
 from b4serve.serving.runtime import OnnxRuntimeModel
-from b4serve.serving.tta import tta_probabilities
 
 __all__ = ["export_onnx"]
-
-_CHUNK = 4  # images per forward of the check: memory stays bounded at a B4's 380 px
 
 
 def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
@@ -24,8 +20,10 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
 
     The ONNX graph comes from the eager model rebuilt with geffnet's exportable layers (static
     same-padding), not from the TorchScript one, which the ONNX exporter cannot convert. ONNX
-    Runtime (float32) is checked against the eager ``model`` on the check set through the shared
-    preprocessing, by the one parity (b4serve.build.parity: fp32 tolerance, flip TTA).
+    Runtime (float32) is checked against the eager ``model`` by the one parity
+    (b4serve.build.parity: the export proof's probe images, flip TTA, fp32 tolerance), before
+    any runtime is timed on it; a failure raises its ParityError and removes nothing (export
+    proves and removes the files it wrote).
     """
     exportable = create_model(config.arch, config.num_classes, exportable=True)
     exportable.load_state_dict(model.state_dict())
@@ -45,19 +43,5 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path) -> float:
         opset_version=17,
         dynamo=False,  # the TorchScript-based exporter handles geffnet's layers as they are
     )
-    found = _check_parity(model, OnnxRuntimeModel(path), config)
-    if not found.passed:
-        raise ValueError(f"ONNX export differs from eager: {found.failure()}")
-    return found.max_difference
-
-
-def _check_parity(model: nn.Module, onnx_model: OnnxRuntimeModel, config: ModelConfig) -> Agreement:
-    preprocess = Preprocessor(config)
-    tensors = [preprocess(image) for _, image in check_images(config)]
-    expected, got = [], []
-    with torch.inference_mode():
-        for start in range(0, len(tensors), _CHUNK):
-            batch = stack_channels_last(tensors[start : start + _CHUNK]).contiguous()
-            expected.append(tta_probabilities(model, batch))
-            got.append(tta_probabilities(onnx_model, batch))
-    return agreement(torch.cat(got), torch.cat(expected), "fp32")
+    probe = ParityProbe.of(model.eval(), config, against="the eager model")
+    return probe.prove(OnnxRuntimeModel(path), f"ONNX export {path.name}")

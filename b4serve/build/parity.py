@@ -12,8 +12,8 @@ Who checks what, against what, on which images:
   state dict), on :data:`PROBE_IMAGES` fixed probe images: fp32.
 - **Runtime choice** (b4serve.build.runtimes): each candidate through the serving pipeline
   against fp32 TorchScript through the same pipeline, on :func:`check_images`: its precision.
-- **ONNX check** (b4serve.build.onnx_export): ONNX Runtime against the eager model, on
-  :func:`check_images`: fp32.
+- **ONNX check** (b4serve.build.onnx_export): ONNX Runtime against the eager model, right
+  after the ONNX export and before any runtime is timed on it, on the probe images: fp32.
 - **GPU check** (b4serve.build.gpu_parity): the GPU path on the device against fp32 TorchScript
   on the CPU, the same ``.npy`` bodies through both, on :func:`check_images`: the GPU precision.
 """
