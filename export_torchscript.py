@@ -22,9 +22,15 @@ from pathlib import Path
 import torch
 
 from b4serve.build.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from b4serve.build.gpu_parity import load_check_images, parity_at_export
-from b4serve.build.parity import LOGIT_TOLERANCE, ParityProbe, prove_exported_files
-from b4serve.build.runtimes import AUTO, REDUCED_TOLERANCE, choose_runtime, place_runtime_file
+from b4serve.build.gpu_parity import FALLBACK_PRECISIONS, parity_at_export
+from b4serve.build.parity import (
+    QUANTITY,
+    TOLERANCES,
+    ParityProbe,
+    check_images,
+    prove_exported_files,
+)
+from b4serve.build.runtimes import AUTO, choose_runtime, place_runtime_file
 from b4serve.serving.archs import ARCHS
 from b4serve.serving.config import (
     DEFAULT_GPU_BUCKETS,
@@ -79,7 +85,7 @@ def export(args: argparse.Namespace) -> ModelConfig:
         runtime=REFERENCE,  # until choose_runtime below
         openvino_hint=args.openvino_hint,
         openvino_streams=args.openvino_streams,
-        gpu_precision=args.gpu_precision,
+        gpu_precision=args.gpu_precision or ModelConfig.gpu_precision,
         gpu_buckets=args.gpu_buckets,
         extra={
             "checkpoint_sha256": file_sha256(args.checkpoint),
@@ -98,7 +104,8 @@ def export(args: argparse.Namespace) -> ModelConfig:
     )
     selection = choose_runtime(
         args.runtime, loaded.model, config, output, check_images=args.check_images,
-        reduced_tolerance=args.reduced_tolerance,
+        reduced_tolerance=args.reduced_tolerance, gpus=_worker_gpus(args.gpus),
+        cache_dir=Path(args.choice_cache) if args.choice_cache else None,
     )  # fmt: skip
     config = dataclasses.replace(config, **selection.settings)
     onnx_path = output.with_name(runtime_spec("onnxruntime").file)
@@ -106,14 +113,21 @@ def export(args: argparse.Namespace) -> ModelConfig:
         onnx_path = None
     for what, difference in prove_exported_files(probe, config, output, onnx_path):
         print(
-            f"{what} reproduces {probe.against}: max |logit difference| {difference:.2e} on "
-            f"{len(probe.batch)} probe images (tolerance {LOGIT_TOLERANCE:g})"
+            f"{what} reproduces {probe.against}: {QUANTITY} {difference:.2e} with flip TTA on "
+            f"{len(probe.batch)} probe images (tolerance {TOLERANCES['fp32']:g})"
         )
-    images = load_check_images(args.check_images) if args.check_images else None
-    parity = parity_at_export(output, config, args.gpu_parity, images)
+    images = None
+    if args.check_images:
+        images = [image for _, image in check_images(config, args.check_images)]
+    fallback = () if args.gpu_precision else FALLBACK_PRECISIONS  # fp16, else bf16 if it holds
+    parity = parity_at_export(output, config, args.gpu_parity, images, precisions=fallback)
     if parity is not None:  # recorded: the archive says how its GPU model was checked
         print(f"GPU parity: {parity.summary()}")
-        config = dataclasses.replace(config, extra={**config.extra, "gpu_parity": parity.summary()})
+        config = dataclasses.replace(
+            config,
+            gpu_precision=parity.gpu_precision,
+            extra={**config.extra, "gpu_parity": parity.summary()},
+        )
     elif args.gpu_parity == "auto" and config.optimize:
         print(
             f"GPU parity not checked: no CUDA device here (a GPU worker runs this model in "
@@ -124,6 +138,13 @@ def export(args: argparse.Namespace) -> ModelConfig:
     if args.meta_dir:  # an archive's extra files: the chosen runtime's file travels with them
         place_runtime_file(config.runtime, output, Path(args.meta_dir))
     return config
+
+
+def _worker_gpus(given: int | None) -> int:
+    """The GPUs the workers get: ``--gpus``, else the CUDA devices torch sees here."""
+    if given is not None:
+        return given
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -196,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reduced-tolerance",
         type=float,
-        default=REDUCED_TOLERANCE,
+        default=None,
         help=f"max abs probability difference a bf16 runtime may have to fp32 TorchScript "
-        f"(default {REDUCED_TOLERANCE:g}, with the same top-1 on every check image); raise it "
+        f"(default {TOLERANCES['bf16']:g}, with the same top-1 on every check image); raise it "
         "only for a model whose bf16 answers you have judged yourself",
     )
     parser.add_argument(
@@ -215,9 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu-precision",
         choices=GPU_PRECISIONS,
-        default=ModelConfig.gpu_precision,
-        help=f"weights and inputs on a GPU worker (default {ModelConfig.gpu_precision}; the CPU "
-        "always runs fp32)",
+        default=None,
+        help=f"weights and inputs on a GPU worker (default {ModelConfig.gpu_precision}, or bf16 "
+        "where the GPU parity check refuses fp16 and accepts bf16; the CPU always runs fp32)",
     )
     parser.add_argument(
         "--gpu-buckets",
@@ -231,7 +252,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "require", "off"),
         default="auto",
         help="check the GPU model on cuda:0 against fp32 on the CPU, refusing the export if "
-        "any top-1 differs or a probability moves by more than 1e-2 (auto: when a GPU is here)",
+        f"any top-1 differs or a probability moves by more than {TOLERANCES['fp16']:g} (fp16; "
+        "b4serve.build.parity's table) (auto: when a GPU is here)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs the workers will get (default: the CUDA devices torch sees here); with any, "
+        "the archive serves TorchScript, their GPU path, and no CPU runtime is timed",
+    )
+    parser.add_argument(
+        "--choice-cache",
+        help="directory of earlier runtime choices: a build of the same checkpoint and settings "
+        "on the same kind of host reuses its choice instead of timing again",
     )
     parser.add_argument(
         "--trust-checkpoint",

@@ -63,10 +63,12 @@ class B4Handler:
         loaded = load_model(model_dir, config, device)
         if loaded.fallback is not None:  # e.g. an archive copied to a node type without bf16
             log.error(
-                "RUNTIME FALLBACK: the archive records runtime %s, which this host cannot run "
-                "(%s); serving fp32 TorchScript instead, slower than the build host measured",
-                loaded.recorded, loaded.fallback.reason,
+                "RUNTIME FALLBACK: the archive records runtime %s, which this worker cannot run "
+                "(%s); serving %s instead", loaded.recorded, loaded.fallback.reason,
+                loaded.runs_on(),
             )  # fmt: skip
+        if loaded.other_host is not None:  # chosen on another CPU: its timings may not hold
+            log.warning("RUNTIME HOST: %s", loaded.other_host)
         fallback = loaded.fallback.code if loaded.fallback else None
         self.runtime = runtime_labels(loaded.runtime, loaded.recorded, fallback)
         self.classifier = Classifier(loaded.model, config, device)
@@ -77,9 +79,9 @@ class B4Handler:
         self.metrics = register_metrics(context)
         label = "DEMO model (synthetic classes, not a real classifier)" if config.demo else "model"
         log.info(
-            "b4 %s ready: %s, %d classes, %s runtime on %s, %d threads, oneDNN fusion %s, "
+            "b4 %s ready: %s, %d classes, %s, %d threads, oneDNN fusion %s, "
             "malloc keeps %s, %d objects exempt from GC",
-            label, config.arch, config.num_classes, loaded.runtime, device, torch.get_num_threads(),
+            label, config.arch, config.num_classes, loaded.runs_on(), torch.get_num_threads(),
             "on" if isinstance(loaded.model, OneDnnFused) else "off",
             f"{config.malloc_keep_mb} MiB" if reusing else "glibc's default", frozen,
         )  # fmt: skip

@@ -24,7 +24,10 @@
 #   torchscript-bf16, openvino, onnxruntime: an error where this host cannot run it),
 #   B4_CHECK_IMAGES (a directory of your .npy images for that check; default: demo examples
 #   and varied probes), B4_REDUCED_TOLERANCE (0.02: how far a bf16 runtime's probabilities may
-#   be from fp32 TorchScript's), B4_OPENVINO_HINT (LATENCY or THROUGHPUT), B4_OPENVINO_STREAMS
+#   be from fp32 TorchScript's), B4_GPUS (GPUs the workers get; default: counted as TorchServe
+#   counts them; with any, the archive serves TorchScript on them and nothing is timed),
+#   B4_RUNTIME_CHOICE_CACHE ($B4_CACHE_DIR/runtime-choice: earlier choices by checkpoint,
+#   settings, CPU model and flags, package versions; empty re-times), B4_OPENVINO_HINT (LATENCY or THROUGHPUT), B4_OPENVINO_STREAMS
 #   (0: the hint's), B4_GPU_PRECISION (fp16: weights and inputs on a GPU worker; bf16 or
 #   fp32), B4_GPU_PARITY (auto: the GPU model is checked against fp32 on the CPU when this
 #   machine has a GPU, and the export refused if they disagree; require or off), B4_HANDLER
@@ -48,6 +51,9 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$checkpoint" ] || die "--checkpoint is required (see --help)"
 [ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
+# GPUs the server gives workers (as TorchServe counts them): a GPU host's archive serves TorchScript.
+B4_GPUS="${B4_GPUS:-$("$PY" -m b4serve.ops.gpus --ts-config "$B4_TS_CONFIG")}"
+export B4_GPUS
 [ -n "$archive_id" ] || archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
   --record-dir "$B4_CACHE_DIR/identity")
 [ -n "$version" ] || version="$archive_id"
@@ -89,6 +95,13 @@ if [ "$force" = 1 ] || [ ! -f "$build/.complete" ]; then
   export_args+=(--runtime "$runtime")
   [ -n "${B4_CHECK_IMAGES:-}" ] && export_args+=(--check-images "$B4_CHECK_IMAGES")
   [ -n "${B4_REDUCED_TOLERANCE:-}" ] && export_args+=(--reduced-tolerance "$B4_REDUCED_TOLERANCE")
+  # Workers that get GPUs run TorchScript on them: the choice times no CPU runtime for them.
+  export_args+=(--gpus "$B4_GPUS")
+  # A choice made for this checkpoint, settings, CPU kind and packages is reused (empty: re-time;
+  # --force re-times too).
+  choice_cache="${B4_RUNTIME_CHOICE_CACHE-$B4_CACHE_DIR/runtime-choice}"
+  [ "$force" = 1 ] && choice_cache=""
+  [ -n "$choice_cache" ] && export_args+=(--choice-cache "$choice_cache")
   [ -n "${B4_OPENVINO_HINT:-}" ] && export_args+=(--openvino-hint "$B4_OPENVINO_HINT")
   [ -n "${B4_OPENVINO_STREAMS:-}" ] && export_args+=(--openvino-streams "$B4_OPENVINO_STREAMS")
   [ "$trust" = 1 ] && export_args+=(--trust-checkpoint)

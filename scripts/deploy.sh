@@ -86,6 +86,9 @@ fi
 [ -n "${B4_CLIENT_TIMEOUT_MS:-}" ] && register_args+=(--client-timeout-ms "$B4_CLIENT_TIMEOUT_MS")
 [ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
 [ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
+# GPUs the server gives workers (as TorchServe counts them): a GPU host's archive serves TorchScript.
+B4_GPUS="${B4_GPUS:-$("$PY" -m b4serve.ops.gpus --ts-config "$B4_TS_CONFIG")}"
+export B4_GPUS
 # What is served: the build (checkpoint, archive settings, code) and its registration.
 archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
   --record-dir "$B4_CACHE_DIR/identity")

@@ -3,13 +3,15 @@
 Both sides are the serving code itself, on the exported file: on the CPU the float32 path every
 CPU worker runs; on the device the GPU path (weights and inputs in ``gpu_precision``, frozen,
 ``channels_last``, uint8 batches normalised and flipped on the device, padded to a bucket). The
-same ``.npy`` bodies go through both; the export is refused unless every image gets the same
-top-1 class and no probability moves by more than :data:`PROBABILITY_TOLERANCE`.
+same ``.npy`` bodies (the check set of b4serve.build.parity) go through both; the export is
+refused unless every image keeps its top-1 class and the probabilities agree within the
+tolerance of b4serve.build.parity for that precision. Where the precision was not pinned, fp16
+is tried first and bf16 when fp16 fails ("as the parity allows").
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from b4serve.build.onnx_export import check_images
+from b4serve.build.parity import QUANTITY, Agreement, agreement, check_images
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.gpu import DTYPES, DeviceBatches, load_device_torchscript
@@ -26,18 +28,16 @@ from b4serve.serving.pipeline import Classifier, Outcome
 from b4serve.serving.runtime import load_runtime_file
 
 __all__ = [
-    "PROBABILITY_TOLERANCE",
     "GpuParity",
     "GpuParityError",
     "ParityMode",
     "check_gpu_parity",
-    "load_check_images",
     "measure_gpu_parity",
     "parity_at_export",
 ]
 
-PROBABILITY_TOLERANCE = 1e-2
 CPU = torch.device("cpu")
+FALLBACK_PRECISIONS = ("fp16", "bf16")  # tried in turn where --gpu-precision was not given
 
 ParityMode = Literal["auto", "require", "off"]
 
@@ -48,18 +48,35 @@ class GpuParityError(ValueError):
 
 @dataclass(frozen=True)
 class GpuParity:
-    """How the model on ``device`` in ``precision`` compared with float32 on the CPU."""
+    """How the model on ``device`` compared with float32 on the CPU (``found``)."""
 
     device: str
-    precision: str
-    images: int
-    max_difference: float  # max |probability difference| over every image and class
-    top1_mismatches: tuple[int, ...]  # indices of the images whose top-1 class differs
-    tolerance: float = PROBABILITY_TOLERANCE
+    found: Agreement  # judged as found.precision: tf32 for fp32 on a GPU
+    gpu_precision: str  # the setting it ran with (ModelConfig.gpu_precision)
+
+    @property
+    def precision(self) -> str:
+        return self.found.precision
+
+    @property
+    def images(self) -> int:
+        return self.found.images
+
+    @property
+    def max_difference(self) -> float:
+        return self.found.max_difference
+
+    @property
+    def top1_mismatches(self) -> tuple[int, ...]:
+        return self.found.top1_mismatches
+
+    @property
+    def tolerance(self) -> float:
+        return self.found.tolerance
 
     @property
     def passed(self) -> bool:
-        return not self.top1_mismatches and self.max_difference <= self.tolerance  # NaN fails
+        return self.found.passed
 
     def summary(self) -> str:
         if self.top1_mismatches:
@@ -68,7 +85,7 @@ class GpuParity:
             top1 = "same top-1"
         return (
             f"{self.precision} on {self.device} against float32 on the CPU, {self.images} "
-            f"images: {top1}, max |probability difference| {self.max_difference:.2e} "
+            f"images: {top1}, {QUANTITY} {self.max_difference:.2e} "
             f"(tolerance {self.tolerance:g})"
         )
 
@@ -79,12 +96,13 @@ def measure_gpu_parity(
     device: torch.device,
     images: Sequence[np.ndarray] | None = None,
     *,
-    tolerance: float = PROBABILITY_TOLERANCE,
+    tolerance: float | None = None,
 ) -> GpuParity:
-    """Run ``images`` (default: the export check images) through the CPU path and through the
-    GPU path on ``device`` in ``config.gpu_precision``, and compare what they answer."""
+    """Run ``images`` (default: the check set) through the CPU path and through the GPU path
+    on ``device`` in ``config.gpu_precision``, and compare what they answer (``tolerance``:
+    instead of the precision's own)."""
     if images is None:
-        images = list(check_images(config.input_size))
+        images = [image for _, image in check_images(config)]
     bodies = [encode_npy(image) for image in images]
     reference = Classifier(load_runtime_file("torchscript", model_path, config, CPU), config, CPU)
     model = load_device_torchscript(model_path, device, config.gpu_precision)
@@ -92,13 +110,12 @@ def measure_gpu_parity(
     on_device = Classifier(model, config, device, DeviceBatches(model, config, device, dtype))
     expected = _probabilities(reference.classify(bodies), "the CPU")
     got = _probabilities(on_device.classify(bodies), str(device))
-    difference = float(np.abs(got - expected).max())
-    mismatches = tuple(np.flatnonzero(got.argmax(1) != expected.argmax(1)).tolist())
-    if math.isnan(difference):
-        difference = math.inf  # NaN never passes; inf says so in the summary too
-    return GpuParity(
-        _describe(device), config.gpu_precision, len(bodies), difference, mismatches, tolerance
-    )
+    found = agreement(got, expected, _judged_as(config.gpu_precision, device))
+    if tolerance is not None:
+        found = Agreement(
+            found.precision, found.images, found.max_difference, found.top1_mismatches, tolerance
+        )
+    return GpuParity(_describe(device), found, config.gpu_precision)
 
 
 def _probabilities(outcomes: list[Outcome], where: str) -> np.ndarray:
@@ -109,18 +126,16 @@ def _probabilities(outcomes: list[Outcome], where: str) -> np.ndarray:
     return np.array([o.probabilities for o in outcomes], dtype=np.float64)
 
 
+def _judged_as(precision: str, device: torch.device) -> str:
+    """fp32 on a GPU runs its convolutions in TF32 where PyTorch allows it (its default)."""
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return "tf32" if precision == "fp32" and tf32 else precision
+
+
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-def load_check_images(directory: str | Path) -> list[np.ndarray]:
-    """Every ``*.npy`` image in ``directory`` (sorted by name): the user's own check images."""
-    paths = sorted(Path(directory).glob("*.npy"))
-    if not paths:
-        raise GpuParityError(f"no .npy files in {directory} to check the GPU model on")
-    return [np.load(path, allow_pickle=False) for path in paths]
 
 
 def parity_at_export(
@@ -128,12 +143,16 @@ def parity_at_export(
     config: ModelConfig,
     mode: ParityMode = "auto",
     images: Sequence[np.ndarray] | None = None,
+    *,
+    precisions: Sequence[str] = (),
 ) -> GpuParity | None:
     """Check the GPU model as ``mode`` says: ``auto`` when a CUDA device is present, ``require``
-    fails without one, ``off`` never. Returns the passing figures, or None when not checked;
-    raises :class:`GpuParityError` with the figures when the GPU model disagrees."""
+    fails without one, ``off`` never. ``precisions``: try each in turn and keep the first that
+    passes (default: ``config.gpu_precision`` alone). Returns the passing figures (their
+    ``precision`` is the one to serve), or None when not checked; raises
+    :class:`GpuParityError` with every precision's figures when none passes."""
     if mode == "off" or not config.optimize or config.runtime != "torchscript":
-        return None  # GPU workers run these in float32, as the CPU does
+        return None  # served on the CPU: the runtime choice chose no GPU path for this build
     if not torch.cuda.is_available():
         if mode == "require":
             raise GpuParityError(
@@ -141,7 +160,15 @@ def parity_at_export(
                 "machine, or pass --gpu-parity auto to skip the check here"
             )
         return None
-    return check_gpu_parity(model_path, config, torch.device("cuda", 0), images)
+    device = torch.device("cuda", 0)
+    failed: list[GpuParity] = []
+    for precision in precisions or (config.gpu_precision,):
+        trying = dataclasses.replace(config, gpu_precision=precision)
+        parity = measure_gpu_parity(model_path, trying, device, images)
+        if parity.passed:
+            return parity
+        failed.append(parity)
+    raise _disagrees(failed)
 
 
 def check_gpu_parity(
@@ -150,14 +177,19 @@ def check_gpu_parity(
     device: torch.device,
     images: Sequence[np.ndarray] | None = None,
     *,
-    tolerance: float = PROBABILITY_TOLERANCE,
+    tolerance: float | None = None,
 ) -> GpuParity:
     """:func:`measure_gpu_parity`, raising :class:`GpuParityError` with the figures unless the
     model on ``device`` passes."""
     parity = measure_gpu_parity(model_path, config, device, images, tolerance=tolerance)
     if not parity.passed:
-        raise GpuParityError(
-            f"the GPU model disagrees with float32 on the CPU: {parity.summary()}; export "
-            "with --gpu-precision fp32 to serve this model on a GPU in float32"
-        )
+        raise _disagrees([parity])
     return parity
+
+
+def _disagrees(failed: Sequence[GpuParity]) -> GpuParityError:
+    figures = "; ".join(parity.summary() for parity in failed)
+    return GpuParityError(
+        f"the GPU model disagrees with float32 on the CPU: {figures}; export with "
+        "--gpu-precision fp32 to serve this model on a GPU in float32"
+    )

@@ -99,6 +99,8 @@ def archive_identity(checkpoint: Path, env: Mapping[str, str]) -> dict[str, Any]
         value = env.get(name) or default
         if value is not None:
             settings[name] = _setting_value(name, value)
+    if int(env.get("B4_GPUS") or 0) > 0:  # GPU workers: the archive serves TorchScript on them
+        settings["B4_GPUS"] = "gpu workers"
     handler = env.get("B4_HANDLER")
     return {
         "checkpoint_sha256": _file_sha256(checkpoint),

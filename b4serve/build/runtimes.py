@@ -1,20 +1,30 @@
 """Choose the runtime an archive serves with: build the candidates this host can run, prove each
-against fp32 TorchScript, time them side by side, keep the fastest (``--runtime auto``).
+against fp32 TorchScript, time them side by side, and keep fp32 TorchScript unless another is
+clearly faster (``--runtime auto``).
 
     python -m b4serve.build.runtimes describe BUILD/extra     # what a build chose, and why
 
-Parity is on TTA probabilities, the served output, on a check set: the demo examples and varied
-probes, or the user's own ``.npy`` images. fp32 runtimes must agree within
-:data:`FP32_TOLERANCE`; reduced precision within :data:`REDUCED_TOLERANCE` and with the same
-top-1 on every image, or it is excluded with its reason. Speeds are per-forward medians of
-interleaved calls (each image goes through every candidate in turn), at micro-batch 1 as served,
-so a slow spell of a shared machine falls on all of them alike.
+Parity is b4serve.build.parity's: TTA probabilities, the served output, on its check set (or the
+user's own ``.npy`` images), each candidate within its precision's tolerance. Speeds are
+per-forward medians of interleaved calls (each image goes through every candidate in turn), at
+micro-batch 1 as served, so a slow spell of a shared machine falls on all of them alike.
+
+A candidate replaces the incumbent (fp32 TorchScript, or this checkpoint's earlier choice on
+this kind of host) only when it is faster by more than :data:`MIN_GAIN` and by more than the
+spread of either one's own timed forwards, so two builds on one host choose alike. The choice is
+cached (``cache_dir``) by checkpoint, settings, CPU model and flags, and package versions: a
+repeat build on the same kind of host reads it instead of timing. Where the workers get GPUs,
+nothing is timed: TorchScript, the only runtime with a GPU path, serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
 import os
 import shutil
 import statistics
@@ -26,15 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from b4serve.build.check_images import DEMO_CLASSES, EXAMPLES_SEED, generate_images
+from b4serve.build.parity import QUANTITY, agreement, check_images, tolerance
 from b4serve.serving.allocator import keep_freed_memory
-from b4serve.serving.codec import decode_npy
 from b4serve.serving.config import ModelConfig
-from b4serve.serving.errors import InferenceError
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.preprocess import Preprocessor
 from b4serve.serving.runtime import (
@@ -46,28 +53,30 @@ from b4serve.serving.runtime import (
     host_caps,
     load_runtime,
     load_torchscript,
-    openvino_has_bf16,
+    openvino_runs_bf16,
     runtime_spec,
     unsupported,
 )
 
 __all__ = [
     "AUTO",
-    "FP32_TOLERANCE",
-    "REDUCED_TOLERANCE",
+    "MIN_GAIN",
     "Candidate",
     "RuntimeChoiceError",
     "Selection",
+    "Timer",
     "check_set",
+    "choice_identity",
     "choose_runtime",
     "evaluate",
+    "pick",
 ]
 
 AUTO = "auto"
-FP32_TOLERANCE = 1e-4  # max abs difference of TTA probabilities to fp32 TorchScript
-REDUCED_TOLERANCE = 2e-2  # bf16: and the same top-1 on every check image
-MAX_CHECK_IMAGES = 24  # of the user's --check-images; more adds build time, not much proof
-DEMO_EXAMPLES_PER_CLASS = 1
+# A candidate must beat the incumbent by this much at least, and by more than the spread of
+# either's timed forwards: fp32 candidates sat 5% apart with more spread than that between
+# rounds, so max() alone flipped between builds of one checkpoint (issue 22).
+MIN_GAIN = 0.05
 # Timing: every candidate gets at least this many timed forwards (the parity pass counts), as
 # long as the timing rounds stay within TIMING_BUDGET_S in all.
 MIN_TIMED_FORWARDS = 16
@@ -76,6 +85,12 @@ TIMING_BUDGET_S = 8.0
 # for a while after a forward; the next candidate, timed at once, ran 40% slower (measured:
 # TorchScript 80 ms alone, 112 ms right after an ONNX Runtime forward, 80 ms after 50 ms idle).
 SETTLE_S = 0.05
+# The packages whose versions change what a runtime computes and how fast: a new one re-times.
+TIMED_PACKAGES = ("torch", "openvino", "onnxruntime")
+# ModelConfig fields the choice itself sets: not part of what it is chosen for.
+_CHOICE_FIELDS = ("runtime", "openvino_precision", "runtime_choice", "extra")
+
+progress = functools.partial(print, flush=True)  # deploy shows it as it comes
 
 
 class RuntimeChoiceError(ValueError):  # export_torchscript reports a ValueError in one line
@@ -99,12 +114,22 @@ class Candidate:
         """TTA images per second at micro-batch 1: one over the median forward."""
         return 1.0 / statistics.median(self.seconds) if self.seconds else None
 
+    @property
+    def spread(self) -> float:
+        """How much its own timed forwards vary: their interquartile range over their median
+        (0 with fewer than two)."""
+        if len(self.seconds) < 2:
+            return 0.0
+        low, _, high = statistics.quantiles(self.seconds, n=4)
+        return (high - low) / statistics.median(self.seconds)
+
     def as_dict(self) -> dict[str, Any]:
         speed = self.images_per_s
         return {
             "runtime": self.runtime,
             "precision": self.precision,
             "tta_images_per_s": None if speed is None else round(speed, 3),
+            "spread": round(self.spread, 3),
             "timed_forwards": len(self.seconds),
             "max_abs_diff": None
             if self.max_abs_diff is None
@@ -117,7 +142,13 @@ class Candidate:
         """One line for the build's output."""
         speed = self.images_per_s
         parts = [f"{self.runtime:<17}", f"{self.precision or '-':<5}"]
-        parts.append(f"{speed:6.2f} TTA img/s" if speed else f"{'-':>6} TTA img/s")
+        if speed:
+            parts.append(
+                f"{speed:6.2f} TTA img/s (spread {self.spread:.0%}; {len(self.seconds)} forwards "
+                f"in {sum(self.seconds):.1f} s)"
+            )
+        else:
+            parts.append(f"{'-':>6} TTA img/s")
         if self.max_abs_diff is not None:
             parts.append(
                 f"max |diff| {self.max_abs_diff:.2e}, top-1 {self.same_top1}/{self.images}"
@@ -125,6 +156,10 @@ class Candidate:
         if self.excluded:
             parts.append(f"EXCLUDED: {self.excluded}")
         return "  ".join(parts)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.runtime, self.precision
 
 
 @dataclass
@@ -139,55 +174,30 @@ class Selection:
 # --- the check set ------------------------------------------------------------------------
 
 
-def probe_images(size: int) -> list[tuple[str, np.ndarray]]:
-    """Varied inputs the server accepts: flat, extreme, noisy, striped, resized, float, grey."""
-    rng = np.random.default_rng(7)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    gradient = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)),
-                         np.full((size, size), 128.0, np.float32)], axis=2)  # fmt: skip
-    squares = (np.indices((size, size)).sum(axis=0) // 16 % 2 * 255).astype(np.uint8)
-    return [
-        ("black", np.zeros((size, size, 3), np.uint8)),
-        ("white", np.full((size, size, 3), 255, np.uint8)),
-        ("noise", rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
-        ("gradient", gradient.astype(np.uint8)),
-        ("checkerboard grey", squares),
-        ("small float, resized", rng.random((97, 131, 3), dtype=np.float32)),
-    ]
-
-
 def check_set(
     config: ModelConfig, directory: str | Path | None = None
 ) -> list[tuple[str, torch.Tensor]]:
-    """Named, preprocessed images for the parity check: the user's ``.npy`` files in
-    ``directory`` (the first :data:`MAX_CHECK_IMAGES` by name), else the demo examples and
-    :func:`probe_images`."""
-    if directory is not None:
-        paths = sorted(Path(directory).glob("*.npy"))[:MAX_CHECK_IMAGES]
-        if not paths:
-            raise RuntimeChoiceError(f"--check-images {directory}: no .npy files there")
-        preprocess = Preprocessor(config)
-        found = []
-        for path in paths:
-            try:  # as the server would take it
-                found.append(
-                    (path.name, preprocess(decode_npy(path.read_bytes(), config.max_pixels)))
-                )
-            except InferenceError as error:
-                raise RuntimeChoiceError(
-                    f"--check-images: the server would refuse {path}: {error}"
-                ) from None
-        return found
-
-    images, labels = generate_images(DEMO_EXAMPLES_PER_CLASS, EXAMPLES_SEED, config.input_size)
-    named = [
-        (f"demo {DEMO_CLASSES[label]}", image) for image, label in zip(images, labels, strict=True)
-    ]
+    """The check set of b4serve.build.parity (or the user's images in ``directory``), named and
+    preprocessed as the worker does."""
     preprocess = Preprocessor(config)
-    return [(name, preprocess(image)) for name, image in named + probe_images(config.input_size)]
+    return [(name, preprocess(image)) for name, image in check_images(config, directory)]
 
 
 # --- evaluation ---------------------------------------------------------------------------
+
+# Runs one forward of a candidate and says how long it took: (probabilities, seconds). The
+# default is :func:`stopwatch`; a test gives its own timings here, with the real forward.
+Timer = Callable[[Candidate, Callable[[], torch.Tensor]], tuple[torch.Tensor, float]]
+
+
+def stopwatch(
+    candidate: Candidate, forward: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, float]:
+    """``forward()``'s output and wall-clock seconds, after :func:`_settle`."""
+    _settle()
+    started = time.perf_counter()
+    probabilities = forward()
+    return probabilities, time.perf_counter() - started
 
 
 def evaluate(
@@ -198,9 +208,10 @@ def evaluate(
     *,
     min_forwards: int = MIN_TIMED_FORWARDS,
     budget_s: float = TIMING_BUDGET_S,
-    reduced_tolerance: float = REDUCED_TOLERANCE,
+    reduced_tolerance: float | None = None,
     host: HostCaps | None = None,
-    log: Callable[[str], None] = print,
+    timer: Timer = stopwatch,
+    log: Callable[[str], None] = progress,
 ) -> list[Candidate]:
     """Each of ``runtimes`` (files in ``build``) against fp32 TorchScript on ``images``, timed
     side by side. A candidate that fails to load, or its parity check, is excluded."""
@@ -210,15 +221,15 @@ def evaluate(
     # Runtime and OpenVINO keep their own arenas, so without it TorchScript is timed unfairly.
     keep_freed_memory(config.malloc_keep_mb)
     tensors = [tensor for _, tensor in images]
-    phases: list[str] = []
     began = time.perf_counter()
+    log(f"  runtime choice: the fp32 reference on {len(tensors)} check images ...")
     # The reference: fp32 TorchScript, frozen and without fusion. The plain scripted model
     # (which export checked against the eager one) gives the same to ~1e-6, 5-10x slower.
     reference = Classifier(load_torchscript(build / RUNTIMES[REFERENCE].file, cpu, fuse=False),
                            dataclasses.replace(config, runtime=REFERENCE), cpu)  # fmt: skip
     expected = torch.cat([reference.predict([tensor]) for tensor in tensors])
     del reference
-    began = _phase(phases, "reference", began)
+    began = _took(log, "reference", began)
 
     candidates = [Candidate(name, precision) for name, precision in variants(runtimes, host)]
     loaded: list[tuple[Candidate, Classifier]] = []
@@ -226,25 +237,27 @@ def evaluate(
         settings = dataclasses.replace(config, runtime=candidate.runtime)
         if candidate.runtime == "openvino":
             settings = dataclasses.replace(settings, openvino_precision=candidate.precision)
+        log(f"  runtime choice: loading {candidate.runtime} {candidate.precision} ...")
         try:
             model = load_runtime(candidate.runtime, build, settings, cpu)
             classifier = Classifier(model, settings, cpu)
             classifier.warm_up()
-            began = _phase(phases, f"load {candidate.runtime} {candidate.precision}", began)
         except Exception as error:  # whatever it was, this runtime cannot serve here: say why
             candidate.excluded = f"failed to load: {type(error).__name__}: {error}"[:300]
             log(f"  {candidate.runtime} excluded: {candidate.excluded}")
             continue
+        began = _took(log, f"{candidate.runtime} {candidate.precision} loaded", began)
         loaded.append((candidate, classifier))
 
     # the parity pass: every image through every candidate in turn, each forward timed
+    names = ", ".join(f"{c.runtime} {c.precision}" for c, _ in loaded)
+    log(f"  runtime choice: parity and timing of {names}, interleaved ...")
     outputs: list[list[torch.Tensor]] = [[] for _ in loaded]
     for tensor in tensors:
         for (candidate, classifier), found in zip(loaded, outputs, strict=True):
-            found.append(_timed(candidate, classifier, tensor))
+            found.append(_timed(timer, candidate, classifier, tensor))
     for (candidate, _), found in zip(loaded, outputs, strict=True):
         _judge(candidate, torch.cat(found), expected, reduced_tolerance)
-    began = _phase(phases, "parity pass", began)
     # more interleaved forwards, for a steadier median, within the budget (none to rank alone)
     started = time.perf_counter()
     timing = [(c, classifier) for c, classifier in loaded if not c.excluded]
@@ -254,16 +267,15 @@ def evaluate(
         if time.perf_counter() - started > budget_s:
             break
         for candidate, classifier in timing:
-            _timed(candidate, classifier, tensors[index % len(tensors)])
+            _timed(timer, candidate, classifier, tensors[index % len(tensors)])
         index += 1
-    _phase(phases, "timing", began)
-    log(f"  seconds: {', '.join(phases)}")
+    _took(log, "parity and timing", began)
     return candidates
 
 
-def _phase(phases: list[str], name: str, began: float) -> float:
+def _took(log: Callable[[str], None], what: str, began: float) -> float:
     now = time.perf_counter()
-    phases.append(f"{name} {now - began:.1f}")
+    log(f"  runtime choice: {what} in {now - began:.1f} s")
     return now
 
 
@@ -275,7 +287,7 @@ def variants(runtimes: Sequence[str], host: HostCaps | None = None) -> list[tupl
     found = []
     for runtime in runtimes:
         if runtime == "openvino":
-            bf16 = host.bf16 and openvino_has_bf16()
+            bf16 = openvino_runs_bf16(host)
             found += [(runtime, p) for p in (("bf16", "fp32") if bf16 else ("fp32",))]
         else:
             found.append((runtime, RUNTIMES[runtime].precision))
@@ -287,35 +299,28 @@ def _settle() -> None:
     time.sleep(SETTLE_S)
 
 
-def _timed(candidate: Candidate, classifier: Classifier, tensor: torch.Tensor) -> torch.Tensor:
+def _timed(
+    timer: Timer, candidate: Candidate, classifier: Classifier, tensor: torch.Tensor
+) -> torch.Tensor:
     """``classifier``'s TTA probabilities for one image; its time is kept in ``candidate``."""
-    _settle()
-    started = time.perf_counter()
-    probabilities = classifier.predict([tensor])
-    candidate.seconds.append(time.perf_counter() - started)
+    probabilities, seconds = timer(candidate, lambda: classifier.predict([tensor]))
+    candidate.seconds.append(seconds)
     return probabilities
 
 
 def _judge(
-    candidate: Candidate, got: torch.Tensor, expected: torch.Tensor, reduced_tolerance: float
+    candidate: Candidate,
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    reduced_tolerance: float | None = None,
 ) -> None:
-    """Record ``candidate``'s parity and exclude it when outside its precision's tolerance."""
-    difference = (got - expected).abs().max().item()
-    candidate.max_abs_diff = difference
-    candidate.images = len(expected)
-    candidate.same_top1 = int((got.argmax(1) == expected.argmax(1)).sum())
-    reduced = candidate.precision == "bf16"
-    tolerance = reduced_tolerance if reduced else FP32_TOLERANCE
-    if not difference <= tolerance:  # also catches NaN
-        candidate.excluded = (
-            f"max abs probability difference {difference:.3g} to fp32 TorchScript is over "
-            f"{tolerance:g} ({candidate.precision or 'fp32'})"
-        )
-    elif reduced and candidate.same_top1 != candidate.images:
-        candidate.excluded = (
-            f"top-1 differs from fp32 TorchScript on {candidate.images - candidate.same_top1} "
-            f"of {candidate.images} check images"
-        )
+    """Record ``candidate``'s parity and exclude it when b4serve.build.parity refuses it."""
+    found = agreement(got, expected, candidate.precision or "fp32", reduced_tolerance)
+    candidate.max_abs_diff = found.max_difference
+    candidate.images = found.images
+    candidate.same_top1 = found.images - len(found.top1_mismatches)
+    if not found.passed:
+        candidate.excluded = f"against fp32 TorchScript: {found.failure()}"
 
 
 # --- the choice ---------------------------------------------------------------------------
@@ -328,18 +333,29 @@ def choose_runtime(
     scripted: Path,
     *,
     check_images: str | Path | None = None,
-    reduced_tolerance: float = REDUCED_TOLERANCE,
+    reduced_tolerance: float | None = None,
     host: HostCaps | None = None,
+    gpus: int = 0,
+    cache_dir: Path | None = None,
+    timer: Timer = stopwatch,
     export: Callable[[nn.Module, ModelConfig, Path], float] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = progress,
 ) -> Selection:
     """The runtime to serve ``model`` (scripted in ``scripted``) with: ``requested`` (a name:
-    pinned, an error where this host cannot run it or it fails its parity check), or the fastest
-    eligible candidate (``auto``). Writes what the candidates need (``model.onnx``, by
-    ``export``: default b4serve.build.onnx_export.export_onnx) beside ``scripted``."""
+    pinned, an error where this host cannot run it or it fails its parity check), or under
+    ``auto`` fp32 TorchScript unless a candidate is clearly faster (:func:`pick`). Where the
+    workers get ``gpus`` GPUs, TorchScript (their GPU path), untimed. A choice found in
+    ``cache_dir`` for the same :func:`choice_identity` is reused untimed. Writes what the
+    candidates need (``model.onnx``, by ``export``: default
+    b4serve.build.onnx_export.export_onnx) beside ``scripted``."""
     host = host or host_caps()
+    record: dict[str, Any] = {"mode": "pinned" if requested != AUTO else AUTO,
+                              "host": host.summary(), "cpu": host.kind()}  # fmt: skip
     if requested != AUTO:
         runtime_spec(requested)  # unknown names: ValueError
+    if gpus > 0:
+        return _for_gpu_workers(requested, config, gpus, record, log)
+    if requested != AUTO:
         refused = unsupported(requested, host)
         if refused:
             raise RuntimeChoiceError(
@@ -349,24 +365,29 @@ def choose_runtime(
     else:
         runtimes = [name for name in RUNTIMES if unsupported(name, host) is None]
         skipped = {name: unsupported(name, host) for name in RUNTIMES if name not in runtimes}
-    record: dict[str, Any] = {"mode": "pinned" if requested != AUTO else AUTO,
-                              "host": host.summary()}  # fmt: skip
     if runtimes == [REFERENCE]:  # pinned to the reference itself: nothing to compare it with
         log(f"runtime {REFERENCE} (pinned): the fp32 reference, no parity check needed")
         return Selection(REFERENCE, {"runtime": REFERENCE, "runtime_choice": record}, [])
+    identity = choice_identity(config, requested, reduced_tolerance, check_images, host)
+    cached = _read_cache(cache_dir, identity)
     started = time.perf_counter()
     onnx = scripted.with_name(ONNX_FILE)
-    if any(RUNTIMES[name].file == ONNX_FILE for name in runtimes):
+    wanted = [cached["settings"]["runtime"]] if cached else runtimes
+    if any(RUNTIMES[name].file == ONNX_FILE for name in wanted):
+        log("  runtime choice: exporting ONNX and checking it ...")
         if export is None:
             from b4serve.build.onnx_export import (
                 export_onnx as export,  # only ONNX runtimes need it
             )
         difference = export(model, config, onnx)
-        log(f"exported ONNX to {onnx} in {time.perf_counter() - started:.1f} s; max abs "
-            f"probability difference to eager {difference:.2e}, same top-1")  # fmt: skip
+        log(f"  runtime choice: exported ONNX to {onnx} in {time.perf_counter() - started:.1f} s;"
+            f" {QUANTITY} to eager {difference:.2e}")  # fmt: skip
+    if cached:
+        return _from_cache(cached, log)
     images = check_set(config, check_images)
-    source = f"{len(images)} of {check_images}" if check_images else f"{len(images)} demo/probe"
-    log(f"checking {', '.join(runtimes)} against fp32 TorchScript on {source} images")
+    source = f"{len(images)} of {check_images}" if check_images else f"{len(images)} check"
+    log(f"runtime choice: checking and timing {', '.join(runtimes)} against fp32 TorchScript "
+        f"on {source} images")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="b4-runtimes-") as workspace:
         # the runtimes' files under the names an archive gives them (--output may name another)
         build = Path(workspace)
@@ -375,40 +396,214 @@ def choose_runtime(
             (build / ONNX_FILE).symlink_to(onnx.resolve())
         candidates = evaluate(
             build, config, runtimes, images, reduced_tolerance=reduced_tolerance, host=host,
-            log=log,
+            timer=timer, log=log,
         )  # fmt: skip
     candidates += [Candidate(name, excluded=why.reason) for name, why in skipped.items() if why]
     for candidate in candidates:
         log(f"  {candidate.line()}")
-    chosen = pick(candidates, None if requested == AUTO else requested)
+    pinned = None if requested == AUTO else requested
+    earlier = None if pinned else _earlier_choice(cache_dir, identity)
+    chosen, why = pick(candidates, pinned, earlier)
     record |= {
         "chosen": chosen.runtime,
+        "why": why,
         "check_images": source,
-        "tolerances": {"fp32": FP32_TOLERANCE, "bf16": reduced_tolerance},
+        "tolerances": {p: tolerance(p, reduced_tolerance) for p in ("fp32", "bf16")},
         "seconds": round(time.perf_counter() - started, 1),
+        "chosen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "candidates": [c.as_dict() for c in candidates],
     }
     log(
         f"runtime {chosen.runtime} ({record['mode']}; {chosen.precision}, "
-        f"{chosen.images_per_s:.2f} TTA img/s in-process; choice took {record['seconds']} s)"
+        f"{chosen.images_per_s:.2f} TTA img/s in-process; {why}; choice took "
+        f"{record['seconds']} s)"
     )
     settings: dict[str, Any] = {"runtime": chosen.runtime, "runtime_choice": record}
     if chosen.runtime == "openvino":
         settings["openvino_precision"] = chosen.precision
+    _write_cache(cache_dir, identity, settings)
     return Selection(chosen.runtime, settings, candidates)
 
 
-def pick(candidates: Sequence[Candidate], pinned: str | None = None) -> Candidate:
-    """The fastest eligible candidate. With ``pinned``, an error if none is eligible; under
-    auto, an error if fp32 TorchScript itself is not (then the export is broken)."""
+def _for_gpu_workers(
+    requested: str, config: ModelConfig, gpus: int, record: dict[str, Any],
+    log: Callable[[str], None],
+) -> Selection:  # fmt: skip
+    """TorchScript for workers that get GPUs: their GPU path; any other runtime is refused."""
+    if requested not in (AUTO, REFERENCE):
+        raise RuntimeChoiceError(
+            f"--runtime {requested} runs on the CPU only, and this host's workers get {gpus} "
+            f"GPU(s): use --runtime auto or {REFERENCE} (the GPU path), or serve on the CPU "
+            "(B4_GPUS=0)"
+        )
+    precision = config.gpu_precision if config.optimize else "fp32"
+    why = (
+        f"the workers get {gpus} GPU(s), and only TorchScript has a GPU path ({precision} "
+        "there, checked against fp32 on the CPU where this machine has CUDA); no CPU runtime "
+        "was timed"
+    )
+    record |= {"chosen": REFERENCE, "workers": "gpu", "gpus": gpus, "why": why}
+    log(f"runtime {REFERENCE} ({record['mode']}): {why}")
+    return Selection(REFERENCE, {"runtime": REFERENCE, "runtime_choice": record}, [])
+
+
+def pick(
+    candidates: Sequence[Candidate],
+    pinned: str | None = None,
+    earlier: tuple[str, str] | None = None,
+) -> tuple[Candidate, str]:
+    """The candidate to serve, and why. With ``pinned``, its fastest eligible variant (an
+    error if none is eligible). Under auto, the incumbent (fp32 TorchScript, or ``earlier``:
+    this checkpoint's earlier choice on this kind of host, where it is still eligible) unless
+    a candidate beats it by more than :data:`MIN_GAIN` and the spread of either's timings: then
+    the fastest such. An error if fp32 TorchScript itself is not eligible (then the export is
+    broken)."""
     eligible = [c for c in candidates if not c.excluded and c.images_per_s]
-    if pinned is not None and not eligible:
-        failed = "; ".join(f"{c.runtime} {c.precision}: {c.excluded}" for c in candidates)
-        raise RuntimeChoiceError(f"--runtime {pinned} failed its check: {failed}")
-    if pinned is None and REFERENCE not in [c.runtime for c in eligible]:
+    if pinned is not None:
+        if not eligible:
+            failed = "; ".join(f"{c.runtime} {c.precision}: {c.excluded}" for c in candidates)
+            raise RuntimeChoiceError(f"--runtime {pinned} failed its check: {failed}")
+        return max(eligible, key=_speed), "pinned"
+    reference = next((c for c in eligible if c.runtime == REFERENCE), None)
+    if reference is None:
         reasons = "; ".join(f"{c.runtime}: {c.excluded}" for c in candidates if c.excluded)
         raise RuntimeChoiceError(f"fp32 TorchScript does not match the scripted model: {reasons}")
-    return max(eligible, key=lambda c: c.images_per_s or 0.0)
+    incumbent = next((c for c in eligible if c.key == earlier), reference)
+    held = "the earlier choice on this kind of host" if incumbent is not reference else ""
+    winners = [c for c in eligible if c is not incumbent and _beats(c, incumbent)]
+    if not winners:
+        return incumbent, (
+            f"kept {incumbent.runtime} {incumbent.precision}"
+            + (f" ({held})" if held else "")
+            + ": no candidate faster by more than its timings' spread and "
+            f"{MIN_GAIN:.0%}"
+        )
+    best = max(winners, key=_speed)
+    return best, (
+        f"{best.runtime} {best.precision} {_gain(best, incumbent):.0%} faster than "
+        f"{incumbent.runtime} {incumbent.precision}"
+        f" (needed over {_needed(best, incumbent):.0%}: the spread of their timings, at least "
+        f"{MIN_GAIN:.0%})"
+    )
+
+
+def _speed(candidate: Candidate) -> float:
+    return candidate.images_per_s or 0.0
+
+
+def _gain(challenger: Candidate, incumbent: Candidate) -> float:
+    """How much faster ``challenger`` is than ``incumbent``: 0.1 is 10% more images/s."""
+    return _speed(challenger) / _speed(incumbent) - 1.0
+
+
+def _beats(challenger: Candidate, incumbent: Candidate) -> bool:
+    return _gain(challenger, incumbent) > _needed(challenger, incumbent)
+
+
+def _needed(challenger: Candidate, incumbent: Candidate) -> float:
+    return max(MIN_GAIN, challenger.spread, incumbent.spread)
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def choice_identity(
+    config: ModelConfig,
+    requested: str,
+    reduced_tolerance: float | None,
+    check_images: str | Path | None,
+    host: HostCaps,
+) -> dict[str, Any]:
+    """What a runtime choice holds for: the checkpoint (its sha256), every setting of the
+    archive, the request and tolerance, the check images, the CPU model and flags, and the
+    versions of the packages the runtimes are."""
+    settings = {
+        name: value for name, value in dataclasses.asdict(config).items()
+        if name not in _CHOICE_FIELDS
+    }  # fmt: skip
+    return {
+        "checkpoint_sha256": config.extra.get("checkpoint_sha256", ""),
+        "settings": json.loads(json.dumps(settings, default=str)),
+        "requested": requested,
+        "reduced_tolerance": reduced_tolerance,
+        "check_images": _images_digest(check_images),
+        "cpu": host.kind(),
+        "packages": {name: _version(name) for name in TIMED_PACKAGES},
+    }
+
+
+def _images_digest(directory: str | Path | None) -> str | None:
+    if directory is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.npy")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_cache(cache_dir: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
+    if cache_dir is None or not identity["checkpoint_sha256"]:
+        return None
+    path = cache_dir / f"{_key(identity)}.json"
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: choose again
+        return None
+    return entry if entry.get("identity") == identity else None
+
+
+def _write_cache(cache_dir: Path | None, identity: dict[str, Any], settings: dict) -> None:
+    if cache_dir is None or not identity["checkpoint_sha256"]:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{_key(identity)}.json"
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps({"identity": identity, "settings": settings}, indent=1))
+    partial.replace(path)  # whole or not at all
+
+
+def _from_cache(cached: dict[str, Any], log: Callable[[str], None]) -> Selection:
+    settings = cached["settings"]
+    record = settings["runtime_choice"]
+    record["cached"] = True
+    log(
+        f"runtime {settings['runtime']} ({record['mode']}; chosen {record.get('chosen_at', '')} "
+        f"on this kind of host for this checkpoint, settings and packages: not timed again; "
+        f"{record.get('why', '')})"
+    )
+    return Selection(settings["runtime"], settings, [])
+
+
+def _earlier_choice(cache_dir: Path | None, identity: dict[str, Any]) -> tuple[str, str] | None:
+    """(runtime, precision) this checkpoint last chose on this kind of host (any settings or
+    package versions), from ``cache_dir``; None when it never did."""
+    if cache_dir is None or not identity["checkpoint_sha256"]:
+        return None
+    found: list[tuple[str, tuple[str, str]]] = []
+    for path in cache_dir.glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+            earlier, record = entry["identity"], entry["settings"]["runtime_choice"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        same = (earlier.get("checkpoint_sha256"), earlier.get("cpu"))
+        if same != (identity["checkpoint_sha256"], identity["cpu"]) or record["mode"] != AUTO:
+            continue
+        runtime = record["chosen"]
+        precision = entry["settings"].get("openvino_precision", RUNTIMES[runtime].precision)
+        found.append((record["chosen_at"], (runtime, precision)))
+    return max(found)[1] if found else None
 
 
 def place_runtime_file(runtime: str, scripted: Path, directory: Path) -> Path | None:
@@ -437,7 +632,11 @@ def describe(config: ModelConfig) -> str:
     host = choice.get("host")
     if host:
         have = ", ".join(name for name, on in host.items() if on)
-        lines[0] += f" on a CPU with {have or 'none of ' + ', '.join(host)}"
+        model = choice.get("cpu", {}).get("model")
+        lines[0] += f" on {model or 'a CPU'} with {have or 'none of ' + ', '.join(host)}"
+    if choice.get("why"):
+        cached = " (read from the cache: not timed again)" if choice.get("cached") else ""
+        lines.append(f"  why: {choice['why']}{cached}")
     for entry in choice.get("candidates", []):
         speed = entry["tta_images_per_s"]
         text = f"  {entry['runtime']}: {entry['precision'] or '-'}, "

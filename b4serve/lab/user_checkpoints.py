@@ -173,14 +173,14 @@ def calibration_batch(
     normalise them: what "training" measures the batch-norm statistics on. A network whose
     statistics never saw flat or striped images (or their mirrors) gives them logits in the
     thousands, which no trained model does."""
-    from b4serve.build.runtimes import probe_images
+    from b4serve.build.parity import varied_images
     from b4serve.lab.demo import generate_images
 
     discs, _ = generate_images(per_class=1, seed=1000 + seed, size=size)
     noise = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     probes = [  # the full-size ones, grey as RGB
         np.broadcast_to(image.reshape(size, size, -1), (size, size, 3)).astype(np.uint8)
-        for _, image in probe_images(size)
+        for _, image in varied_images(size)
         if image.shape[:2] == (size, size)
     ]
     images = np.concatenate([discs, noise, np.stack(probes)])

@@ -4,18 +4,25 @@ TorchServe sets ``number_of_gpu`` to the smaller of the GPUs it finds and the co
 it finds them in ``CUDA_VISIBLE_DEVICES`` when that is set, else by asking ``nvidia-smi``. It
 then hands each new worker the next GPU round-robin (``gpu_id`` in the worker's context), so
 ``initial_workers = gpus * workers per GPU`` puts the same number of workers on every GPU.
+
+    python -m b4serve.ops.gpus [--ts-config config.properties]   # prints the count
+
+(scripts/build_mar.sh passes it to the export, whose runtime choice serves the GPU path when
+the workers get any.)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["configured_gpus", "torchserve_gpus", "visible_gpus"]
+__all__ = ["configured_gpus", "main", "torchserve_gpus", "visible_gpus"]
 
 _NUMBER_OF_GPU = re.compile(r"^\s*number_of_gpu\s*[=:]\s*(\d+)\s*$", re.MULTILINE)
 
@@ -59,3 +66,17 @@ def torchserve_gpus(ts_config: Path | None, environ: Mapping[str, str] = os.envi
     found = visible_gpus(environ)
     configured = configured_gpus(ts_config, environ)
     return found if configured is None else min(found, configured)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m b4serve.ops.gpus", description=__doc__)
+    parser.add_argument(
+        "--ts-config", type=Path, default=os.environ.get("B4_TS_CONFIG") or None,
+        help="the server's config.properties, read for number_of_gpu (env B4_TS_CONFIG)",
+    )  # fmt: skip
+    print(torchserve_gpus(parser.parse_args(argv).ts_config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

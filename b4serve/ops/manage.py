@@ -50,7 +50,7 @@ _FAILURE_MARKERS = ("Traceback", "Error", "died", *_DEATH_MARKERS)
 # up, so one forward carries it whole; under load the queue fills it without waiting, and a
 # lone request waits at most the delay. Two workers per GPU let one decode its next batch and
 # talk to the frontend while the other's forward runs. Provisional until scripts/gpu_check.sh
-# has measured them on a GPU (docs/PERFORMANCE-GPU.md).
+# has measured them on a GPU (docs/GPU.md: not yet; it says how).
 GPU_BATCH_SIZE = DEFAULT_GPU_BUCKETS[-1]
 GPU_MAX_BATCH_DELAY_MS = 5
 GPU_WORKERS_PER_GPU = 2

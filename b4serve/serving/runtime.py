@@ -11,9 +11,11 @@ softmax) stays the same whatever runs the model and in whatever precision:
   bf16 where the plugin reports BF16 and the archive's parity check ran in bf16, else in fp32.
 - ``onnxruntime``: the ONNX export on ONNX Runtime's CPU provider, fp32.
 
-A worker first checks that its host can run the recorded runtime (:func:`unsupported`): an
-archive copied to another node type or a KServe pod without the package falls back to fp32
-TorchScript, and :class:`LoadedModel` says why (the handler logs it and labels a metric).
+A worker first checks that it can run the recorded runtime (:func:`unsupported`): an archive
+copied to another node type or a KServe pod without the package falls back to fp32 TorchScript,
+and a worker given a GPU runs TorchScript on it (the only runtime with a GPU path), whatever the
+archive records; :class:`LoadedModel` says why, where the model runs and in what precision, and
+whether the runtime was chosen on another kind of CPU (the handler logs it, labels a metric).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +52,11 @@ __all__ = [
     "load_torchscript",
     "micro_batch_size",
     "openvino_has_bf16",
+    "openvino_runs_bf16",
+    "other_kind_of_host",
     "select_device",
     "unsupported",
+    "worker_runtime",
 ]
 
 MODEL_FILE = "model.pt"  # in every archive: the reference runtime's file, and the fallback's
@@ -86,18 +92,26 @@ RUNTIMES: dict[str, RuntimeSpec] = {
 
 @dataclass(frozen=True)
 class HostCaps:
-    """What this host's CPU offers the runtimes, from its ``/proc/cpuinfo`` flags."""
+    """What this host's CPU offers the runtimes, from its ``/proc/cpuinfo`` model and flags."""
 
     flags: frozenset[str]
+    model: str = ""  # "model name" ("" where cpuinfo has none, e.g. ARM)
+    # Whether OpenVINO's CPU plugin reports BF16 here; None: ask it (a simulated host says)
+    openvino_bf16: bool | None = None
 
     @classmethod
     def from_cpuinfo(cls, text: str) -> HostCaps:
-        """The flags of the first CPU in ``text`` (x86 ``flags``, or ARM ``Features``)."""
+        """The model and flags of the first CPU in ``text`` (x86 ``flags``, or ARM
+        ``Features``)."""
+        model, flags = "", frozenset[str]()
         for line in text.splitlines():
             key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
             if key.strip() in ("flags", "Features"):
-                return cls(frozenset(value.split()))
-        return cls(frozenset())
+                flags = frozenset(value.split())
+                break
+        return cls(flags, model)
 
     @property
     def avx2(self) -> bool:
@@ -120,6 +134,45 @@ class HostCaps:
         """The capabilities the runtimes care about, for logs, metadata and the bench."""
         return {"avx2": self.avx2, "avx512": self.avx512, "bf16": self.bf16, "amx": self.amx}
 
+    def kind(self) -> dict[str, Any]:
+        """The kind of host a runtime choice holds for: CPU model and every flag (the build
+        records it; a worker compares it with its own, :func:`other_kind_of_host`)."""
+        return {"model": self.model, "flags": sorted(self.flags)}
+
+    def describe(self) -> str:
+        """The CPU in a few words: model and the capabilities it has."""
+        have = [name for name, on in self.summary().items() if on]
+        return f"{self.model or 'unknown CPU'}; {', '.join(have) or 'no avx2'}"
+
+
+def other_kind_of_host(recorded: dict[str, Any], host: HostCaps) -> str | None:
+    """A sentence when ``host`` is not the kind of host ``recorded`` (:meth:`HostCaps.kind` of
+    the build host) describes; None when it is, or when nothing was recorded."""
+    if not recorded:
+        return None
+    flags = frozenset(recorded.get("flags", ()))
+    model = recorded.get("model", "")
+    if model == host.model and flags == host.flags:
+        return None
+    differences = []
+    if model != host.model:
+        unnamed = "an unnamed CPU"
+        differences.append(f"chosen on {model or unnamed}, served on {host.model or unnamed}")
+    missing, added = sorted(flags - host.flags), sorted(host.flags - flags)
+    if missing:
+        differences.append(f"flags missing here: {_few(missing)}")
+    if added:
+        differences.append(f"flags only here: {_few(added)}")
+    return (
+        "the runtime was chosen on another kind of host (" + "; ".join(differences) + "): "
+        "its timings may not hold here; build the archive on this kind of host to choose again"
+    )
+
+
+def _few(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return " ".join(names[:shown]) + more
+
 
 @functools.cache
 def host_caps() -> HostCaps:
@@ -128,6 +181,14 @@ def host_caps() -> HostCaps:
         return HostCaps.from_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return HostCaps(frozenset())
+
+
+def openvino_runs_bf16(host: HostCaps) -> bool:
+    """Whether OpenVINO runs bf16 on ``host``: bf16 instructions, and its CPU plugin reporting
+    BF16 (asked, unless ``host`` says)."""
+    if not host.bf16:
+        return False
+    return openvino_has_bf16() if host.openvino_bf16 is None else host.openvino_bf16
 
 
 def openvino_has_bf16() -> bool:
@@ -183,23 +244,76 @@ def select_device(gpu_id: int | None) -> torch.device:
 
 @dataclass
 class LoadedModel:
-    """The model a worker serves: what runs it, and why not the recorded runtime if it fell back."""
+    """The model a worker serves: what runs it, where, in what precision, why not the recorded
+    runtime if it fell back, and whether the runtime was chosen on another kind of host."""
 
     model: Model
     runtime: str
     recorded: str
     fallback: Unsupported | None = None
+    where: str = "cpu"  # the device and what it is, e.g. "cpu (AMD EPYC; avx2)"
+    precision: str = "fp32"
+    other_host: str | None = None  # :func:`other_kind_of_host`'s sentence
+
+    def runs_on(self) -> str:
+        """Where and on what the model runs, for the worker's log."""
+        return f"{self.runtime} runtime on {self.where} in {self.precision}"
+
+
+def worker_runtime(
+    config: ModelConfig, device: torch.device, host: HostCaps
+) -> tuple[str, Unsupported | None]:
+    """The runtime a worker on ``device`` serves ``config`` with, and why it is not the
+    recorded one: a GPU worker runs TorchScript on its GPU (no other runtime has a GPU path:
+    a CPU-only runtime would leave the GPU idle); a CPU worker falls back to fp32 TorchScript
+    where ``host`` cannot run the recorded runtime."""
+    if device.type == "cuda" and config.runtime != REFERENCE:
+        return REFERENCE, Unsupported(
+            "gpu-worker",
+            f"runtime {config.runtime} runs on the CPU only, and this worker has GPU {device}: "
+            f"TorchScript runs on it in {config.gpu_precision}, without the GPU parity check "
+            "that an export on a GPU host makes (build the archive on this kind of host)",
+        )
+    refused = unsupported(config.runtime, host)
+    return (REFERENCE if refused else config.runtime), refused
 
 
 def load_model(
     directory: str | Path, config: ModelConfig, device: torch.device, host: HostCaps | None = None
 ) -> LoadedModel:
-    """The model in ``directory`` (an unpacked archive or a build), in the runtime ``config``
-    records, or in fp32 TorchScript where ``host`` (default: this one) cannot run that one."""
-    refused = unsupported(config.runtime, host or host_caps())
-    runtime = REFERENCE if refused else config.runtime
+    """The model in ``directory`` (an unpacked archive or a build), in the runtime
+    :func:`worker_runtime` gives ``config`` on ``device`` and ``host`` (default: this one)."""
+    host = host or host_caps()
+    runtime, refused = worker_runtime(config, device, host)
     model = load_runtime(runtime, Path(directory), config, device)
-    return LoadedModel(model, runtime, config.runtime, refused)
+    return LoadedModel(
+        model,
+        runtime,
+        config.runtime,
+        refused,
+        where=_device_words(device, host),
+        precision=_precision(runtime, config, device, model),
+        other_host=None if device.type == "cuda" else _chosen_elsewhere(config, host),
+    )
+
+
+def _device_words(device: torch.device, host: HostCaps) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({host.describe()})"
+
+
+def _precision(runtime: str, config: ModelConfig, device: torch.device, model: Model) -> str:
+    if runtime == REFERENCE and device.type == "cuda" and config.optimize:
+        return config.gpu_precision
+    if isinstance(model, OpenVinoModel):
+        return model.precision  # fp32 where the plugin has no BF16, whatever was recorded
+    return RUNTIMES[runtime].precision if runtime != "openvino" else config.openvino_precision
+
+
+def _chosen_elsewhere(config: ModelConfig, host: HostCaps) -> str | None:
+    """Whether the recorded runtime was chosen on another kind of host than ``host``."""
+    return other_kind_of_host(config.runtime_choice.get("cpu", {}), host)
 
 
 def load_runtime(runtime: str, directory: Path, config: ModelConfig, device: torch.device) -> Model:

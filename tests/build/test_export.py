@@ -155,7 +155,7 @@ def test_each_variant_saved_the_seeds_way_exports_equal_to_the_users_module(
     pinned = ("--runtime", "torchscript")
     assert export(checkpoint, output, "--trust-checkpoint", "--no-optimize", *pinned) == 0
     printed = capsys.readouterr().out
-    assert "TorchScript model.pt reproduces your module: max |logit difference|" in printed
+    assert "TorchScript model.pt reproduces your module: max |probability difference|" in printed
     config = ModelConfig.load(output.parent)
     assert config.padding == (TF_SAME if arch.startswith("tf_") else "symmetric")
     assert exported_difference(module, torch.jit.load(str(output)), 224) <= 1e-4

@@ -14,14 +14,13 @@ from torch import nn
 
 import export_torchscript
 from b4serve.build.gpu_parity import (
-    PROBABILITY_TOLERANCE,
     GpuParityError,
     check_gpu_parity,
-    load_check_images,
     measure_gpu_parity,
     parity_at_export,
 )
 from b4serve.build.models import create_model
+from b4serve.build.parity import TOLERANCES, CheckImagesError, check_images
 from b4serve.serving.config import ModelConfig
 
 CPU = torch.device("cpu")
@@ -49,9 +48,12 @@ def test_half_precision_passes_with_its_figures(tmp_path, config) -> None:
     assert config.gpu_precision == "fp16"  # the default
     path = scripted(tmp_path / "model.pt")
     parity = check_gpu_parity(path, config, CPU)
-    assert parity.passed and parity.images == 12  # two check images of each demo class
-    assert parity.max_difference <= PROBABILITY_TOLERANCE and parity.top1_mismatches == ()
-    assert parity.summary().startswith("fp16 on cpu against float32 on the CPU, 12 images: same")
+    images = len(check_images(config))  # the one check set, as every parity check uses
+    assert parity.passed and parity.images == images and parity.tolerance == TOLERANCES["fp16"]
+    assert parity.max_difference <= TOLERANCES["fp16"] and parity.top1_mismatches == ()
+    assert parity.summary().startswith(
+        f"fp16 on cpu against float32 on the CPU, {images} images: same"
+    )
     # it did run in fp16: float32 on the same path differs from the CPU's by rounding alone
     full = measure_gpu_parity(path, dataclasses.replace(config, gpu_precision="fp32"), CPU)
     assert parity.max_difference > 10 * full.max_difference
@@ -60,8 +62,8 @@ def test_half_precision_passes_with_its_figures(tmp_path, config) -> None:
 def test_a_top1_that_flips_in_half_precision_is_refused_with_the_figures(tmp_path, bf16):
     path = scripted(tmp_path / "model.pt", NearTie())
     parity = measure_gpu_parity(path, bf16, CPU)
-    assert parity.top1_mismatches == tuple(range(12)) and not parity.passed
-    assert parity.max_difference < PROBABILITY_TOLERANCE  # refused for the top-1 alone
+    assert parity.top1_mismatches == tuple(range(len(check_images(bf16)))) and not parity.passed
+    assert parity.max_difference < TOLERANCES["bf16"]  # refused for the top-1 alone
     with pytest.raises(GpuParityError) as refused:
         check_gpu_parity(path, bf16, CPU)
     message = str(refused.value)
@@ -82,12 +84,12 @@ def test_the_users_own_check_images_are_used(tmp_path, bf16, rng) -> None:
     folder.mkdir()
     for index in range(3):
         np.save(folder / f"{index}.npy", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
-    images = load_check_images(folder)
+    images = [image for _, image in check_images(bf16, folder)]
     assert len(images) == 3
     parity = check_gpu_parity(scripted(tmp_path / "model.pt"), bf16, CPU, images)
     assert parity.images == 3
-    with pytest.raises(GpuParityError, match=r"no \.npy files in"):
-        load_check_images(tmp_path / "model.pt.d")
+    with pytest.raises(CheckImagesError, match=r"no \.npy files there"):
+        check_images(bf16, tmp_path / "model.pt.d")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -107,7 +109,8 @@ def test_export_writes_the_gpu_settings_and_says_parity_was_not_checked(tmp_path
     torch.save(create_model("efficientnet_b0", 6).state_dict(), checkpoint)
     output = tmp_path / "out" / "model.pt"
     argv = ["--checkpoint", str(checkpoint), "--arch", "efficientnet_b0", "--output",
-            str(output), "--gpu-precision", "bf16", "--gpu-buckets", "1,4,16"]  # fmt: skip
+            str(output), "--gpu-precision", "bf16", "--gpu-buckets", "1,4,16",
+            "--runtime", "torchscript"]  # the CPU runtime is not what this tests  # fmt: skip
     assert export_torchscript.main(argv) == 0
     config = ModelConfig.load(output.parent)
     assert (config.gpu_precision, config.gpu_buckets) == ("bf16", (1, 4, 16))

@@ -62,6 +62,11 @@ def test_the_same_checkpoint_and_settings_are_the_same_build(checkpoint: Path) -
     assert ident(checkpoint, B4_NUM_CLASSES="6", B4_RUNTIME="auto") == ident(checkpoint)
 
 
+def test_gpu_workers_are_another_build_whatever_their_count(checkpoint: Path) -> None:
+    assert ident(checkpoint, B4_GPUS="0") == ident(checkpoint)
+    assert ident(checkpoint, B4_GPUS="1") == ident(checkpoint, B4_GPUS="8") != ident(checkpoint)
+
+
 def test_registration_settings_and_the_path_of_the_checkpoint_are_not_the_build(
     checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -1,5 +1,7 @@
 """Loading the exported model: freezing, channels_last and oneDNN Graph fusion on the CPU; the
-bf16, OpenVINO and ONNX Runtime runtimes; the host check and the fallback to fp32 TorchScript."""
+bf16, OpenVINO and ONNX Runtime runtimes; the host check and the fallback to fp32 TorchScript;
+GPU workers on TorchScript; what the worker says about where it runs and the build host. Hosts
+are simulated (tests/small_models.py), GPUs where torch is asked for them."""
 
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ from b4serve.serving.runtime import (
     load_model,
     load_torchscript,
     openvino_has_bf16,
+    openvino_runs_bf16,
+    other_kind_of_host,
+    select_device,
     unsupported,
+    worker_runtime,
 )
 from b4serve.serving.tta import tta_probabilities
 
@@ -95,6 +101,53 @@ def test_host_capabilities_come_from_the_cpu_flags() -> None:
     assert AVX2_ONLY.summary() == {"avx2": True, "avx512": False, "bf16": False, "amx": False}
     assert SAPPHIRE_RAPIDS.bf16 and SAPPHIRE_RAPIDS.amx
     assert not HostCaps.from_cpuinfo("").flags  # no cpuinfo: nothing assumed
+    assert AVX2_ONLY.kind() == {"model": "AMD EPYC 7B12",
+                                "flags": ["avx", "avx2", "fma", "fpu", "sse2"]}  # fmt: skip
+    assert AVX2_ONLY.describe() == "AMD EPYC 7B12; avx2"
+    # a simulated host says what OpenVINO's plugin reports: the real one is not asked
+    assert openvino_runs_bf16(SAPPHIRE_RAPIDS) and not openvino_runs_bf16(AVX2_ONLY)
+    assert not openvino_runs_bf16(dataclasses.replace(AVX512_BF16, openvino_bf16=False))
+
+
+def test_a_worker_on_another_kind_of_host_says_so(scripted, config: ModelConfig) -> None:
+    chosen_on = dataclasses.replace(config, runtime_choice={"cpu": AVX512_BF16.kind()})
+    same = load_model(scripted.parent, chosen_on, CPU, host=AVX512_BF16)
+    assert same.other_host is None
+    assert (
+        same.runs_on() == "torchscript runtime on cpu (AMD EPYC 9B14; avx2, avx512, bf16) in fp32"
+    )
+    moved = load_model(scripted.parent, chosen_on, CPU, host=AVX2_ONLY)
+    assert moved.other_host is not None
+    assert moved.other_host.startswith(
+        "the runtime was chosen on another kind of host (chosen on AMD EPYC 9B14, served on AMD "
+        "EPYC 7B12; flags missing here: avx512_bf16 avx512_vnni avx512f; flags only here: fma): "
+        "its timings may not hold"
+    )
+    more = dataclasses.replace(AVX2_ONLY, flags=AVX2_ONLY.flags | {"avx512f"})
+    flags_only = other_kind_of_host(AVX2_ONLY.kind(), more)
+    assert flags_only is not None and "flags only here: avx512f" in flags_only
+    assert other_kind_of_host({}, AVX2_ONLY) is None  # an archive from before the record
+
+
+def test_a_gpu_worker_runs_torchscript_on_its_gpu_whatever_the_archive_records(
+    config: ModelConfig, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host, as torch says
+    gpu = select_device(1)  # TorchServe's gpu_id for this worker
+    assert gpu == torch.device("cuda", 1)
+    for recorded in ("openvino", "onnxruntime", "torchscript-bf16"):
+        runtime, why = worker_runtime(dataclasses.replace(config, runtime=recorded), gpu,
+                                      AVX512_BF16)  # fmt: skip
+        assert runtime == "torchscript" and why is not None and why.code == "gpu-worker"
+        assert f"runtime {recorded} runs on the CPU only, and this worker has GPU cuda:1" in (
+            why.reason
+        )
+        assert "TorchScript runs on it in fp16" in why.reason
+    assert worker_runtime(config, gpu, AVX2_ONLY) == ("torchscript", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = select_device(1)  # a gpu_id but no CUDA: the CPU, and the recorded runtime
+    onnx = dataclasses.replace(config, runtime="onnxruntime")
+    assert cpu == CPU and worker_runtime(onnx, cpu, AVX2_ONLY) == ("onnxruntime", None)
 
 
 def test_a_host_refuses_what_it_cannot_run_with_a_reason(monkeypatch) -> None:
