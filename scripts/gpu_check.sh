@@ -18,7 +18,7 @@
 #   B4_GPU_CHECK_BATCH (64: the handler's batch), B4_GPU_CHECK_BUCKETS (the export's default),
 #   B4_GPU_CHECK_DEMO_DIR (default: built in the scratch dir), PYTHON (python3: the machine's
 #   interpreter and its torch; no virtual env is made there).
-# Results in $OUT: gpu-check.md (commit it as docs/PERFORMANCE-GPU.md), gpu-check.json,
+# Results in $OUT: gpu-check.md (its figures go into docs/GPU.md), gpu-check.json,
 #   export.txt, gpu-tests.txt, install.txt. Exits 1 if a step or a check failed; the table
 #   is still written.
 set -euo pipefail
@@ -120,7 +120,7 @@ if ! export_model "${export_args[@]}" | tee "$out/export.txt" >&2; then
 fi
 
 log "running the GPU tests"
-tests=(tests/serving/test_gpu_cuda.py tests/serving/test_gpu_path.py tests/ops/test_gpu_parity.py
+tests=(tests/serving/test_gpu_cuda.py tests/serving/test_gpu_path.py tests/build/test_gpu_parity.py
   tests/test_handler_out_of_memory.py)
 (cd "$B4_ROOT" && timeout 300 "$python" -m pytest -p no:cacheprovider -q -rs "${tests[@]}") \
   >"$out/gpu-tests.txt" 2>&1 || failed+=("GPU tests")
@@ -147,4 +147,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   log "FAILED: ${failed[*]}; results in $out"
   exit 1
 fi
-log "done in $(( $(date +%s) - started )) s; results in $out (commit gpu-check.md as docs/PERFORMANCE-GPU.md)"
+log "done in $(( $(date +%s) - started )) s; results in $out (its figures go into docs/GPU.md)"

@@ -343,7 +343,7 @@ def _best(rows: dict[str, dict[str, float]]) -> str:
 
 
 def markdown(report: Report, handler_batch: int) -> str:
-    """The report as a markdown page (docs/PERFORMANCE-GPU.md)."""
+    """The report as a markdown page (its figures go into docs/GPU.md)."""
     host, model = report.host, report.model
     lines = [
         f"# GPU check: {host.get('gpu', host['device'])}",
