@@ -59,15 +59,14 @@ export PYTHONPATH="$B4_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 die() { echo "error: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 # Run one long step of a deploy, saying when it starts and how long it took (on stderr, so that
-# a caller can still capture its stdout).
+# a caller can still capture its stdout). A step that fails adds nothing: its own error stays
+# the last line the user reads.
 step() {
-  local what="$1" started=$SECONDS rc=0
+  local what="$1" started=$SECONDS
   shift
   log "$what ..."
-  "$@" || rc=$?
-  if [ "$rc" = 0 ]; then log "$what: done in $((SECONDS - started)) s"
-  else log "$what: failed after $((SECONDS - started)) s"; fi
-  return "$rc"
+  "$@" || return $?
+  log "$what: done in $((SECONDS - started)) s"
 }
 
 # Print a script's leading comment block (after the shebang) as its --help.

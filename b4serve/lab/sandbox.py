@@ -140,6 +140,7 @@ def server_env(root: Path, token_expiration_min: float | None = None) -> dict[st
         "B4_GRPC_INFERENCE_PORT": str(grpc_inference),
         "B4_GRPC_MANAGEMENT_PORT": str(grpc_management),
         "B4_RUN_DIR": str(root / "run"),
+        "B4_EDGE_DIR": str(root / "run" / "edge"),  # never the caller's (scripts/env.sh exports it)
         "B4_KEY_FILE": str(root / "run" / "key_file.json"),
         "B4_LOG_DIR": str(root / "run" / "logs"),
         "B4_TMPDIR": str(root / "tmp"),

@@ -125,36 +125,38 @@ def refusals_are_key_refusals_retried(exchanges: list[Exchange]) -> list[Exchang
     return [exchange for _, exchange in refused]
 
 
-BLOCKERS = 4  # at least 4 forwards (each image with its mirror) ahead of the bodies
+BATCH = 4  # the session server's batch size (deploy's default)
 
 
 def in_one_batch(server: Server, bodies: list[bytes], tag: str) -> list[requests.Response]:
-    """POST ``bodies`` at once while the worker is busy with BLOCKERS earlier requests, so that
-    they queue up and TorchServe hands them to the worker as one batch (batch_size=4, no
-    max_batch_delay wait). Whether they shared one is read from the handler's log, by request id;
-    bodies that raced past the busy worker are sent again (3 tries). Returns the responses of the
-    try where they shared a batch. (One blocker was not enough on a quiet host: its forward,
-    about 80 ms, ended before the bodies came, and a first body then went alone.)"""
-    assert len(bodies) <= 4
+    """POST ``bodies`` so that TorchServe hands them to the worker as one batch: a first blocker
+    keeps the idle worker busy, then a full batch of blockers queues up ahead of the bodies, so
+    the bodies (queued while those run) fill the next batch alone. Whether they shared one is
+    read from the handler's log, by request id; a try where they did not is sent again (5 tries).
+    Returns the responses of the try where they shared a batch. (Blockers sent all at once split
+    between batches and let bodies in beside them.)"""
+    assert len(bodies) <= BATCH
     blocker = encode_npy(np.zeros((64, 64, 3), np.uint8))
 
     def send(body: bytes, request_id: str) -> requests.Response:
         headers = {**server.keys.auth_headers("inference"), REQUEST_ID_HEADER: request_id}
         return post(server, body, headers)
 
-    with ThreadPoolExecutor(len(bodies) + BLOCKERS) as pool:
-        for attempt in range(3):
+    with ThreadPoolExecutor(len(bodies) + BATCH + 1) as pool:
+        for attempt in range(5):
             model_log = LogWatch(server.log_dir)
             ids = [f"{tag}-{attempt}-{n}" for n in range(len(bodies))]
-            busy = [pool.submit(send, blocker, f"{tag}-{attempt}-blocker{k}")
-                    for k in range(BLOCKERS)]  # fmt: skip
-            time.sleep(0.1)  # the worker has taken a first blocker; the rest wait in the queue
+            busy = [pool.submit(send, blocker, f"{tag}-{attempt}-blocker0")]
+            time.sleep(0.1)  # the worker took it alone
+            busy += [pool.submit(send, blocker, f"{tag}-{attempt}-blocker{k + 1}")
+                     for k in range(BATCH)]  # fmt: skip
+            time.sleep(0.1)  # a full batch waits in the queue, ahead of the bodies
             responses = list(pool.map(send, bodies, ids))
-            assert [b.result().status_code for b in busy] == [200] * BLOCKERS
+            assert [b.result().status_code for b in busy] == [200] * len(busy)
             batches = handled_batches(model_log, waiting_for=ids)
             if any({h.request_id for h in batch} >= set(ids) for batch in batches):
                 return responses
-    raise AssertionError(f"{tag}: the bodies never shared a batch in 3 tries")
+    raise AssertionError(f"{tag}: the bodies never shared a batch in 5 tries")
 
 
 def answered_once(server_log: LogWatch, results: list[Result]) -> None:

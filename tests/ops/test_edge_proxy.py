@@ -29,6 +29,7 @@ def edge_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "B4_RUN_DIR": str(tmp_path / "run"),
+        "B4_EDGE_DIR": str(tmp_path / "run" / "edge"),  # scripts/test.sh exports the repo's
         "B4_EDGE_PORT": str(edge),
         "B4_EDGE_BIND": "127.0.0.1",
         "B4_INFERENCE_PORT": str(inference),
@@ -90,7 +91,7 @@ def test_the_map_keeps_hashes_and_a_reload_keeps_credentials(env: dict[str, str]
     credential = run_edge(env, "--issue", "bob").stdout.strip()
     replaced = run_edge(env, "--issue", "carol").stdout.strip()
     newer = run_edge(env, "--issue", "carol").stdout.strip()  # carol's first one is void
-    stored = (Path(env["B4_RUN_DIR"]) / "edge" / "credentials.map").read_text()
+    stored = (Path(env["B4_EDGE_DIR"]) / "credentials.map").read_text()
     assert credential not in stored and credential_hash(credential) in stored
     assert run_edge(env).returncode == 0  # reload
     assert post(env, credential).status_code == 503
