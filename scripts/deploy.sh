@@ -117,14 +117,17 @@ start_server() {
   # TorchServe's reason if it refuses to start, and starts it again if it dies (with the models
   # of TorchServe's snapshot). `torchserve --stop` stops both. setsid inside: Ctrl-C on this
   # script stops neither.
+  local started=$SECONDS
+  log "TorchServe start ..."
   "$PY" -m b4serve.ops.supervise start
   manage --timeout 120 wait-ping
+  log "TorchServe start: done in $((SECONDS - started)) s"
 }
 
 if manage ping 2>/dev/null; then
   log "TorchServe is running on $B4_HOST:$B4_INFERENCE_PORT"
 else
-  step "TorchServe start" start_server
+  start_server  # not under step: a function keeps set -e only outside a || list
 fi
 
 mar="$B4_MODEL_NAME-$version.mar"

@@ -60,7 +60,7 @@ die() { echo "error: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 # Run one long step of a deploy, saying when it starts and how long it took (on stderr, so that
 # a caller can still capture its stdout). A step that fails adds nothing: its own error stays
-# the last line the user reads.
+# the last line the user reads. Commands only: a shell function run here loses set -e.
 step() {
   local what="$1" started=$SECONDS
   shift
