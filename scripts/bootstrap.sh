@@ -122,7 +122,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 started=$SECONDS
 mapfile -t torch_args < <(torch_index_args)
 pip_install "${torch_args[@]}" "$(grep -E '^torch==' "$B4_ROOT/requirements.txt")"
-log "torch $("$PY" -c 'import torch; print(torch.__version__)') ready ($((SECONDS - started)) s)"
+log "torch $("$PY" -W ignore -c 'import torch; print(torch.__version__)') ready ($((SECONDS - started)) s)"
 # 2. everything else but geffnet (it declares torchvision, which would replace torch).
 for file in "${requirements[@]}"; do
   requirement_lines "$file" | grep -vE '^(torch==|geffnet|#|-r|$)' | xargs -r "$PY" -m pip \
