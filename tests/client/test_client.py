@@ -421,3 +421,10 @@ def test_cli_resume_sends_only_what_is_not_answered_yet(
 def test_cli_resume_without_output_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert client.main(["x.npy", "--resume"]) == 2
     assert "--resume needs --output" in capsys.readouterr().err
+
+
+def test_the_package_exports_every_public_name_of_the_client_module() -> None:
+    import b4serve.client
+
+    assert sorted(b4serve.client.__all__) == sorted(client.__all__)
+    assert all(getattr(b4serve.client, name) is getattr(client, name) for name in client.__all__)
