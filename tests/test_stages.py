@@ -5,10 +5,10 @@ circle, counting imports inside functions."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from imported import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "b4serve"
@@ -38,13 +38,9 @@ def stage_of(module: str) -> str:
 
 def package_imports(path: Path) -> set[str]:
     """Modules of b4serve that ``path`` imports, at top level or inside functions."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-    return {name for name in found if name == "b4serve" or name.startswith("b4serve.")}
+    return {
+        name for name in imported_modules(path) if name == "b4serve" or name.startswith("b4serve.")
+    }
 
 
 def sources() -> list[Path]:

@@ -3,26 +3,16 @@ code, so the archive can carry it by itself and it runs under any server."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
+
+from imported import imported_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "b4serve" / "serving"
 # Outside the core: TorchServe, our operator and lab code, and export-time or client-only packages.
 FORBIDDEN = ("ts", "b4serve.ops", "b4serve.lab", "geffnet", "requests", "psutil", "handler")
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, at top level or inside functions."""
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules.add(node.module)
-    return modules
 
 
 def is_forbidden(module: str) -> bool:
