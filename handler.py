@@ -1,8 +1,9 @@
 """TorchServe adapter: context and request list in, one response per request out.
 
 All logic lives in ``b4serve`` (shipped in the archive with ``--extra-files``); this file only
-maps TorchServe's contract (initialize, preprocess, inference, postprocess) onto it and gives each
-failed request its own HTTP status with ``context.set_response_status``.
+maps TorchServe's contract onto it: ``initialize`` loads the model, ``handle`` hands the batch to
+:meth:`b4serve.serving.pipeline.Classifier.answer` once and gives each request its own HTTP
+status with ``context.set_response_status``; memory and metrics are reported per batch.
 """
 
 from __future__ import annotations
@@ -21,16 +22,7 @@ from b4serve.serving.allocator import (
     keep_freed_memory,
 )
 from b4serve.serving.config import ModelConfig
-from b4serve.serving.pipeline import Classifier, Outcome, Reply, replies
-from b4serve.serving.protocol import (
-    OUTPUT_NAME,
-    ParsedRequest,
-    Protocol,
-    RequestLimits,
-    detect_protocol,
-    parse_requests,
-)
-from b4serve.serving.request_ids import Handled, handled_line, request_id_of
+from b4serve.serving.pipeline import Classifier
 from b4serve.serving.runtime import OneDnnFused, load_model, select_device
 from b4serve.serving.telemetry import METRICS, batch_observations, runtime_labels
 
@@ -87,53 +79,28 @@ class B4Handler:
         )  # fmt: skip
         self.initialized = True
 
-    def preprocess(self, data: list[Any], context: Any) -> list[ParsedRequest]:
-        """The requests of this batch with their images (b4serve.serving.protocol); a request
-        the parser cannot take, or over the per-request limits, is its own error."""
-        limits = RequestLimits.of(self.classifier.config) if self.classifier else None
-        return parse_requests(data, context.get_all_request_header, limits)
-
-    def inference(self, payloads: list[object]) -> list[Outcome]:
-        """Decode, validate and classify every image; bad ones come back as errors."""
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        """TorchServe's entry point for one server batch (or one enveloped KServe request):
+        the core answers it (b4serve.serving.pipeline); each reply's status, content type and
+        headers go onto the context."""
         assert self.classifier is not None, "initialize() was not called"
-        return self.classifier.classify(payloads)
-
-    def postprocess(self, replies: list[Reply], context: Any, protocol: Protocol) -> list[Any]:
-        """Each request's JSON answer and status (its first failed image's); under a KServe
-        envelope, the one request's per-image answers, which the envelope wraps."""
-        for index, reply in enumerate(replies):
+        held = held_memory()  # between batches: the last one's buffers are freed, none taken yet
+        batch = self.classifier.answer(
+            data, context.get_all_request_header, self.model_name, self.model_version
+        )
+        self.report(batch.images, held)
+        for index, reply in enumerate(batch.replies):
             context.set_response_content_type(index, reply.content_type)
             for name, value in reply.headers.items():  # the v2 binary-data header length
                 context.set_response_header(index, name, value)
-            for image, error in reply.failures:
-                where = f"image {image}: " if reply.images > 1 else ""
-                log.warning(
-                    "request %d of %d failed: %d %s: %s%.300s", index, len(replies),
-                    error.status, error.type, where, error.message,
-                )  # fmt: skip
             if reply.error is not None:
                 # The standard phrase, never the message: TorchServe 0.12 frames the phrase by
                 # its length in characters, so one non-ASCII character in it corrupts the reply
                 # stream and kills the worker. The message travels in the JSON body.
                 context.set_response_status(reply.error.status, reply.error.phrase, index)
-        if protocol != "raw":  # one request, whose per-image answers the envelope wraps
-            if protocol == "v2":  # kservev2 names each output after context.input_names
-                context.input_names = [OUTPUT_NAME] * len(replies[0].body)
-            return replies[0].body
-        return [reply.body for reply in replies]
-
-    def handle(self, data: list[Any], context: Any) -> list[Any]:
-        """TorchServe's entry point for one server batch (or one enveloped KServe request)."""
-        held = held_memory()  # between batches: the last one's buffers are freed, none taken yet
-        protocol = detect_protocol(data)
-        requests = self.preprocess(data, context)
-        outcomes = self.inference([payload for r in requests for payload in r.payloads])
-        if self.classifier is not None:
-            self.report(len(outcomes), held)
-        found = replies(requests, outcomes, protocol, self.model_name, self.model_version)
-        answers = self.postprocess(found, context, protocol)
-        log.info("%s", handled_line(handled(found, context)))  # what the server answered, by id
-        return answers
+        if batch.output_names is not None:  # kservev2 names each output after input_names
+            context.input_names = batch.output_names
+        return batch.bodies
 
     def report(self, images: int, held: HeldMemory) -> None:
         """Log the latest batch, and the memory held before it, in a line and add the batch to
@@ -149,18 +116,6 @@ class B4Handler:
             metric = self.metrics.get(observation.metric.name)
             if metric is not None:
                 metric.add_or_update(observation.value, list(observation.dimensions))
-
-
-def handled(found: list[Reply], context: Any) -> list[Handled]:
-    """Each answered request's client id (``X-Client-Request-Id``) and status, in batch order.
-
-    Under a KServe envelope the batch is one request, whose headers are the first request's.
-    """
-    return [
-        Handled(request_id_of(context.get_all_request_header(index)),
-                reply.error.status if reply.error else 200)
-        for index, reply in enumerate(found)
-    ]  # fmt: skip
 
 
 def register_metrics(context: Any) -> dict[str, Any]:

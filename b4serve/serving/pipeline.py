@@ -1,14 +1,16 @@
 """The serving data path as plain functions: bytes -> array -> tensor -> model -> JSON.
 
-Nothing here knows TorchServe; ``handler.py`` adapts its context and request list to
-:class:`Classifier`, and tests drive the same object in-process.
+One server batch goes in and its answers come out in one call, :meth:`Classifier.answer`:
+parse (b4serve.serving.protocol) -> decode -> predict -> one reply per request. Nothing here
+knows TorchServe; ``handler.py`` only hands the batch over and copies each reply's status and
+headers onto TorchServe's context, and tests drive the same call without TorchServe.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +22,30 @@ from b4serve.serving.config import ModelConfig
 from b4serve.serving.errors import InferenceError, InvalidInput, OutOfMemory
 from b4serve.serving.gpu import DeviceBatches, out_of_memory, release_device_memory
 from b4serve.serving.preprocess import Preprocessor, stack_channels_last
-from b4serve.serving.protocol import ParsedRequest, Protocol, answer_of, raw_answer
+from b4serve.serving.protocol import (
+    OUTPUT_NAME,
+    ParsedRequest,
+    Protocol,
+    RequestLimits,
+    answer_of,
+    detect_protocol,
+    parse_requests,
+    raw_answer,
+)
+from b4serve.serving.request_ids import Handled, handled_line, request_id_of
 from b4serve.serving.runtime import Model, micro_batch_size
 from b4serve.serving.telemetry import BatchStats
 from b4serve.serving.tta import tta_probabilities
 
-__all__ = ["WARM_UP_CALLS", "Classifier", "Decoded", "Outcome", "Reply", "replies"]
+__all__ = [
+    "WARM_UP_CALLS",
+    "BatchAnswer",
+    "Classifier",
+    "Decoded",
+    "Outcome",
+    "Reply",
+    "replies",
+]
 
 # Calls per input shape before TorchScript runs its optimised graph: the profiling executor
 # records shapes on the first, and with oneDNN fusion compiles on the next ones (measured: the
@@ -70,6 +90,31 @@ class Reply:
     def error(self) -> InferenceError | None:
         """The first failure: it sets the request's HTTP status."""
         return self.failures[0][1] if self.failures else None
+
+
+@dataclass
+class BatchAnswer:
+    """One server batch answered: a reply per request, in batch order, and what the server
+    returns for it. Under a KServe envelope the batch is one request, whose reply's body is
+    the per-image answers the envelope wraps into one response."""
+
+    protocol: Protocol
+    replies: list[Reply]
+    handled: list[Handled]  # each request's client id and status, for the server's log
+    images: int
+
+    @property
+    def bodies(self) -> list[Any]:
+        """What the handler returns: a body per request, or the envelope's per-image answers."""
+        if self.protocol != "raw":
+            return self.replies[0].body
+        return [reply.body for reply in self.replies]
+
+    @property
+    def output_names(self) -> list[str] | None:
+        """Under the kservev2 envelope, the name of each output it builds (TorchServe's
+        envelope takes them from ``context.input_names``); None otherwise."""
+        return [OUTPUT_NAME] * len(self.replies[0].body) if self.protocol == "v2" else None
 
 
 def replies(
@@ -181,6 +226,38 @@ class Classifier:
         for count in sorted({min(c, self.micro_batch or c) for c in batch_sizes}):
             for _ in range(WARM_UP_CALLS):
                 self.predict([torch.zeros(size, size, 3)] * count)
+
+    def answer(
+        self,
+        data: list[Any],
+        headers_of: Callable[[int], Mapping[str, str]],
+        model_name: str,
+        model_version: str,
+    ) -> BatchAnswer:
+        """Answer one server batch: TorchServe's request items (``.npy`` bodies or KServe
+        requests, ``headers_of(i)`` for each one's headers) or one enveloped KServe request.
+
+        Never raises for a bad request: each is answered with its own error, the rest are
+        served. Each failure and the batch's request ids are logged here.
+        """
+        protocol = detect_protocol(data)
+        requests = parse_requests(data, headers_of, RequestLimits.of(self.config))
+        outcomes = self.classify([payload for r in requests for payload in r.payloads])
+        found = replies(requests, outcomes, protocol, model_name, model_version)
+        for index, reply in enumerate(found):
+            for image, error in reply.failures:
+                where = f"image {image}: " if reply.images > 1 else ""
+                log.warning(
+                    "request %d of %d failed: %d %s: %s%.300s", index, len(found),
+                    error.status, error.type, where, error.message,
+                )  # fmt: skip
+        # under an envelope the batch is one request, whose headers are the first item's
+        handled = [
+            Handled(request_id_of(headers_of(index)), reply.error.status if reply.error else 200)
+            for index, reply in enumerate(found)
+        ]
+        log.info("%s", handled_line(handled))  # what the server answered, by client id
+        return BatchAnswer(protocol, found, handled, len(outcomes))
 
     def classify(self, bodies: Sequence[object]) -> list[Outcome]:
         """One :class:`Outcome` per body, in order."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import weakref
 
 import numpy as np
@@ -13,7 +14,14 @@ import torch
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.errors import InvalidInput
 from b4serve.serving.pipeline import Classifier, Outcome, replies
-from b4serve.serving.protocol import ParsedRequest, parse_raw_request
+from b4serve.serving.protocol import (
+    OUTPUT_NAME,
+    ParsedRequest,
+    encode_request,
+    encode_v2_binary,
+    parse_raw_request,
+)
+from b4serve.serving.request_ids import Handled
 from b4serve.serving.runtime import micro_batch_size
 
 CPU = torch.device("cpu")
@@ -136,3 +144,51 @@ def test_under_an_envelope_one_reply_holds_every_images_answer() -> None:
     (reply,) = replies([ParsedRequest([b"a", b"b"], form="v1")], outcomes, "v1", "b4", "1")
     assert reply.body[0] == [0.25, 0.75] and reply.body[1]["type"] == "InvalidInput"
     assert reply.error is outcomes[1].error
+
+
+def test_one_call_answers_a_server_batch_of_every_form_each_request_alone(
+    config, toy_model, rng, caplog
+) -> None:
+    """The whole worker path without TorchServe: TorchServe's request items in, one reply per
+    request out, each bad request failing alone beside good ones, ids logged in batch order."""
+    classifier = Classifier(toy_model, config, CPU)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    (expected,) = [o.probabilities for o in classifier.classify([encode_npy(image)])]
+    v1, _ = encode_request(image, "v1")
+    v2_binary, v2_headers = encode_v2_binary(image[None])
+    items = [{"body": encode_npy(image)}, {"body": b"junk"}, {"body": v1},
+             {"body": v2_binary}, {"body": encode_npy(image[:, :, :2])}]  # fmt: skip
+    headers = [{"X-Client-Request-Id": f"id-{i}"} for i in range(len(items))]
+    headers[3].update(v2_headers)
+    with caplog.at_level(logging.INFO):
+        batch = classifier.answer(items, headers.__getitem__, "b4", "7")
+
+    assert batch.protocol == "raw" and batch.images == 5 and batch.output_names is None
+    assert [h.status for h in batch.handled] == [200, 415, 200, 200, 400]
+    assert [h.request_id for h in batch.handled] == [f"id-{i}" for i in range(5)]
+    npy, junk, kserve_v1, kserve_v2, two_channels = batch.bodies
+    np.testing.assert_allclose(json.loads(npy), expected, atol=1e-6)
+    assert json.loads(junk)["type"] == "UnsupportedMediaType"
+    assert "channel" in json.loads(two_channels)["message"]
+    np.testing.assert_allclose(json.loads(kserve_v1)["predictions"], [expected], atol=1e-6)
+    document = json.loads(kserve_v2)  # binary in, JSON out: no binary output was asked for
+    assert document["model_version"] == "7" and document["outputs"][0]["shape"] == [1, config.num_classes]
+    np.testing.assert_allclose(document["outputs"][0]["data"], expected, atol=1e-6)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "handled requests: id-0=200 id-1=415 id-2=200 id-3=200 id-4=400" in logged
+    assert sum("request 1 of 5 failed: 415 Unsupported" in m for m in logged) == 1
+
+
+def test_one_call_answers_an_enveloped_request_with_the_envelopes_output_names(
+    config, toy_model, rng
+) -> None:
+    classifier = Classifier(toy_model, config, CPU)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    tensor = {"name": "image", "shape": list(image.shape), "datatype": "UINT8",
+              "data": image.ravel().tolist()}  # fmt: skip
+    broken = {**tensor, "shape": [7]}
+    batch = classifier.answer([tensor, broken], lambda _: {}, "b4", "7")
+    assert batch.protocol == "v2" and batch.output_names == [OUTPUT_NAME] * 2
+    good, bad = batch.bodies
+    assert good.dtype == np.float32 and good.shape == (config.num_classes,)
+    assert bad["code"] == 400 and batch.handled == [Handled(None, 400)]
