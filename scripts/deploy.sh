@@ -113,10 +113,11 @@ start_server() {
   elif [ "$B4_V2_PLUGIN" = auto ]; then
     log "v2 REST API off: $("$B4_ROOT/scripts/build_plugin.sh" --check 2>&1 || true)"
   fi
-  # Under its supervisor (b4serve/ops/supervise.py): checks that the ports are free, quotes
-  # TorchServe's reason if it refuses to start, and starts it again if it dies (with the models
-  # of TorchServe's snapshot). `torchserve --stop` stops both. setsid inside: Ctrl-C on this
-  # script stops neither.
+  # Not running, so no service manager runs it here (systemd's unit would have started it):
+  # start it under the bare host's supervisor (b4serve/ops/supervise.py, README "Back by
+  # itself"), which checks that the ports are free, quotes TorchServe's reason if it refuses to
+  # start, and starts it again if it dies (with the models of TorchServe's snapshot).
+  # `torchserve --stop` stops both. setsid inside: Ctrl-C on this script stops neither.
   local started=$SECONDS
   log "TorchServe start ..."
   "$PY" -m b4serve.ops.supervise start

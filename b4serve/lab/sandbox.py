@@ -20,7 +20,8 @@ import torch
 
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
-from b4serve.ops.supervise import is_supervisor, pid_from_file
+from b4serve.ops.ports import pid_from_file
+from b4serve.ops.supervise import is_supervisor
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.runtime import load_model

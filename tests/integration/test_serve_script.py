@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from b4serve.lab.sandbox import ROOT, server_env
-from b4serve.ops.supervise import alive, listening, pid_from_file
+from b4serve.ops.ports import alive, listening, pid_from_file
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from b4serve.lab.demo import generate_images
 from b4serve.lab.sandbox import ROOT, Server, server_env
 from b4serve.ops.budget import UPLOADS
 from b4serve.ops.manage import ManagementAPI, ready_workers
-from b4serve.ops.supervise import alive, pid_from_file, port_holder
+from b4serve.ops.ports import alive, pid_from_file, port_holder
 from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import MAX_BODY_BYTES
 from b4serve.serving.pipeline import Classifier

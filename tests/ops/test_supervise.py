@@ -1,6 +1,7 @@
-"""The supervisor's parts that need no Java: TorchServe's snapshot files, the restart config,
-who holds a port, and the start that refuses with TorchServe's own words. Killing and stopping a
-real server: tests/integration/test_worst_clients.py.
+"""Starting and restarting TorchServe, the parts that need no Java: TorchServe's snapshot files
+and the restart config (b4serve.ops.snapshot), who holds a port (b4serve.ops.ports), the launch
+settings (b4serve.ops.launch), and the start that refuses with TorchServe's own words.
+Killing and stopping a real server: tests/integration/test_worst_clients.py.
 """
 
 from __future__ import annotations
@@ -17,15 +18,9 @@ from pathlib import Path
 import pytest
 
 from b4serve.lab.sandbox import free_ports
-from b4serve.ops.supervise import (
-    PORT_VARIABLES,
-    Launch,
-    latest_snapshot,
-    port_holder,
-    prune_snapshots,
-    restart_config,
-    snapshot_models,
-)
+from b4serve.ops.launch import PORT_VARIABLES, Launch
+from b4serve.ops.ports import port_holder
+from b4serve.ops.snapshot import latest_snapshot, prune_snapshots, restart_config, snapshot_models
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {

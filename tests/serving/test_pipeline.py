@@ -172,7 +172,8 @@ def test_one_call_answers_a_server_batch_of_every_form_each_request_alone(
     assert "channel" in json.loads(two_channels)["message"]
     np.testing.assert_allclose(json.loads(kserve_v1)["predictions"], [expected], atol=1e-6)
     document = json.loads(kserve_v2)  # binary in, JSON out: no binary output was asked for
-    assert document["model_version"] == "7" and document["outputs"][0]["shape"] == [1, config.num_classes]
+    assert document["model_version"] == "7"
+    assert document["outputs"][0]["shape"] == [1, config.num_classes]
     np.testing.assert_allclose(document["outputs"][0]["data"], expected, atol=1e-6)
     logged = [r.getMessage() for r in caplog.records]
     assert "handled requests: id-0=200 id-1=415 id-2=200 id-3=200 id-4=400" in logged
