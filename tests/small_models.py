@@ -1,4 +1,4 @@
-"""Small stand-ins the runtime tests share: a B4-like ConvNet, and hosts by their CPU flags."""
+"""The tests' one small network, B4-like (ConvNet), and hosts by their CPU flags."""
 
 from __future__ import annotations
 
@@ -28,16 +28,25 @@ SAPPHIRE_RAPIDS = simulated("model name: Intel(R) Xeon(R) Platinum 8481C\n"
 
 
 class ConvNet(nn.Module):
-    """The layer kinds B4 is made of: convolution, batch norm, SiLU, pooling, linear."""
+    """The layer kinds B4 is made of (convolution, batch norm, SiLU, depthwise, pooling, linear)
+    with kernels that are not mirror-symmetric, so a flip changes the logits."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 6, seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         self.features = nn.Sequential(
             nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
             nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.SiLU(),
         )  # fmt: skip
-        self.head = nn.Linear(16, 6)
+        self.head = nn.Linear(16, num_classes)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+            for module in self.features:
+                if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics to fold
+                    module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                    module.running_var.uniform_(0.5, 2.0, generator=generator)
+        self.eval()  # served models are in eval mode: each image is computed on its own
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).mean((2, 3)))
+        return self.head(self.features(images).mean((2, 3))) * 4

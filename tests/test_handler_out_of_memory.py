@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 import numpy as np
-from gpu_models import OutOfMemoryInScript, scripted
+from gpu_fakes import OutOfMemoryInScript, scripted
 
 from b4serve.lab.inprocess_worker import decode_replies, load_service, request, unpack_archive
 from b4serve.serving.codec import encode_npy

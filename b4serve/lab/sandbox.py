@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 import torch
 
 from b4serve.ops.endpoints import Endpoints
@@ -30,7 +31,18 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
 
 
-__all__ = ["Server", "exit_on_sigterm", "free_ports", "server_env"]
+__all__ = ["OCTET_STREAM", "Server", "exit_on_sigterm", "free_ports", "post", "server_env"]
+
+OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+
+
+def post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 120
+) -> requests.Response:
+    """POST ``body`` to ``url`` as ``.npy`` bytes unless ``headers`` name another content type:
+    the tests' one way to send a request by hand (the client, b4serve.client, for many)."""
+    return requests.post(url, data=body, headers={**OCTET_STREAM, **(headers or {})},
+                         timeout=timeout)  # fmt: skip
 
 
 def exit_on_sigterm() -> None:
@@ -71,6 +83,21 @@ class Server:
     @property
     def log_dir(self) -> Path:
         return Path(self.env["B4_LOG_DIR"])
+
+    def post(
+        self,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        url: str | None = None,
+        key: bool = True,
+        timeout: float = 120,
+    ) -> requests.Response:
+        """:func:`post` to ``url`` (default: /predictions/b4) with the inference key, unless
+        ``key`` is False; ``headers`` add to those or replace them."""
+        auth = self.keys.auth_headers("inference") if key else {}
+        return post(url or self.endpoints.predictions_url, body, {**auth, **(headers or {})},
+                    timeout)  # fmt: skip
 
     def classifier(self, version: str) -> Classifier:
         """``version``'s exported build, loaded in this process the way its worker loads it."""

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from gpu_models import ConvNet, scripted
+from gpu_fakes import scripted
+from small_models import ConvNet
 from torch import nn
 
 import export_torchscript

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from b4serve.client import iter_results
 from b4serve.lab.demo import generate_images
 from b4serve.lab.edge import Edge
-from b4serve.lab.sandbox import Server
+from b4serve.lab.sandbox import Server, post
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFileError, bearer
@@ -36,10 +36,10 @@ from b4serve.serving.config import MAX_BODY_BYTES
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("v2_plugin")]
 
-OCTET = {"Content-Type": "application/octet-stream"}
 REQUEST_TIMEOUT_S = 4  # the edge's whole-request timeout in these tests
 IMAGES = list(generate_images(per_class=1, seed=31, size=96)[0])
 RENEWED = "inference key renewed"
+PREDICTIONS = "/predictions/b4"
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +73,11 @@ def _wait_until_serving(edge: Edge, server: Server, within_s: float = 60) -> Non
     probe = edge.issue("probe")
     deadline = time.monotonic() + within_s
     try:
-        while post(edge, encode_npy(IMAGES[0]), bearer(probe)).status_code != 200:
+        while post(edge.url + PREDICTIONS, encode_npy(IMAGES[0]), bearer(probe)).status_code != 200:
             assert time.monotonic() < deadline, "the edge never served the first prediction"
             time.sleep(0.5)
     finally:
         edge.run("--revoke", "probe")
-
-
-def post(edge: Edge, body: bytes, headers: dict[str, str], path: str = "/predictions/b4"):
-    return requests.post(edge.url + path, data=body, headers={**OCTET, **headers}, timeout=120)
 
 
 def predictions_logged(access_log: LogWatch, at_least: int = 0, within_s: float = 20) -> int:
@@ -101,10 +97,12 @@ def test_only_issued_unrevoked_credentials_reach_torchserve(server: Server, edge
     body = encode_npy(IMAGES[0])
     access_log = LogWatch(server.log_dir, "access_log.log")
     refused = [
-        post(edge, body, {}),
-        post(edge, body, bearer("not-a-credential")),
-        post(edge, body, {"Authorization": "Basic dXNlcjpwYXNz"}),
-        post(edge, body, server.keys.auth_headers("inference")),  # TorchServe's own key: no
+        post(edge.url + PREDICTIONS, body, {}),
+        post(edge.url + PREDICTIONS, body, bearer("not-a-credential")),
+        post(edge.url + PREDICTIONS, body, {"Authorization": "Basic dXNlcjpwYXNz"}),
+        post(
+            edge.url + PREDICTIONS, body, server.keys.auth_headers("inference")
+        ),  # TorchServe's own key: no
     ]
     assert [r.status_code for r in refused] == [401] * 4
     assert refused[0].json()["type"] == "Unauthorized"
@@ -114,18 +112,13 @@ def test_only_issued_unrevoked_credentials_reach_torchserve(server: Server, edge
     elsewhere = [requests.get(edge.url + p, headers=bearer(issued), timeout=30) for p in paths]
     assert [r.status_code for r in elsewhere] == [404] * len(paths)  # never management/metrics
 
-    direct = requests.post(
-        server.endpoints.predictions_url,
-        data=body,
-        headers={**OCTET, **server.keys.auth_headers("inference")},
-        timeout=120,
-    )
-    answered = post(edge, body, bearer(issued))
+    direct = server.post(body)
+    answered = post(edge.url + PREDICTIONS, body, bearer(issued))
     assert answered.status_code == 200, answered.text
     np.testing.assert_allclose(answered.json(), direct.json(), atol=1e-6)
 
     edge.run("--revoke", "alice")
-    after = post(edge, body, bearer(issued))
+    after = post(edge.url + PREDICTIONS, body, bearer(issued))
     assert after.status_code == 401  # no restart, no reload
     # the direct one and the one the edge let through; none of the refused
     assert predictions_logged(access_log, at_least=2) == 2
@@ -194,7 +187,9 @@ def test_slow_and_idle_clients_are_cut_while_good_requests_are_answered(
 
         with ThreadPoolExecutor(1) as pool:
             cut = pool.submit(trickle)
-            good = [post(edge, body, bearer(credential)) for _ in range(4)]  # meanwhile
+            good = [
+                post(edge.url + PREDICTIONS, body, bearer(credential)) for _ in range(4)
+            ]  # meanwhile
             answer, after_s = cut.result(timeout=REQUEST_TIMEOUT_S + 30)
         slow.close()
         assert [r.status_code for r in good] == [200] * 4

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import requests
 
 from b4serve.lab.demo import generate_images
 from b4serve.lab.sandbox import Server, server_env
@@ -26,11 +25,9 @@ IMAGES, _ = generate_images(per_class=1, seed=21)
 
 @pytest.fixture(scope="module")
 def raw_answers(server: Server) -> list[list[float]]:
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
     answers = []
     for image in IMAGES[:2]:
-        response = requests.post(server.endpoints.predictions_url, data=encode_npy(image),
-                                 headers=headers, timeout=120)  # fmt: skip
+        response = server.post(encode_npy(image))
         assert response.status_code == 200
         answers.append(response.json())
     return answers
@@ -49,11 +46,6 @@ def enveloped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def post(server: Server, url: str, body: bytes, headers: dict[str, str]) -> requests.Response:
-    auth = server.keys.auth_headers("inference")
-    return requests.post(url, data=body, headers={**headers, **auth}, timeout=120)
-
-
 def test_the_envelope_answers_json_with_outputs_named_for_what_they_are(
     enveloped: Server, raw_answers: list[list[float]]
 ) -> None:
@@ -61,7 +53,7 @@ def test_the_envelope_answers_json_with_outputs_named_for_what_they_are(
     inputs = [json.loads(first)["inputs"][0], json.loads(second)["inputs"][0] | {"name": "b"}]
     body = json.dumps({"id": "req-7", "inputs": inputs}).encode()
     v2_infer = f"{enveloped.endpoints.v2_url}/v2/models/b4/infer"
-    response = post(enveloped, v2_infer, body, {"Content-Type": "application/json"})
+    response = enveloped.post(body, {"Content-Type": "application/json"}, url=v2_infer)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["id"] == "req-7" and answer["model_name"] == "b4"
@@ -76,14 +68,16 @@ def test_a_binary_body_under_the_envelope_gets_a_clear_415_and_the_server_goes_o
 ) -> None:
     binary, headers = encode_v2_binary(IMAGES[0])
     v2_infer = f"{enveloped.endpoints.v2_url}/v2/models/b4/infer"
-    refused = post(enveloped, v2_infer, binary, headers)
+    refused = enveloped.post(binary, headers, url=v2_infer)
     assert refused.status_code == 415
     assert "kservev2 envelope, which reads JSON bodies only" in refused.json()["error"]
     bad = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]}
-    invalid = post(enveloped, v2_infer, json.dumps(bad).encode(), {})
+    invalid = enveloped.post(
+        json.dumps(bad).encode(), {"Content-Type": "application/json"}, url=v2_infer
+    )
     assert invalid.status_code == 400 and "InvalidInput" in invalid.text
     good, content_type = encode_request(IMAGES[2], "v2")
-    assert post(enveloped, v2_infer, good, {"Content-Type": content_type}).status_code == 200
+    assert enveloped.post(good, {"Content-Type": content_type}, url=v2_infer).status_code == 200
 
 
 def test_kserve_requests_without_an_envelope_match_the_raw_path(
@@ -98,7 +92,7 @@ def test_kserve_requests_without_an_envelope_match_the_raw_path(
     url = server.endpoints.predictions_url
     sent = [(binary, binary_headers), (v2_json, {"Content-Type": json_type}),
             (v1_json, {"Content-Type": json_type})]  # fmt: skip
-    answers = [post(server, url, body, headers) for body, headers in sent]
+    answers = [server.post(body, headers, url=url) for body, headers in sent]
     assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
     binary_answer, json_answer, v1_answer = (a.json() for a in answers)
     assert binary_answer["outputs"][0]["name"] == OUTPUT_NAME  # not the input's name
@@ -106,5 +100,5 @@ def test_kserve_requests_without_an_envelope_match_the_raw_path(
     for probabilities in (binary_answer["outputs"][0]["data"], json_answer["outputs"][0]["data"],
                           v1_answer["predictions"][0]):  # fmt: skip
         np.testing.assert_allclose(probabilities, raw_answers[0], atol=1e-5)
-    truncated = post(server, url, binary[:-10], binary_headers)
+    truncated = server.post(binary[:-10], binary_headers, url=url)
     assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]

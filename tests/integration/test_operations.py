@@ -24,11 +24,6 @@ from b4serve.serving.telemetry import Sample, parse_prometheus, request_counts
 pytestmark = pytest.mark.integration
 
 
-def post(server: Server, body: bytes) -> requests.Response:
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    return requests.post(server.endpoints.predictions_url, data=body, headers=headers, timeout=120)
-
-
 def scrape(server: Server) -> list[Sample]:
     response = requests.get(f"{server.endpoints.metrics_url}/metrics", timeout=10)
     assert response.status_code == 200, response.text  # the metrics API takes no token
@@ -45,7 +40,7 @@ def test_custom_metrics_count_requests_by_outcome_and_time_each_stage(server: Se
     bodies = [encode_npy(image) for image in images[:3]]
     bodies += [encode_npy(np.full((8, 8, 3), np.nan, np.float32)), b"junk, not .npy"]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda body: post(server, body), bodies))
+        responses = list(pool.map(lambda body: server.post(body), bodies))
     statuses = [r.status_code for r in responses]
     assert statuses == [200, 200, 200, 400, 415], [r.text[:200] for r in responses]
 
@@ -78,7 +73,7 @@ def _health(server: Server, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 def test_health_check_reports_version_workers_requests_and_last_errors(server: Server) -> None:
-    assert post(server, b"not an array").status_code == 415
+    assert server.post(b"not an array").status_code == 415
     deadline = time.monotonic() + 60  # the model log is written asynchronously
     while "UnsupportedMediaType" not in (result := _health(server, "--errors", "20")).stdout:
         assert time.monotonic() < deadline, result.stdout

@@ -86,19 +86,16 @@ def query(url: str, promql: str) -> list[dict]:
     return response.json()["data"]["result"]
 
 
-def post(server: Server, body: bytes) -> int:
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    url = server.endpoints.predictions_url
-    return requests.post(url, data=body, headers=headers, timeout=120).status_code
-
-
 def test_prometheus_scrapes_our_counter_and_histogram_and_evaluates_every_rule(
     server: Server, prometheus: str
 ) -> None:
     rng = np.random.default_rng(28)
     good = encode_npy(rng.integers(0, 256, (380, 380, 3), dtype=np.uint8))
     bad = encode_npy(np.full((32, 32, 3), np.nan, np.float32))  # InvalidInput: 400
-    assert [post(server, body) for body in (good, bad, good, bad, good)] == [200, 400] * 2 + [200]
+    assert [server.post(body).status_code for body in (good, bad, good, bad, good)] == [
+        200,
+        400,
+    ] * 2 + [200]
     # what the server itself says now; nothing else posts to it while this test runs
     page = requests.get(f"{server.endpoints.metrics_url}/metrics", timeout=10).text
     own = {

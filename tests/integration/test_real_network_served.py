@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from b4serve.lab.sandbox import Server
 from b4serve.lab.user_checkpoints import (
@@ -65,11 +64,7 @@ def test_the_real_lite0_is_served_equal_to_its_module_and_names_real_photos(
     )  # fmt: skip
 
     url = f"{server.endpoints.inference_url}/predictions/{lite0}"
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    responses = {
-        name: requests.post(url, data=encode_npy(photo), headers=headers, timeout=120)
-        for name, photo in photos.items()
-    }
+    responses = {name: server.post(encode_npy(photo), url=url) for name, photo in photos.items()}
     assert {r.status_code for r in responses.values()} == {200}, responses["chelsea"].text[:300]
     served = np.array([r.json() for r in responses.values()])
     expected = flip_tta_reference(module, np.stack(list(photos.values())), INCEPTION_MEAN,

@@ -65,10 +65,7 @@ def test_the_default_deploy_serves_the_runtime_auto_chose_and_records_why(
     # the worker loaded that runtime, without falling back, and labels its batches so
     log = (server.log_dir / "model_log.log").read_text(errors="replace")
     assert f"{config.runtime} runtime on cpu" in log and "RUNTIME FALLBACK" not in log
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    body = encode_npy(np.zeros((64, 64, 3), np.uint8))
-    assert requests.post(server.endpoints.predictions_url, data=body, headers=headers,
-                         timeout=120).status_code == 200  # fmt: skip
+    assert server.post(encode_npy(np.zeros((64, 64, 3), np.uint8))).status_code == 200
     # The frontend keeps each series until it stops: versions the session served earlier (other
     # runtimes, pinned by other tests) are there too; none of them fell back.
     expected = (config.runtime, config.runtime, "none")

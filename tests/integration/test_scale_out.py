@@ -28,7 +28,7 @@ import requests
 
 from b4serve.lab.demo import generate_images
 from b4serve.lab.edge import Edge
-from b4serve.lab.sandbox import Server, server_env
+from b4serve.lab.sandbox import Server, post, server_env
 from b4serve.lab.served_log import handled_batches, handled_counts
 from b4serve.ops.edge import Runtime, server_states
 from b4serve.ops.keys import bearer
@@ -150,15 +150,10 @@ def test_rolling_a_new_version_through_two_replicas_behind_the_edge_loses_nothin
             sent.append(request_id)
             images[request_id] = which
             try:
-                response = requests.post(
+                response = post(
                     f"{edge.url}/predictions/b4",
-                    data=encode_npy(image),
-                    timeout=120,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        REQUEST_ID_HEADER: request_id,
-                        **bearer(credential),
-                    },
+                    encode_npy(image),
+                    {REQUEST_ID_HEADER: request_id, **bearer(credential)},
                 )
                 if response.status_code == 200:
                     answers[request_id] = response.json()

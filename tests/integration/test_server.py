@@ -36,7 +36,6 @@ from b4serve.serving.request_ids import REQUEST_ID_HEADER
 
 pytestmark = pytest.mark.integration
 
-OCTET = {"Content-Type": "application/octet-stream"}
 PREDICTIONS_LINE = '"POST /predictions/b4 HTTP/1.1" '  # an access-log line of a prediction
 
 
@@ -49,13 +48,6 @@ def serving_version(server: Server) -> str:
 def reference(server: Server) -> Classifier:
     """The served version's exported model and config, run in-process the way the handler does."""
     return server.classifier(serving_version(server))
-
-
-def post(server: Server, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
-    auth = server.keys.auth_headers("inference") if headers is None else headers
-    return requests.post(
-        server.endpoints.predictions_url, data=body, headers={**OCTET, **auth}, timeout=120
-    )
 
 
 def demo_images(count_per_class: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
@@ -139,8 +131,7 @@ def in_one_batch(server: Server, bodies: list[bytes], tag: str) -> list[requests
     blocker = encode_npy(np.zeros((64, 64, 3), np.uint8))
 
     def send(body: bytes, request_id: str) -> requests.Response:
-        headers = {**server.keys.auth_headers("inference"), REQUEST_ID_HEADER: request_id}
-        return post(server, body, headers)
+        return server.post(body, {REQUEST_ID_HEADER: request_id})
 
     with ThreadPoolExecutor(len(bodies) + BATCH + 1) as pool:
         for attempt in range(5):
@@ -173,7 +164,7 @@ def test_served_probabilities_equal_in_process_reference(server: Server) -> None
     local = reference(server)
     bodies = [encode_npy(image) for image in images]
     with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda body: post(server, body), bodies))
+        responses = list(pool.map(lambda body: server.post(body), bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies)
     served = np.array([r.json() for r in responses])
     expected = np.array([o.probabilities for o in local.classify(bodies)])
@@ -193,13 +184,13 @@ def test_batch_with_one_malformed_request_fails_alone(server: Server) -> None:
     expected = reference(server).classify([bodies[0], bodies[2], bodies[3]])
     served = [responses[0].json(), responses[2].json(), responses[3].json()]
     np.testing.assert_allclose(served, [o.probabilities for o in expected], atol=1e-5, rtol=0)
-    assert post(server, bodies[0]).status_code == 200  # and the worker is still serving
+    assert server.post(bodies[0]).status_code == 200  # and the worker is still serving
 
 
 def test_requests_without_a_valid_token_are_refused(server: Server) -> None:
     body = encode_npy(np.zeros((8, 8, 3), np.uint8))
     for headers in ({}, {"Authorization": "Bearer not-the-key"}):
-        refused = post(server, body, headers=headers)
+        refused = server.post(body, headers, key=False)
         assert refused.status_code == 400
         assert refused.json()["type"] == "InvalidKeyException"
     ping = requests.get(f"{server.endpoints.inference_url}/ping", timeout=10)
@@ -383,7 +374,7 @@ def test_worker_dying_while_loading_fails_the_rollout_with_its_log(
     versions = ManagementAPI(server.endpoints, server.keys).versions("b4")
     assert [v["modelVersion"] for v in versions] == [serving]  # the broken one was removed
     body = encode_npy(np.zeros((16, 16, 3), np.uint8))
-    assert post(server, body).status_code == 200
+    assert server.post(body).status_code == 200
 
 
 def test_hostile_bodies_fail_alone_next_to_good_requests(server: Server) -> None:
@@ -411,7 +402,7 @@ def test_hostile_bodies_fail_alone_next_to_good_requests(server: Server) -> None
     }  # fmt: skip
     assert wrong == {}
     for name, body in ACCEPTED_VARIANTS:
-        assert post(server, body).status_code == 200, name
+        assert server.post(body).status_code == 200, name
     ping = requests.get(f"{server.endpoints.inference_url}/ping",
                         headers=server.keys.auth_headers("inference"), timeout=10)  # fmt: skip
     assert ping.json()["status"] == "Healthy"
@@ -422,10 +413,10 @@ def test_hostile_bodies_fail_alone_next_to_good_requests(server: Server) -> None
 def test_body_over_max_request_size_is_refused_and_the_server_goes_on(server: Server) -> None:
     properties = (Path(__file__).resolve().parents[2] / "config.properties").read_text()
     limit = int(re.search(r"^max_request_size=(\d+)$", properties, re.M).group(1))
-    refused = post(server, b"\x93NUMPY" + b"\0" * limit)
+    refused = server.post(b"\x93NUMPY" + b"\0" * limit)
     assert refused.status_code == 413, refused.text[:300]
     good = encode_npy(np.zeros((16, 16, 3), np.uint8))
-    assert post(server, good).status_code == 200
+    assert server.post(good).status_code == 200
 
 
 def test_worker_killed_mid_load_is_restarted_and_the_client_loses_nothing(server: Server) -> None:

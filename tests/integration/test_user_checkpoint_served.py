@@ -11,7 +11,6 @@ from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from b4serve.build.parity import probe_batch
@@ -60,10 +59,7 @@ def test_a_tf_b4_saved_the_seeds_way_is_served_equal_to_the_users_module(
     noise = np.random.default_rng(32).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     images = np.concatenate([discs[:4], noise])
     url = f"{server.endpoints.inference_url}/predictions/{second_model}"
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    responses = [
-        requests.post(url, data=encode_npy(image), headers=headers, timeout=120) for image in images
-    ]
+    responses = [server.post(encode_npy(image), url=url) for image in images]
     assert [r.status_code for r in responses] == [200] * len(images), responses[0].text[:300]
     served = np.array([r.json() for r in responses])
     expected = flip_tta_reference(module, images, MEAN, STD)
@@ -117,10 +113,7 @@ def test_an_efficientnet_pytorch_b4_is_served_equal_to_the_users_module(
     noise = np.random.default_rng(34).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     images = np.concatenate([discs[:3], noise])
     url = f"{server.endpoints.inference_url}/predictions/{ep_model}"
-    headers = {"Content-Type": "application/octet-stream", **server.keys.auth_headers("inference")}
-    responses = [
-        requests.post(url, data=encode_npy(image), headers=headers, timeout=120) for image in images
-    ]
+    responses = [server.post(encode_npy(image), url=url) for image in images]
     assert [r.status_code for r in responses] == [200] * len(images), responses[0].text[:300]
     served = np.array([r.json() for r in responses])
     expected = flip_tta_reference(module, images, MEAN, STD)

@@ -45,11 +45,9 @@ def auth(server: Server) -> dict[str, str]:
 def raw(server: Server) -> np.ndarray:
     """Each image's probabilities from the raw .npy route, which tests/integration/test_server.py
     proves equal to the served version's exported model run in-process."""
-    headers = {"Content-Type": "application/octet-stream", **auth(server)}
 
     def post(image: np.ndarray) -> list[float]:
-        response = requests.post(server.endpoints.predictions_url, data=encode_npy(image),
-                                 headers=headers, timeout=120)  # fmt: skip
+        response = server.post(encode_npy(image))
         assert response.status_code == 200, response.text
         return response.json()
 

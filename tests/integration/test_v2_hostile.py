@@ -58,12 +58,7 @@ def predict_v2(server: Server, image: np.ndarray, tries: int = 20) -> tuple[list
     Retry-After, as a client of the protocol does (any other answer fails the test)."""
     body, headers = encode_v2_binary(image)
     for attempt in range(1, tries + 1):
-        response = requests.post(
-            infer_url(server),
-            data=body,
-            headers={**headers, **server.keys.auth_headers("inference")},
-            timeout=300,
-        )
+        response = server.post(body, headers, url=infer_url(server), timeout=300)
         if response.status_code != 503:
             assert response.status_code == 200, response.text
             (output,) = [o for o in response.json()["outputs"] if o["name"] == OUTPUT_NAME]
@@ -187,15 +182,12 @@ def test_600_trickles_and_40_largest_bodies_leave_good_requests_and_health_answe
     refused = valid.replace(b"[2048, 2048, 4]", b"[2048, 2049, 4]", 1)
     assert len(valid) == len(refused) <= MAX_BODY_BYTES and refused != valid
     large = [valid if i % 8 == 0 else refused for i in range(LARGE_AT_ONCE)]
-    large_headers = {**large_headers, **server.keys.auth_headers("inference")}
     statuses: Counter[int] = Counter()
     errors: list[str] = []
 
     def send_large(body: bytes) -> None:
         try:
-            response = requests.post(
-                infer_url(server), data=body, headers=large_headers, timeout=300
-            )
+            response = server.post(body, large_headers, url=infer_url(server), timeout=300)
         except requests.RequestException as error:  # a reset, a refused connection, a timeout
             errors.append(f"{type(error).__name__}: {error}")
             return

@@ -38,7 +38,6 @@ from b4serve.serving.pipeline import Classifier
 
 pytestmark = pytest.mark.integration
 
-OCTET = {"Content-Type": "application/octet-stream"}
 # The old 2 GiB heap held 15 bodies of the old limit (134,221,836 bytes), 16 at most: 4x is 64,
 # the number the memory budget holds arriving at once.
 OLD_HEAP_HELD = math.ceil((2 << 30) / 134_221_836)
@@ -82,13 +81,6 @@ def frontend_pid(server: Server) -> int:
     return pid
 
 
-def post(server: Server, body: bytes, timeout: float = 300) -> requests.Response:
-    headers = {**OCTET, **server.keys.auth_headers("inference")}
-    return requests.post(
-        server.endpoints.predictions_url, data=body, headers=headers, timeout=timeout
-    )
-
-
 def good_images(seed: int) -> list[np.ndarray]:
     images, _ = generate_images(per_class=1, seed=seed, size=224)
     return list(images)
@@ -129,11 +121,11 @@ def test_bodies_over_a_limit_get_413_and_the_server_stays_healthy(
     server: Server, reference: Classifier
 ) -> None:
     pid = frontend_pid(server)
-    over_bytes = post(server, b"\x93NUMPY" + bytes(MAX_BODY_BYTES))  # one byte over
+    over_bytes = server.post(b"\x93NUMPY" + bytes(MAX_BODY_BYTES))  # one byte over
     assert over_bytes.status_code == 413 and over_bytes.content == b""  # TorchServe's, unread
     # within the byte limit, over the pixel limit: our JSON error, from the header alone
     header = encode_npy(np.zeros((4097, 1024), np.uint8))
-    over_pixels = post(server, header)
+    over_pixels = server.post(header)
     assert over_pixels.status_code == 413
     assert over_pixels.json()["type"] == "PayloadTooLarge"
     assert "4195328 pixels; the limit is 4194304" in over_pixels.json()["message"]
@@ -169,7 +161,7 @@ def test_largest_bodies_by_the_dozen_beside_good_traffic_all_get_answers(
 
     def send(body: bytes) -> None:
         try:
-            response = post(server, body)
+            response = server.post(body, timeout=300)
         except requests.RequestException as error:  # a reset, a refused connection, a timeout
             errors.append(f"{type(error).__name__}: {error}")
             return

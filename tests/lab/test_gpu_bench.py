@@ -7,7 +7,8 @@ import dataclasses
 import json
 
 import pytest
-from gpu_models import ConvNet, scripted
+from gpu_fakes import scripted
+from small_models import ConvNet
 
 from b4serve.lab import gpu_bench
 

@@ -9,7 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from gpu_models import ConvNet, mixed_bodies, scripted, uint8_bodies, with_buckets
+from gpu_fakes import mixed_bodies, scripted, uint8_bodies, with_buckets
+from small_models import ConvNet
 from torch import nn
 
 from b4serve.build.gpu_parity import check_gpu_parity

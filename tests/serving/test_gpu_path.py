@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gpu_models import (
+from gpu_fakes import (
     CUDA_OOM_MESSAGE,
-    ConvNet,
     OutOfMemoryInScript,
     Recording,
     RunsOutOfMemory,
@@ -23,6 +22,7 @@ from gpu_models import (
     uint8_bodies,
     with_buckets,
 )
+from small_models import ConvNet
 
 from b4serve.serving.codec import decode_npy, encode_npy
 from b4serve.serving.config import GPU_PRECISIONS, ModelConfig

@@ -1,4 +1,7 @@
-"""Small models for the GPU path's tests: real convolutions, and models that fail like a GPU."""
+"""Fakes for the GPU path's tests: models that fail like a GPU, a recorder, and request bodies.
+
+The network they wrap is the tests' one ConvNet (tests/small_models.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from small_models import ConvNet
 from torch import nn
 
 from b4serve.serving.codec import encode_npy
@@ -17,31 +21,6 @@ CUDA_OOM_MESSAGE = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.72 GiB "
     "of which 1.06 GiB is free."
 )
-
-
-class ConvNet(nn.Module):
-    """The layer kinds B4 is made of (convolution, batch norm, SiLU, depthwise, pooling, linear)
-    with kernels that are not mirror-symmetric, so a flip changes the logits."""
-
-    def __init__(self, num_classes: int = 6, seed: int = 0) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
-            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.SiLU(),
-        )  # fmt: skip
-        self.head = nn.Linear(16, num_classes)
-        with torch.no_grad():
-            for parameter in self.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-            for module in self.features:
-                if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics to fold
-                    module.running_mean.uniform_(-0.2, 0.2, generator=generator)
-                    module.running_var.uniform_(0.5, 2.0, generator=generator)
-        self.eval()  # served models are in eval mode: each image is computed on its own
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).mean((2, 3))) * 4
 
 
 class OutOfMemoryInScript(nn.Module):
