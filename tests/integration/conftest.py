@@ -19,8 +19,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.fail("Java is required for the integration tests (TorchServe's frontend)")
     root = tmp_path_factory.mktemp("torchserve")
-    # 1-minute keys: renewal happens while the tests run
-    running = Server(env=server_env(root, token_expiration_min=1), root=root)
+    # 30-second keys: renewal happens while the tests run, and waiting one out is short
+    running = Server(env=server_env(root, token_expiration_min=0.5), root=root)
     started = time.monotonic()
     try:
         running.deploy()

@@ -44,15 +44,15 @@ PREDICTIONS = "/predictions/b4"
 
 @pytest.fixture(scope="module")
 def edge(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    """The edge in front of the session server, renewing its key 45 s before it expires (the
-    server's keys last a minute: a renewal every 15 s or so)."""
+    """The edge in front of the session server, renewing its key 22 s before it expires (the
+    server's keys last 30 s: a renewal every 8 s or so)."""
     running = Edge.in_front_of(
         {"local": server},
         tmp_path_factory.mktemp("edge"),
         B4_EDGE_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
         B4_EDGE_CLIENT_TIMEOUT_S="10",
         B4_EDGE_IDLE_TIMEOUT_S="10",
-        B4_EDGE_RENEW_BEFORE_S="45",
+        B4_EDGE_RENEW_BEFORE_S="22",
         B4_EDGE_CHECK_INTERVAL_MS="500",
     )
     try:

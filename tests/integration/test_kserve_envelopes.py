@@ -39,8 +39,9 @@ def enveloped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {**server_env(root), "B4_ENVELOPE": "kservev2", "B4_PROTOCOL": "v2"}
     server = Server(env=env, root=root)
     try:
-        # its smoke test already speaks v2 JSON through the envelope; the runtime is not tested here
-        server.deploy(B4_RUNTIME="torchscript")
+        # its smoke test already speaks v2 JSON through the envelope. The envelope is no archive
+        # setting: this is the session server's build, exported once (b4serve/build/identity.py)
+        server.deploy()
         yield server
     finally:
         server.stop()

@@ -1,6 +1,6 @@
 """Operating the real server: Prometheus metrics, the health check, and a bounded soak.
 
-Runs against the integration session's server (1-minute keys), before tests/test_server.py.
+Runs against the integration session's server (30-second keys), before tests/test_server.py.
 """
 
 from __future__ import annotations
@@ -99,13 +99,13 @@ def test_health_check_fails_when_no_server_answers(server: Server, tmp_path: Pat
 
 
 def test_short_soak_loses_nothing_keeps_memory_flat_and_outlives_a_key(server: Server) -> None:
-    # CI-sized: 75 s at 8 clients, after a warm-up until memory settles (about a minute here),
-    # spans one expiry of the session's 1-minute keys.
-    report = run_soak(server.endpoints, server.log_dir, duration_s=75, clients=8, warmup_s=15,
+    # CI-sized: 40 s at 8 clients, after a warm-up until memory settles (about a minute here),
+    # spans one expiry of the session's 30-second keys.
+    report = run_soak(server.endpoints, server.log_dir, duration_s=40, clients=8, warmup_s=15,
                       bad_every=16, say=print)  # fmt: skip
     print("\n" + report.table())
     assert report.problems(require_key_renewal=True) == []
-    # every input answered exactly once, by the server's own log (how many were sent in 75 s
+    # every input answered exactly once, by the server's own log (how many were sent in 40 s
     # depends on the machine and its load: at least one round of 32)
     assert report.sent >= 32 and report.handled == report.sent
     assert report.refused_as_expected == report.sent // 16  # rounds of 32: 2 bad bodies in each

@@ -268,7 +268,7 @@ def test_key_voided_while_the_client_holds_it_is_renewed_and_nothing_is_lost(
 
 
 def test_deploy_twice_is_idempotent(server: Server) -> None:
-    # once the 1-minute management key has expired: deploy must renew it to get this far
+    # once the 30-second management key has expired: deploy must renew it to get this far
     management = server.keys.read()["management"]
     assert management.expires is not None
     time.sleep(max(0.0, (management.expires - datetime.now(timezone.utc)).total_seconds() + 1))
@@ -323,7 +323,7 @@ def test_redeploy_under_load_loses_no_request(
     failed = [r for r in results if not r.ok]
     assert failed == [], failed[:3]
     # Not even a retried failure: the old version was drained before it was unregistered. The
-    # only refusals allowed are of keys (1-minute keys here; deploy's smoke test renewing the
+    # only refusals allowed are of keys (30-second keys here; deploy's smoke test renewing the
     # inference key voids the one the load holds), each told by its body and each followed by
     # a 200 for the same input. The access log (which also holds deploy's own smoke tests of
     # /predictions/b4) shows no other status than 200 and those 400s.

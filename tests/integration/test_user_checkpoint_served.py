@@ -45,12 +45,17 @@ def test_a_tf_b4_saved_the_seeds_way_is_served_equal_to_the_users_module(
 ) -> None:
     module = user_module("tf_efficientnet_b4_ns", seed=13)
     checkpoint = save_checkpoint(module, "module", tmp_path / "finetuned.pth")
+    # TorchScript pinned: auto's choice is proven on real photos (test_real_network_served.py)
     deployed = server.deploy(
-        "--checkpoint", str(checkpoint), "--trust-checkpoint", B4_MODEL_NAME=second_model
+        "--checkpoint",
+        str(checkpoint),
+        "--trust-checkpoint",
+        B4_MODEL_NAME=second_model,
+        B4_RUNTIME="torchscript",
     )
     assert "your module is tf_efficientnet_b4 (b4 widths and depths, TensorFlow 'same' " \
         "padding, batch-norm eps 0.001)" in deployed.stderr  # fmt: skip
-    assert "model.pt reproduces your module" in deployed.stderr  # auto then picks the runtime
+    assert "model.pt reproduces your module" in deployed.stderr
     version = ManagementAPI(server.endpoints, server.keys).default_version(second_model)
     assert version is not None
     assert server.classifier(version).config.arch == "tf_efficientnet_b4"
