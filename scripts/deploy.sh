@@ -84,11 +84,12 @@ fi
 [ -n "${B4_INITIAL_WORKERS:-}" ] && register_args+=(--initial-workers "$B4_INITIAL_WORKERS")
 [ -n "${B4_RESPONSE_TIMEOUT:-}" ] && register_args+=(--response-timeout "$B4_RESPONSE_TIMEOUT")
 [ -n "${B4_CLIENT_TIMEOUT_MS:-}" ] && register_args+=(--client-timeout-ms "$B4_CLIENT_TIMEOUT_MS")
-[ -n "${B4_GPUS:-}" ] && register_args+=(--gpus "$B4_GPUS")
-[ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
-# GPUs the server gives workers (as TorchServe counts them): a GPU host's archive serves TorchScript.
+# GPUs the server gives workers, counted once as TorchServe counts them: registration, the
+# budget and the build (a GPU host's archive serves TorchScript) all use this count.
 B4_GPUS="${B4_GPUS:-$("$PY" -m b4serve.ops.gpus --ts-config "$B4_TS_CONFIG")}"
 export B4_GPUS
+register_args+=(--gpus "$B4_GPUS")
+[ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
 # What is served: the build (checkpoint, archive settings, code) and its registration.
 archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
   --record-dir "$B4_CACHE_DIR/identity")
@@ -99,7 +100,7 @@ budget_args=(--config "$B4_TS_CONFIG")  # unset: what rollout registers (its GPU
 [ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
 [ -n "${B4_BATCH_SIZE:-}" ] && budget_args+=(--batch-size "$B4_BATCH_SIZE")
 [ -n "$B4_ENVELOPE" ] && budget_args+=(--batch-size 1)
-[ -n "${B4_GPUS:-}" ] && budget_args+=(--gpus "$B4_GPUS")
+budget_args+=(--gpus "$B4_GPUS")
 [ -n "${B4_WORKERS_PER_GPU:-}" ] && budget_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
 "$PY" -m b4serve.ops.budget "${budget_args[@]}" >/dev/null
 

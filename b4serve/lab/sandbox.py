@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 
@@ -23,6 +25,7 @@ from b4serve.ops.endpoints import Endpoints
 from b4serve.ops.keys import KeyFile
 from b4serve.ops.ports import pid_from_file
 from b4serve.ops.supervise import is_supervisor
+from b4serve.serving.codec import encode_npy
 from b4serve.serving.config import ModelConfig
 from b4serve.serving.pipeline import Classifier
 from b4serve.serving.runtime import load_model
@@ -98,6 +101,18 @@ class Server:
         auth = self.keys.auth_headers("inference") if key else {}
         return post(url or self.endpoints.predictions_url, body, {**auth, **(headers or {})},
                     timeout)  # fmt: skip
+
+    def probabilities(self, images: Sequence[np.ndarray], model: str = "b4") -> np.ndarray:
+        """Each image's probabilities from ``/predictions/<model>``, one request per image (the
+        way a user checks a deploy); raises unless every answer is a 200."""
+        url = f"{self.endpoints.inference_url}/predictions/{model}"
+        responses = [self.post(encode_npy(np.asarray(image)), url=url) for image in images]
+        refused = [r for r in responses if r.status_code != 200]
+        if refused:
+            raise RuntimeError(
+                f"{len(refused)} of {len(responses)} refused: {refused[0].text[:300]}"
+            )
+        return np.array([r.json() for r in responses])
 
     def classifier(self, version: str) -> Classifier:
         """``version``'s exported build, loaded in this process the way its worker loads it."""

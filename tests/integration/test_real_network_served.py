@@ -20,7 +20,6 @@ from b4serve.lab.user_checkpoints import (
 )
 from b4serve.ops.manage import ManagementAPI
 from b4serve.serving.archs import INCEPTION_MEAN, INCEPTION_STD
-from b4serve.serving.codec import encode_npy
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +62,7 @@ def test_the_real_lite0_is_served_equal_to_its_module_and_names_real_photos(
         "tf_efficientnet_lite0", 1000, INCEPTION_MEAN
     )  # fmt: skip
 
-    url = f"{server.endpoints.inference_url}/predictions/{lite0}"
-    responses = {name: server.post(encode_npy(photo), url=url) for name, photo in photos.items()}
-    assert {r.status_code for r in responses.values()} == {200}, responses["chelsea"].text[:300]
-    served = np.array([r.json() for r in responses.values()])
+    served = server.probabilities(list(photos.values()), lite0)
     expected = flip_tta_reference(module, np.stack(list(photos.values())), INCEPTION_MEAN,
                                   INCEPTION_STD)  # fmt: skip
     difference = float(np.abs(served - expected).max())

@@ -23,7 +23,6 @@ from b4serve.lab.user_checkpoints import (
     user_module,
 )
 from b4serve.ops.manage import ManagementAPI
-from b4serve.serving.codec import encode_npy
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +62,7 @@ def test_a_tf_b4_saved_the_seeds_way_is_served_equal_to_the_users_module(
     discs, _ = generate_images(per_class=1, seed=31, size=SIZE)
     noise = np.random.default_rng(32).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     images = np.concatenate([discs[:4], noise])
-    url = f"{server.endpoints.inference_url}/predictions/{second_model}"
-    responses = [server.post(encode_npy(image), url=url) for image in images]
-    assert [r.status_code for r in responses] == [200] * len(images), responses[0].text[:300]
-    served = np.array([r.json() for r in responses])
+    served = server.probabilities(images, second_model)
     expected = flip_tta_reference(module, images, MEAN, STD)
     difference = float(np.abs(served - expected).max())
     print(f"\n[variants] served vs the user's module, flip TTA: max |p diff| {difference:.2e}")
@@ -117,10 +113,7 @@ def test_an_efficientnet_pytorch_b4_is_served_equal_to_the_users_module(
     discs, _ = generate_images(per_class=1, seed=33, size=SIZE)
     noise = np.random.default_rng(34).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     images = np.concatenate([discs[:3], noise])
-    url = f"{server.endpoints.inference_url}/predictions/{ep_model}"
-    responses = [server.post(encode_npy(image), url=url) for image in images]
-    assert [r.status_code for r in responses] == [200] * len(images), responses[0].text[:300]
-    served = np.array([r.json() for r in responses])
+    served = server.probabilities(images, ep_model)
     expected = flip_tta_reference(module, images, MEAN, STD)
     assert np.abs(expected[0] - expected[-1]).max() > 1e-3  # answers that depend on the input
     difference = float(np.abs(served - expected).max())
