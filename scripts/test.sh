@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Run every test: lint, unit tests, then integration tests against a real TorchServe.
+# Run every test: lint, unit tests, and integration tests against a real TorchServe.
 #
 # Usage: scripts/test.sh [pytest args...]     e.g. scripts/test.sh -m "not integration"
-# Env: VENV (default .venv); B4_TEST_WORKERS (default 2: pytest-xdist workers; the integration
-#   tests all run on one of them, in order, the rest beside them; 0 runs everything in this
-#   process). Sets up the venv with the test tools first (bootstrap.sh --dev).
+# With no arguments (the whole suite, as CI runs it) two pytest processes run side by side:
+# the integration tests in order in one (they share the session's server, and two servers
+# exporting at once on 2 cores would slow each other past their timeouts), the rest in the
+# other, whose report follows. With arguments, one pytest runs exactly what they select.
+# Env: VENV (default .venv); B4_TEST_SPLIT (default 1; 0 runs the whole suite in one process).
+# Sets up the venv with the test tools first (bootstrap.sh --dev).
 # Integration tests start their own servers on free loopback ports, with their own run dir,
 # model store and TMPDIR: a server you deployed yourself is left alone.
 set -euo pipefail
@@ -15,4 +18,30 @@ case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 cd "$B4_ROOT"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
-"$PY" -m pytest -n "${B4_TEST_WORKERS:-2}" --dist loadgroup "$@"
+if [ $# -gt 0 ] || [ "${B4_TEST_SPLIT:-1}" = 0 ]; then
+  exec "$PY" -m pytest "$@"
+fi
+
+# Each process its own base temp dir: pytest prunes old numbered ones, never a neighbour's.
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/b4-tests.XXXXXX")
+unit_pid=""
+cleanup() {
+  [ -n "$unit_pid" ] && kill "$unit_pid" 2>/dev/null || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+"$PY" -m pytest -m "not integration" -p no:cacheprovider --basetemp "$scratch/unit" \
+  > "$scratch/unit.log" 2>&1 &
+unit_pid=$!
+status=0
+"$PY" -m pytest -m integration --basetemp "$scratch/integration" || status=$?
+unit_status=0
+wait "$unit_pid" || unit_status=$?
+unit_pid=""
+echo
+echo "=== the other tests (not integration), run beside them ==="
+cat "$scratch/unit.log"
+if [ "$status" != 0 ] || [ "$unit_status" != 0 ]; then
+  echo "FAILED: integration tests exit $status, the other tests exit $unit_status" >&2
+  exit 1
+fi

@@ -55,11 +55,3 @@ def toy_model() -> ToyModel:
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) every integration test runs
-    on one worker, in order: they share the session's server and run servers of their own,
-    which two at once on 2 cores would slow past their timeouts; the rest runs beside them."""
-    for item in items:
-        if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.xdist_group("torchserve"))
