@@ -54,4 +54,3 @@ def toy_model() -> ToyModel:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
-
