@@ -66,13 +66,6 @@ timeout="${B4_DEPLOY_TIMEOUT:-600}"
 step "environment ($VENV)" "$B4_ROOT/scripts/bootstrap.sh"
 manage() { "$PY" -m b4serve.ops.manage --log-dir "$B4_LOG_DIR" --timeout "$timeout" "$@"; }
 
-if [ -z "$checkpoint" ]; then
-  log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
-  # a state dict: it loads without unpickling, so no --trust-checkpoint
-  checkpoint=$(step "DEMO checkpoint (built once, then cached)" \
-    "$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
-fi
-[ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
 # Unset variables leave b4serve.ops.manage.Registration's defaults in force: one home for them.
 register_args=()
 [ -n "${B4_BATCH_SIZE:-}" ] && register_args+=(--batch-size "$B4_BATCH_SIZE")
@@ -90,12 +83,8 @@ B4_GPUS="${B4_GPUS:-$("$PY" -m b4serve.ops.gpus --ts-config "$B4_TS_CONFIG")}"
 export B4_GPUS
 register_args+=(--gpus "$B4_GPUS")
 [ -n "${B4_WORKERS_PER_GPU:-}" ] && register_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
-# What is served: the build (checkpoint, archive settings, code) and its registration.
-archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
-  --record-dir "$B4_CACHE_DIR/identity")
-[ -n "$version" ] || version=$(manage version --archive-id "$archive_id" "${register_args[@]}")
-[ "$force" = 1 ] && version="$version-f$(date -u +%Y%m%d%H%M%S)"
-# The frontend's memory must hold its worst case with these workers and batches (config.properties).
+# The frontend's memory must hold its worst case with these workers and batches
+# (config.properties): checked before anything is built or started.
 budget_args=(--config "$B4_TS_CONFIG")  # unset: what rollout registers (its GPU defaults too)
 [ -n "${B4_INITIAL_WORKERS:-}" ] && budget_args+=(--workers "$B4_INITIAL_WORKERS")
 [ -n "${B4_BATCH_SIZE:-}" ] && budget_args+=(--batch-size "$B4_BATCH_SIZE")
@@ -103,6 +92,19 @@ budget_args=(--config "$B4_TS_CONFIG")  # unset: what rollout registers (its GPU
 budget_args+=(--gpus "$B4_GPUS")
 [ -n "${B4_WORKERS_PER_GPU:-}" ] && budget_args+=(--workers-per-gpu "$B4_WORKERS_PER_GPU")
 "$PY" -m b4serve.ops.budget "${budget_args[@]}" >/dev/null
+
+if [ -z "$checkpoint" ]; then
+  log "no --checkpoint given: using the DEMO checkpoint (synthetic classes, not a real model)"
+  # a state dict: it loads without unpickling, so no --trust-checkpoint
+  checkpoint=$(step "DEMO checkpoint (built once, then cached)" \
+    "$PY" -m b4serve.lab.demo --cache-dir "$B4_CACHE_DIR/demo" --print-path)
+fi
+[ -f "$checkpoint" ] || die "checkpoint not found: $checkpoint"
+# What is served: the build (checkpoint, archive settings, code) and its registration.
+archive_id=$("$PY" -m b4serve.build.identity --checkpoint "$checkpoint" \
+  --record-dir "$B4_CACHE_DIR/identity")
+[ -n "$version" ] || version=$(manage version --archive-id "$archive_id" "${register_args[@]}")
+[ "$force" = 1 ] && version="$version-f$(date -u +%Y%m%d%H%M%S)"
 
 start_server() {
   # The v2 REST API: a TorchServe frontend plugin, built here when a JDK can (B4_V2_PLUGIN).

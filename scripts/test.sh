@@ -5,7 +5,8 @@
 # With no arguments (the whole suite, as CI runs it) two pytest processes run side by side:
 # the integration tests in order in one (they share the session's server, and two servers
 # exporting at once on 2 cores would slow each other past their timeouts), the rest in the
-# other, whose report follows. With arguments, one pytest runs exactly what they select.
+# other at a lower priority (nice 5), so that it takes the cores while the servers wait; its
+# report follows. With arguments, one pytest runs exactly what they select.
 # Env: VENV (default .venv); B4_TEST_SPLIT (default 1; 0 runs the whole suite in one process).
 # Sets up the venv with the test tools first (bootstrap.sh --dev).
 # Integration tests start their own servers on free loopback ports, with their own run dir,
@@ -30,7 +31,7 @@ cleanup() {
   rm -rf "$scratch"
 }
 trap cleanup EXIT
-"$PY" -m pytest -m "not integration" -p no:cacheprovider --basetemp "$scratch/unit" \
+nice -n 5 "$PY" -m pytest -m "not integration" -p no:cacheprovider --basetemp "$scratch/unit" \
   > "$scratch/unit.log" 2>&1 &
 unit_pid=$!
 status=0

@@ -125,15 +125,27 @@ class Server:
         self, *args: str, timeout: float = 900, **env: str
     ) -> subprocess.CompletedProcess[str]:
         """Run scripts/deploy.sh with extra B4_* ``env``; raise with its output on failure."""
+        return self._script("deploy.sh", args, timeout, env)
+
+    def build(
+        self, *args: str, timeout: float = 900, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run scripts/build_mar.sh (export and archive, no server) the same way: a deploy
+        of the same checkpoint and settings afterwards finds the build and exports nothing."""
+        return self._script("build_mar.sh", args, timeout, env)
+
+    def _script(
+        self, name: str, args: tuple[str, ...], timeout: float, env: dict[str, str]
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(ROOT / "scripts" / "deploy.sh"), *args],
+            [str(ROOT / "scripts" / name), *args],
             env={**self.env, **env},
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"deploy.sh {args} failed:\n{result.stdout}\n{result.stderr}")
+            raise RuntimeError(f"{name} {args} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
     def stop(self) -> None:

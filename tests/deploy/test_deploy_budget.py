@@ -27,3 +27,4 @@ def test_gpu_defaults_that_the_heap_cannot_hold_are_refused_before_starting(
         result.stderr
     )
     assert not (tmp_path / "run").exists()  # refused before starting anything
+    assert "DEMO checkpoint" not in result.stderr  # or building anything

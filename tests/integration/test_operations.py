@@ -99,13 +99,13 @@ def test_health_check_fails_when_no_server_answers(server: Server, tmp_path: Pat
 
 
 def test_short_soak_loses_nothing_keeps_memory_flat_and_outlives_a_key(server: Server) -> None:
-    # CI-sized: 40 s at 8 clients, after a warm-up until memory settles (about a minute here),
+    # CI-sized: 30 s at 8 clients, after a warm-up until memory settles (about a minute here),
     # spans one expiry of the session's 30-second keys.
-    report = run_soak(server.endpoints, server.log_dir, duration_s=40, clients=8, warmup_s=15,
+    report = run_soak(server.endpoints, server.log_dir, duration_s=30, clients=8, warmup_s=15,
                       bad_every=16, say=print)  # fmt: skip
     print("\n" + report.table())
     assert report.problems(require_key_renewal=True) == []
-    # every input answered exactly once, by the server's own log (how many were sent in 40 s
+    # every input answered exactly once, by the server's own log (how many were sent in 30 s
     # depends on the machine and its load: at least one round of 32)
     assert report.sent >= 32 and report.handled == report.sent
     assert report.refused_as_expected == report.sent // 16  # rounds of 32: 2 bad bodies in each
