@@ -54,39 +54,16 @@ class GpuParity:
     found: Agreement  # judged as found.precision: tf32 for fp32 on a GPU
     gpu_precision: str  # the setting it ran with (ModelConfig.gpu_precision)
 
-    @property
-    def precision(self) -> str:
-        return self.found.precision
-
-    @property
-    def images(self) -> int:
-        return self.found.images
-
-    @property
-    def max_difference(self) -> float:
-        return self.found.max_difference
-
-    @property
-    def top1_mismatches(self) -> tuple[int, ...]:
-        return self.found.top1_mismatches
-
-    @property
-    def tolerance(self) -> float:
-        return self.found.tolerance
-
-    @property
-    def passed(self) -> bool:
-        return self.found.passed
-
     def summary(self) -> str:
-        if self.top1_mismatches:
-            top1 = f"top-1 differs on images {list(self.top1_mismatches)}"
+        found = self.found
+        if found.top1_mismatches:
+            top1 = f"top-1 differs on images {list(found.top1_mismatches)}"
         else:
             top1 = "same top-1"
         return (
-            f"{self.precision} on {self.device} against float32 on the CPU, {self.images} "
-            f"images: {top1}, {QUANTITY} {self.max_difference:.2e} "
-            f"(tolerance {self.tolerance:g})"
+            f"{found.precision} on {self.device} against float32 on the CPU, {found.images} "
+            f"images: {top1}, {QUANTITY} {found.max_difference:.2e} "
+            f"(tolerance {found.tolerance:g})"
         )
 
 
@@ -112,9 +89,7 @@ def measure_gpu_parity(
     got = _probabilities(on_device.classify(bodies), str(device))
     found = agreement(got, expected, _judged_as(config.gpu_precision, device))
     if tolerance is not None:
-        found = Agreement(
-            found.precision, found.images, found.max_difference, found.top1_mismatches, tolerance
-        )
+        found = dataclasses.replace(found, tolerance=tolerance)
     return GpuParity(_describe(device), found, config.gpu_precision)
 
 
@@ -165,7 +140,7 @@ def parity_at_export(
     for precision in precisions or (config.gpu_precision,):
         trying = dataclasses.replace(config, gpu_precision=precision)
         parity = measure_gpu_parity(model_path, trying, device, images)
-        if parity.passed:
+        if parity.found.passed:
             return parity
         failed.append(parity)
     raise _disagrees(failed)
@@ -182,7 +157,7 @@ def check_gpu_parity(
     """:func:`measure_gpu_parity`, raising :class:`GpuParityError` with the figures unless the
     model on ``device`` passes."""
     parity = measure_gpu_parity(model_path, config, device, images, tolerance=tolerance)
-    if not parity.passed:
+    if not parity.found.passed:
         raise _disagrees([parity])
     return parity
 

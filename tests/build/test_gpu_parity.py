@@ -50,26 +50,28 @@ def test_half_precision_passes_with_its_figures(tmp_path, config) -> None:
     path = scripted(tmp_path / "model.pt")
     parity = check_gpu_parity(path, config, CPU)
     images = len(check_images(config))  # the one check set, as every parity check uses
-    assert parity.passed and parity.images == images and parity.tolerance == TOLERANCES["fp16"]
-    assert parity.max_difference <= TOLERANCES["fp16"] and parity.top1_mismatches == ()
+    found = parity.found
+    assert found.passed and found.images == images and found.tolerance == TOLERANCES["fp16"]
+    assert found.max_difference <= TOLERANCES["fp16"] and found.top1_mismatches == ()
     assert parity.summary().startswith(
         f"fp16 on cpu against float32 on the CPU, {images} images: same"
     )
     # it did run in fp16: float32 on the same path differs from the CPU's by rounding alone
     full = measure_gpu_parity(path, dataclasses.replace(config, gpu_precision="fp32"), CPU)
-    assert parity.max_difference > 10 * full.max_difference
+    assert parity.found.max_difference > 10 * full.found.max_difference
 
 
 def test_a_top1_that_flips_in_half_precision_is_refused_with_the_figures(tmp_path, bf16):
     path = scripted(tmp_path / "model.pt", NearTie())
     parity = measure_gpu_parity(path, bf16, CPU)
-    assert parity.top1_mismatches == tuple(range(len(check_images(bf16)))) and not parity.passed
-    assert parity.max_difference < TOLERANCES["bf16"]  # refused for the top-1 alone
+    assert parity.found.top1_mismatches == tuple(range(len(check_images(bf16))))
+    assert not parity.found.passed
+    assert parity.found.max_difference < TOLERANCES["bf16"]  # refused for the top-1 alone
     with pytest.raises(GpuParityError) as refused:
         check_gpu_parity(path, bf16, CPU)
     message = str(refused.value)
     assert "top-1 differs on images [0, 1, 2" in message
-    assert f"max |probability difference| {parity.max_difference:.2e}" in message
+    assert f"max |probability difference| {parity.found.max_difference:.2e}" in message
     assert "--gpu-precision fp32" in message
 
 
@@ -88,7 +90,7 @@ def test_the_users_own_check_images_are_used(tmp_path, bf16, rng) -> None:
     images = [image for _, image in check_images(bf16, folder)]
     assert len(images) == 3
     parity = check_gpu_parity(scripted(tmp_path / "model.pt"), bf16, CPU, images)
-    assert parity.images == 3
+    assert parity.found.images == 3
     with pytest.raises(CheckImagesError, match=r"no \.npy files there"):
         check_images(bf16, tmp_path / "model.pt.d")
 

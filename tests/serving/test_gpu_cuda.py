@@ -104,7 +104,7 @@ def test_the_cuda_path_answers_like_the_cpu_path_batch_after_batch(model_path, c
 
 def test_parity_with_float32_on_the_cpu_holds_on_the_gpu(model_path, config) -> None:
     parity = check_gpu_parity(model_path, config, CUDA)
-    assert parity.passed and parity.device.startswith("cuda:0 (")
+    assert parity.found.passed and parity.device.startswith("cuda:0 (")
     print(parity.summary())
 
 
