@@ -7,6 +7,7 @@ touches a server the user runs. The integration tests and the benchmark use it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -14,7 +15,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_CACHE = ROOT / ".cache" / "demo"  # shared with scripts/deploy.sh: built once per checkout
 
 
-__all__ = ["OCTET_STREAM", "Server", "exit_on_sigterm", "free_ports", "post", "server_env"]
+__all__ = ["Server", "exit_on_sigterm", "free_ports", "post", "server_env"]
 
 OCTET_STREAM = {"Content-Type": "application/octet-stream"}
 
@@ -65,7 +65,7 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@dataclass
+@dataclasses.dataclass
 class Server:
     """Where a sandboxed server lives and how to talk to it."""
 
@@ -105,7 +105,7 @@ class Server:
     def probabilities(self, images: Sequence[np.ndarray], model: str = "b4") -> np.ndarray:
         """Each image's probabilities from ``/predictions/<model>``, one request per image (the
         way a user checks a deploy); raises unless every answer is a 200."""
-        url = f"{self.endpoints.inference_url}/predictions/{model}"
+        url = dataclasses.replace(self.endpoints, model_name=model).predictions_url
         responses = [self.post(encode_npy(np.asarray(image)), url=url) for image in images]
         refused = [r for r in responses if r.status_code != 200]
         if refused:
